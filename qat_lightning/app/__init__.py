@@ -1,0 +1,1 @@
+"""qat_lightning.app (see DESIGN.md)."""

@@ -1,0 +1,1 @@
+"""qat_lightning.callback (see DESIGN.md)."""

@@ -1,0 +1,1 @@
+"""qat_lightning.export (see DESIGN.md)."""

@@ -1,0 +1,230 @@
+"""The protocol every quantized module follows, and the registry of float -> quantized types.
+
+A quantized module is a subclass of its float twin (``QuantConv2d(QuantModule, nn.Conv2d)``),
+built by `from_float` around the float module's own `Parameter` objects. It *has* quantizers:
+
+- ``input_quantizers`` (`nn.ModuleList`): one slot per tensor input. A slot is ``None`` when
+  the input arrives already quantized (the producer's output quantizer owns that encoding).
+- ``output_quantizers`` (`nn.ModuleList`): one slot; the encoding of what the module produces.
+- ``param_quantizers`` (`nn.ModuleDict`, by parameter name): ``None`` for parameters kept in
+  float during QAT (a bias is quantized to int32 at ``s_in * s_w`` only in integer mode).
+
+``forward`` is fake quantization (float in, float out). ``quantized_forward`` is the integer
+simulation: a `QTensor` in, integer arithmetic with int32 accumulation, a `QTensor` out.
+"""
+
+from __future__ import annotations
+
+from collections.abc import Callable, Iterator
+from contextlib import ExitStack, contextmanager
+from typing import Any, ClassVar, TypeVar
+
+import torch
+from torch import nn
+
+from qat_lightning.quant import QTensor, Quantizer, QuantScheme
+from qat_lightning.quant.functional import dequantize_ste, quantize_ste
+
+# float type -> quantized type
+QUANT_MODULES: dict[type[nn.Module], type[nn.Module]] = {}
+
+T = TypeVar("T", bound=type)
+
+
+def register_quant_module(float_type: type[nn.Module]) -> Callable[[T], T]:
+    """Class decorator: ``@register_quant_module(MyLayer)`` makes surgery swap ``MyLayer`` for the
+    decorated quantized class. The class must implement ``from_float``.
+
+    Example:
+        >>> @register_quant_module(MyGate)
+        ... class QuantMyGate(QuantModule, MyGate): ...
+    """
+
+    def decorate(cls: T) -> T:
+        if not hasattr(cls, "from_float"):
+            raise TypeError(f"{cls.__name__} must define from_float to be registered")
+        QUANT_MODULES[float_type] = cls
+        return cls
+
+    return decorate
+
+
+def quant_type_for(module: nn.Module) -> type[nn.Module] | None:
+    """The registered quantized type for ``module``'s exact type (subclasses are not guessed)."""
+    return QUANT_MODULES.get(type(module))
+
+
+def requantize(q: QTensor, quantizer: Quantizer | None) -> QTensor:
+    """``q`` under ``quantizer``'s encoding (unchanged if there is none, or it is the same)."""
+    if quantizer is None:
+        return q
+    return quantizer.quantize(q.dequantize())
+
+
+def accumulate_to_qtensor(
+    acc: torch.Tensor, acc_scale: torch.Tensor, quantizer: Quantizer | None, axis: int = 1
+) -> QTensor:
+    """Requantize an integer accumulator (value ``acc * acc_scale``) to ``quantizer``.
+
+    ``acc`` holds exact integers (float64 arithmetic on integer codes is exact below 2**53);
+    ``acc_scale`` is 0-d or per channel along ``axis``. With no output quantizer the int32
+    accumulator itself is returned, as a `QTensor` with scheme ``None``.
+    """
+    if acc_scale.dim() > 0:
+        shape = [1] * acc.dim()
+        shape[axis] = -1
+        value = acc * acc_scale.double().reshape(shape)
+    else:
+        value = acc * acc_scale.double()
+    if quantizer is None:
+        zero = torch.zeros_like(acc_scale, dtype=torch.int32)
+        return QTensor(acc.round().to(torch.int32), acc_scale.float(), zero, None, axis=axis)
+    return quantizer.quantize(value.float())
+
+
+class QuantModule(nn.Module):
+    """Mixin base for quantized modules; put it first: ``class Q(QuantModule, nn.Linear)``."""
+
+    # Names of parameters that get a fake quantizer, and the channel axis of each.
+    _quantized_params: ClassVar[dict[str, int]] = {"weight": 0}
+    _num_inputs: ClassVar[int] = 1
+
+    input_quantizers: nn.ModuleList
+    output_quantizers: nn.ModuleList
+    param_quantizers: nn.ModuleDict
+
+    def _init_quantizers(
+        self,
+        inputs: QuantScheme | None,
+        params: QuantScheme | None,
+        outputs: QuantScheme | None = None,
+    ) -> None:
+        """Create the quantizer containers. ``outputs`` defaults to the inputs scheme."""
+        outputs = inputs if outputs is None else outputs
+        self.input_quantizers = nn.ModuleList(
+            [Quantizer(inputs) if inputs else None for _ in range(self._num_inputs)]
+        )
+        self.output_quantizers = nn.ModuleList([Quantizer(outputs) if outputs else None])
+        quantizers: dict[str, Quantizer | None] = {}
+        for name, _ in self.named_parameters(recurse=False):
+            axis = self._quantized_params.get(name)
+            if axis is None or params is None:
+                quantizers[name] = None
+                continue
+            param = getattr(self, name)
+            scheme = params.replace(axis=axis) if params.per_channel else params
+            channels = param.shape[axis] if params.per_channel else None
+            quantizers[name] = Quantizer(scheme, num_channels=channels).to(param.device)
+        self.param_quantizers = nn.ModuleDict(quantizers)
+
+    # -- the seed protocol: autograd quant / dequant bound to the quantizers -----------------
+    def input_quant(self, x: torch.Tensor, index: int = 0) -> torch.Tensor:
+        """Codes (as float integers, differentiable with STE) of input ``index``."""
+        return self._ste_quant(self.input_quantizers[index], x)
+
+    def input_dequant(self, q: torch.Tensor, index: int = 0) -> torch.Tensor:
+        return self._ste_dequant(self.input_quantizers[index], q)
+
+    def param_quant(self, name: str) -> torch.Tensor:
+        """Codes of parameter ``name`` (as float integers, differentiable with STE)."""
+        return self._ste_quant(self.param_quantizers[name], getattr(self, name))
+
+    def param_dequant(self, q: torch.Tensor, name: str) -> torch.Tensor:
+        return self._ste_dequant(self.param_quantizers[name], q)
+
+    @staticmethod
+    def _ste_quant(quantizer: Quantizer | None, x: torch.Tensor) -> torch.Tensor:
+        if quantizer is None:
+            return x
+        scale, zero_point = quantizer.encoding()
+        return quantize_ste(x, scale, zero_point, quantizer.scheme)
+
+    @staticmethod
+    def _ste_dequant(quantizer: Quantizer | None, q: torch.Tensor) -> torch.Tensor:
+        if quantizer is None:
+            return q
+        scale, zero_point = quantizer.encoding()
+        return dequantize_ste(q, scale, zero_point, quantizer.scheme)
+
+    # -- fake quantization helpers used by forward ------------------------------------------
+    def fq_input(self, x: torch.Tensor, index: int = 0) -> torch.Tensor:
+        quantizer = self.input_quantizers[index]
+        return x if quantizer is None else quantizer(x)
+
+    def fq_output(self, y: torch.Tensor) -> torch.Tensor:
+        quantizer = self.output_quantizers[0]
+        return y if quantizer is None else quantizer(y)
+
+    def fq_param(self, name: str, value: torch.Tensor | None = None) -> torch.Tensor | None:
+        """Fake-quantized parameter ``name`` (or ``value`` standing in for it, e.g. BN-folded)."""
+        value = getattr(self, name) if value is None else value
+        quantizer = self.param_quantizers[name] if name in self.param_quantizers else None
+        return value if quantizer is None or value is None else quantizer(value)
+
+    # -- integer mode ----------------------------------------------------------------------
+    def quantized_forward(self, *inputs: QTensor) -> QTensor:
+        """Integer simulation of ``forward``; see each family."""
+        raise NotImplementedError(f"{type(self).__name__} has no integer simulation")
+
+    def input_qtensor(self, q: QTensor, index: int = 0) -> QTensor:
+        """Input ``index`` under this module's own input encoding, where it has one."""
+        return requantize(q, self.input_quantizers[index])
+
+    # -- quantizers as a group ----------------------------------------------------------------
+    def quantizers(self) -> Iterator[Quantizer]:
+        """Every quantizer this module owns (not those of submodules' submodules)."""
+        for container in (self.input_quantizers, self.output_quantizers):
+            yield from (q for q in container if q is not None)
+        yield from (q for q in self.param_quantizers.values() if q is not None)
+
+    @contextmanager
+    def compute_encodings(self) -> Iterator[QuantModule]:
+        """Observe every quantizer inside the block; fix the encodings on exit."""
+        with ExitStack() as stack:
+            for quantizer in self.quantizers():
+                stack.enter_context(quantizer.compute_encodings())
+            yield self
+
+    # -- going in and coming out -------------------------------------------------------------
+    @classmethod
+    def from_float(
+        cls,
+        module: nn.Module,
+        inputs: QuantScheme | dict[str, Any] | None,
+        params: QuantScheme | dict[str, Any] | None,
+    ) -> QuantModule:
+        """A quantized twin of ``module`` sharing its parameters, buffers and submodules."""
+        qmodule = cls.__new__(cls)
+        nn.Module.__init__(qmodule)
+        # Share, don't copy: an optimizer built on the float model still trains these.
+        qmodule.__dict__.update(
+            {
+                k: v
+                for k, v in module.__dict__.items()
+                if k not in ("_parameters", "_buffers", "_modules")
+            }
+        )
+        qmodule._parameters = dict(module._parameters)
+        qmodule._buffers = dict(module._buffers)
+        qmodule._modules = dict(module._modules)
+        qmodule.training = module.training
+        qmodule._init_quantizers(QuantScheme.from_any(inputs), QuantScheme.from_any(params))
+        return qmodule
+
+    def to_float(self) -> nn.Module:
+        """The float module again, with the same (trained) parameters; quantizers dropped."""
+        float_type = next(
+            b
+            for b in type(self).__mro__[1:]
+            if issubclass(b, nn.Module) and not issubclass(b, QuantModule)
+        )
+        module = float_type.__new__(float_type)
+        module.__dict__.update(self.__dict__)
+        module._modules = {
+            k: v
+            for k, v in self._modules.items()
+            if k not in ("input_quantizers", "output_quantizers", "param_quantizers")
+        }
+        module._parameters = dict(self._parameters)
+        module._buffers = dict(self._buffers)
+        return module

@@ -1,0 +1,103 @@
+"""Quantized Linear and Conv1d/2d/3d: the layers where the multiply-accumulates are."""
+
+from __future__ import annotations
+
+import torch
+import torch.nn.functional as F
+from torch import nn
+
+from qat_lightning.nn.base import QuantModule, accumulate_to_qtensor, register_quant_module
+from qat_lightning.quant import QTensor, Quantizer
+
+
+def quantize_bias(bias: torch.Tensor | None, acc_scale: torch.Tensor) -> torch.Tensor | None:
+    """Bias as int32 codes at the accumulator scale ``s_in * s_w`` (as float64 integers)."""
+    if bias is None:
+        return None
+    codes = torch.round(bias.detach().double() / acc_scale.double())
+    return codes.clamp(-(2**31), 2**31 - 1)
+
+
+def weight_qtensor(module: QuantModule, weight: torch.Tensor) -> QTensor:
+    """Codes of a weight (``weight`` may be BN-folded) under the module's weight quantizer."""
+    quantizer: Quantizer | None = module.param_quantizers["weight"]
+    if quantizer is None:
+        raise ValueError(
+            f"{type(module).__name__}: integer mode needs a weight quantizer; this layer's "
+            "weight is float"
+        )
+    return quantizer.quantize(weight.detach())
+
+
+def integer_matmul_like(
+    module: QuantModule,
+    q_in: QTensor,
+    weight: torch.Tensor,
+    bias: torch.Tensor | None,
+    op,
+    channel_axis: int = 1,
+) -> QTensor:
+    """The integer pipeline of a MAC layer.
+
+    ``op(x, w, b)`` is the float op (conv or linear) run in float64 on integer codes, which is
+    exact: products and sums of int8/int16 codes stay far below 2**53. The accumulator holds
+    ``sum((x - zx)(w - zw)) + bias_int32`` at scale ``s_in * s_w``, and is requantized to the
+    output encoding.
+    """
+    q_in = module.input_qtensor(q_in)
+    q_w = weight_qtensor(module, weight)
+    if q_in.scale.dim() > 0:
+        raise ValueError(f"{type(module).__name__}: integer mode needs a per-tensor input scale")
+    acc_scale = q_in.scale.double() * q_w.scale.double()  # 0-d, or per output channel
+    x = q_in.centered(torch.int64).double()
+    w = q_w.centered(torch.int64).double()
+    acc = op(x, w, quantize_bias(bias, acc_scale))
+    return accumulate_to_qtensor(acc, acc_scale, module.output_quantizers[0], axis=channel_axis)
+
+
+@register_quant_module(nn.Linear)
+class QuantLinear(QuantModule, nn.Linear):
+    """`nn.Linear` with fake-quantized input, weight and output."""
+
+    _quantized_params = {"weight": 0}
+
+    def forward(self, x: torch.Tensor) -> torch.Tensor:
+        x = self.fq_input(x)
+        return self.fq_output(F.linear(x, self.fq_param("weight"), self.bias))
+
+    def quantized_forward(self, q: QTensor) -> QTensor:
+        return integer_matmul_like(self, q, self.weight, self.bias, F.linear, channel_axis=-1)
+
+
+class _QuantConvNd(QuantModule):
+    _quantized_params = {"weight": 0}
+
+    def forward(self, x: torch.Tensor) -> torch.Tensor:
+        x = self.fq_input(x)
+        return self.fq_output(self._conv_forward(x, self.fq_param("weight"), self.bias))
+
+    def quantized_forward(self, q: QTensor) -> QTensor:
+        return integer_matmul_like(self, q, self.weight, self.bias, self._integer_conv)
+
+    def _integer_conv(self, x, w, b):
+        if self.padding_mode != "zeros":
+            # Non-zero padding pads with input values, which are codes minus the zero point.
+            x = F.pad(x, self._reversed_padding_repeated_twice, mode=self.padding_mode)
+            return self._conv_fn(x, w, b, self.stride, 0, self.dilation, self.groups)
+        # Zero padding of centered codes is the real zero: the affine zero point is exact.
+        return self._conv_fn(x, w, b, self.stride, self.padding, self.dilation, self.groups)
+
+
+@register_quant_module(nn.Conv1d)
+class QuantConv1d(_QuantConvNd, nn.Conv1d):
+    _conv_fn = staticmethod(F.conv1d)
+
+
+@register_quant_module(nn.Conv2d)
+class QuantConv2d(_QuantConvNd, nn.Conv2d):
+    _conv_fn = staticmethod(F.conv2d)
+
+
+@register_quant_module(nn.Conv3d)
+class QuantConv3d(_QuantConvNd, nn.Conv3d):
+    _conv_fn = staticmethod(F.conv3d)

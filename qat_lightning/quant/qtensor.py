@@ -1,0 +1,55 @@
+"""`QTensor`: integer codes with the encoding that gives them meaning."""
+
+from __future__ import annotations
+
+from dataclasses import dataclass
+
+import torch
+
+from qat_lightning.quant.functional import channel_view
+from qat_lightning.quant.scheme import QuantScheme
+
+
+@dataclass
+class QTensor:
+    """Integer ``codes`` and their encoding: ``value = (codes - zero_point) * scale``.
+
+    ``scale`` and ``zero_point`` are 0-d for per-tensor schemes and 1-d (one per channel along
+    ``axis``, by default ``scheme.axis``) for per-channel ones. ``scheme`` is ``None`` for an
+    int32 accumulator, which has no bit width of its own.
+    """
+
+    codes: torch.Tensor
+    scale: torch.Tensor
+    zero_point: torch.Tensor
+    scheme: QuantScheme | None
+    axis: int | None = None
+
+    def __post_init__(self) -> None:
+        if self.codes.is_floating_point():
+            raise TypeError(f"QTensor codes must be an integer tensor, got {self.codes.dtype}")
+
+    @property
+    def shape(self) -> torch.Size:
+        return self.codes.shape
+
+    def broadcast_encoding(self) -> tuple[torch.Tensor, torch.Tensor]:
+        """Scale and zero point shaped to broadcast against ``codes``."""
+        scale, zp = self.scale, self.zero_point
+        if scale.dim() > 0 and scale.numel() > 0:
+            axis = self.axis if self.axis is not None else self.scheme.axis
+            axis %= self.codes.dim()
+            return channel_view(scale, self.codes.dim(), axis), channel_view(
+                zp, self.codes.dim(), axis
+            )
+        return scale, zp
+
+    def centered(self, dtype: torch.dtype = torch.int32) -> torch.Tensor:
+        """``codes - zero_point`` as integers (the form integer arithmetic works on)."""
+        _, zp = self.broadcast_encoding()
+        return self.codes.to(dtype) - zp.round().to(dtype)
+
+    def dequantize(self) -> torch.Tensor:
+        """The float32 values the codes stand for."""
+        scale, _ = self.broadcast_encoding()
+        return self.centered(torch.int64).float() * scale.float()

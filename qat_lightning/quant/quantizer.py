@@ -1,0 +1,177 @@
+"""`Quantizer`: one tensor's observer, encoding and switches, as an `nn.Module`.
+
+All of it is state_dict state: scale and zero point (buffers, or parameters when learnable),
+the observer's statistics, and the two switches. A checkpoint therefore resumes exactly, and
+`deepcopy` / `.to()` / DDP carry everything.
+"""
+
+from __future__ import annotations
+
+from collections.abc import Iterator
+from contextlib import contextmanager
+
+import torch
+from torch import nn
+
+from qat_lightning.quant.functional import (
+    EPS,
+    channel_view,
+    code_dtype,
+    encodings_from_range,
+    fake_quantize,
+)
+from qat_lightning.quant.observers import make_observer
+from qat_lightning.quant.qtensor import QTensor
+from qat_lightning.quant.scheme import QuantScheme
+
+
+class Quantizer(nn.Module):
+    """Observes a tensor, holds its encoding, and fake-quantizes it.
+
+    Args:
+        scheme: what to do.
+        num_channels: channels along ``scheme.axis`` for a per-channel scheme. Required for a
+            learnable per-channel scheme (its scale is a parameter the optimizer must see);
+            otherwise sized on the first observation.
+
+    Example:
+        >>> q = Quantizer(QuantScheme(bits=8))
+        >>> with q.compute_encodings():
+        ...     _ = q(torch.randn(64))
+        >>> y = q(torch.randn(64))          # fake-quantized
+        >>> codes = q.quantize(torch.randn(64)).codes  # int8
+    """
+
+    def __init__(self, scheme: QuantScheme, num_channels: int | None = None) -> None:
+        super().__init__()
+        if scheme.per_channel and scheme.learnable and not num_channels:
+            raise ValueError(
+                "Quantizer: a learnable per_channel scheme needs num_channels, so its scale "
+                "parameter exists before the optimizer is built"
+            )
+        self.scheme = scheme
+        self.observer = make_observer(scheme)
+        shape = (num_channels or 0,) if scheme.per_channel else ()
+        scale = torch.ones(shape)
+        zero_point = torch.zeros(shape, dtype=torch.float32 if scheme.learnable else torch.int32)
+        if scheme.learnable:
+            self.scale = nn.Parameter(scale)
+            self.zero_point = nn.Parameter(zero_point, requires_grad=not scheme.symmetric)
+        else:
+            self.register_buffer("scale", scale)
+            self.register_buffer("zero_point", zero_point)
+        self.register_buffer("observer_enabled", torch.ones((), dtype=torch.uint8))
+        self.register_buffer("fake_quant_enabled", torch.ones((), dtype=torch.uint8))
+        # 1 once the encoding was set from data (or is fixed, as for fixed point).
+        self.register_buffer("initialized", torch.zeros((), dtype=torch.uint8))
+        if scheme.representation == "fixed_point":
+            self._set_encoding(
+                *encodings_from_range(torch.zeros(shape), torch.zeros(shape), scheme)
+            )
+            self.initialized.fill_(1)
+
+    # -- switches ---------------------------------------------------------------------------
+    def enable_observer(self, enabled: bool = True) -> Quantizer:
+        self.observer_enabled.fill_(int(enabled))
+        return self
+
+    def enable_fake_quant(self, enabled: bool = True) -> Quantizer:
+        self.fake_quant_enabled.fill_(int(enabled))
+        return self
+
+    @property
+    def is_initialized(self) -> bool:
+        return bool(self.initialized)
+
+    # -- encodings --------------------------------------------------------------------------
+    @torch.no_grad()
+    def update_encodings(self) -> None:
+        """Set scale and zero point from what the observer has seen so far.
+
+        Does nothing for fixed point (its scale is fixed) or before any observation.
+        """
+        if self.scheme.representation == "fixed_point" or not self.observer.has_data:
+            return
+        scale, zero_point = encodings_from_range(*self.observer.calculate_range(), self.scheme)
+        self._set_encoding(scale, zero_point)
+        self.initialized.fill_(1)
+
+    def _set_encoding(self, scale: torch.Tensor, zero_point: torch.Tensor) -> None:
+        for name, value in (("scale", scale), ("zero_point", zero_point)):
+            current = getattr(self, name)
+            value = value.to(device=current.device, dtype=current.dtype)
+            if current.shape != value.shape:
+                current.data = torch.empty_like(value)
+            current.data.copy_(value)
+
+    @contextmanager
+    def compute_encodings(self) -> Iterator[Quantizer]:
+        """Observe (without fake quant) inside the block; fix the encodings on exit.
+
+        The AIMET idiom: run calibration data through inside, and leave with frozen encodings
+        and fake quantization on.
+        """
+        self.observer.reset()
+        self.enable_observer(True).enable_fake_quant(False)
+        try:
+            yield self
+        finally:
+            self.update_encodings()
+            self.enable_observer(False).enable_fake_quant(True)
+
+    # -- the three views of a tensor ---------------------------------------------------------
+    def forward(self, x: torch.Tensor) -> torch.Tensor:
+        """Fake quantization: observe (if enabled), then quantize-dequantize (if enabled)."""
+        if self.observer_enabled:
+            self.observer(x)
+            if self.fake_quant_enabled and not self.scheme.learnable:
+                self.update_encodings()
+        if not self.fake_quant_enabled:
+            return x
+        if self.scheme.learnable:
+            with torch.no_grad():  # LSQ may push a step size through zero; keep it positive
+                self.scale.clamp_(min=EPS)
+        return fake_quantize(x, self.scale, self.zero_point, self.scheme)
+
+    @torch.no_grad()
+    def quantize(self, x: torch.Tensor) -> QTensor:
+        """Integer codes of ``x`` under the current encoding (bit-exact with `forward`)."""
+        scale, zero_point = self.encoding()
+        s, z = scale, zero_point
+        if self.scheme.per_channel and scale.dim() > 0:
+            axis = self.scheme.axis % x.dim()
+            s, z = channel_view(scale, x.dim(), axis), channel_view(zero_point, x.dim(), axis)
+        codes = torch.clamp(
+            torch.round(x.float() * (1.0 / s)) + z, self.scheme.qmin, self.scheme.qmax
+        )
+        return QTensor(codes.to(code_dtype(self.scheme)), scale, zero_point, self.scheme)
+
+    def dequantize(self, q: QTensor) -> torch.Tensor:
+        """Float values of codes (``(q - zero_point) * scale``)."""
+        return q.dequantize()
+
+    def encoding(self) -> tuple[torch.Tensor, torch.Tensor]:
+        """Detached float32 scale (clamped positive, as in `forward`) and int32 zero point."""
+        scale = self.scale.detach().float()
+        zero_point = self.zero_point.detach()
+        if zero_point.is_floating_point():
+            zero_point = zero_point.round().clamp(self.scheme.qmin, self.scheme.qmax)
+        return scale, zero_point.to(torch.int32)
+
+    # -- checkpoints with lazily sized per-channel encodings ---------------------------------
+    def _load_from_state_dict(self, state_dict, prefix, *args, **kwargs):
+        for name in ("scale", "zero_point"):
+            incoming = state_dict.get(prefix + name)
+            current = getattr(self, name)
+            if incoming is not None and incoming.shape != current.shape:
+                current.data = torch.empty_like(
+                    incoming, dtype=current.dtype, device=current.device
+                )
+        super()._load_from_state_dict(state_dict, prefix, *args, **kwargs)
+
+    def extra_repr(self) -> str:
+        s = self.scheme
+        kind = "sym" if s.symmetric else "affine"
+        rep = f"Q{s.bits - s.frac_bits}.{s.frac_bits}" if s.frac_bits is not None else "int"
+        flags = ("" if s.signed else "unsigned, ") + ("learnable, " if s.learnable else "")
+        return f"{s.bits}-bit {kind} {rep}, {flags}{s.granularity}, observer={s.observer}"

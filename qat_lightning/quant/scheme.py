@@ -1,0 +1,152 @@
+"""`QuantScheme`: what a quantizer does, as one frozen, validated value.
+
+A scheme says *what* (bits, symmetric or affine, granularity, how ranges are observed); a
+`Quantizer` holds the *state* (scale, zero point, observer statistics) that a scheme implies.
+"""
+
+from __future__ import annotations
+
+import dataclasses
+from dataclasses import dataclass
+from typing import Any
+
+GRANULARITIES = ("per_tensor", "per_channel")
+OBSERVERS = ("minmax", "moving_minmax", "percentile", "mse", "entropy")
+REPRESENTATIONS = ("int", "fixed_point")
+# Observers that build a histogram of the whole tensor; they have no per-channel form.
+HISTOGRAM_OBSERVERS = ("entropy",)
+
+
+def _fail(field: str, value: Any, allowed: str) -> None:
+    raise ValueError(f"QuantScheme.{field}={value!r} is invalid: allowed {allowed}")
+
+
+@dataclass(frozen=True)
+class QuantScheme:
+    """How one tensor is quantized.
+
+    Args:
+        bits: code width, 2..16.
+        symmetric: scale-only form of NVIDIA pytorch-quantization,
+            ``q = round(clip(x, -a, a) * qmax / a)`` with zero point 0; otherwise affine
+            (scale and zero point, the range always includes 0), as in torch.ao.
+        signed: signed codes (``int8``) or unsigned (``uint8``).
+        narrow_range: drop the most negative code, so a signed range is symmetric
+            (``[-127, 127]`` at 8 bits). Signed schemes only.
+        granularity: ``"per_tensor"`` or ``"per_channel"`` (one encoding per slice along ``axis``).
+        axis: the channel axis for ``per_channel``.
+        observer: how calibration sets the range: ``minmax``, ``moving_minmax`` (EMA),
+            ``percentile``, ``mse`` (search over clipping ranges) or ``entropy`` (KL divergence
+            on a histogram, as TensorRT).
+        averaging_constant: EMA factor of ``moving_minmax``, in (0, 1].
+        percentile: the percentile of ``percentile``, in (50, 100].
+        learnable: the scale is a parameter trained with LSQ (Esser et al. 2020).
+        representation: ``"int"``, or ``"fixed_point"``: Qm.n codes with a power-of-two scale
+            ``2**-frac_bits`` that no observer changes.
+        frac_bits: fractional bits of ``fixed_point``, 0..bits.
+
+    Example:
+        >>> QuantScheme(bits=4, granularity="per_channel", axis=0).qmax
+        7
+    """
+
+    bits: int = 8
+    symmetric: bool = True
+    signed: bool = True
+    narrow_range: bool = False
+    granularity: str = "per_tensor"
+    axis: int = 0
+    observer: str = "minmax"
+    averaging_constant: float = 0.01
+    percentile: float = 99.99
+    learnable: bool = False
+    representation: str = "int"
+    frac_bits: int | None = None
+
+    def __post_init__(self) -> None:
+        for name in ("symmetric", "signed", "narrow_range", "learnable"):
+            if not isinstance(getattr(self, name), bool):
+                _fail(name, getattr(self, name), "True or False")
+        if (
+            isinstance(self.bits, bool)
+            or not isinstance(self.bits, int)
+            or not 2 <= self.bits <= 16
+        ):
+            _fail("bits", self.bits, "an integer in 2..16")
+        if self.granularity not in GRANULARITIES:
+            _fail("granularity", self.granularity, f"one of {GRANULARITIES}")
+        if isinstance(self.axis, bool) or not isinstance(self.axis, int):
+            _fail("axis", self.axis, "an integer channel axis")
+        if self.observer not in OBSERVERS:
+            _fail("observer", self.observer, f"one of {OBSERVERS}")
+        if self.granularity == "per_channel" and self.observer in HISTOGRAM_OBSERVERS:
+            _fail(
+                "observer",
+                self.observer,
+                "a per_channel scheme uses minmax, moving_minmax, percentile or mse",
+            )
+        if not isinstance(self.averaging_constant, (int, float)) or not (
+            0.0 < self.averaging_constant <= 1.0
+        ):
+            _fail("averaging_constant", self.averaging_constant, "a number in (0, 1]")
+        if not isinstance(self.percentile, (int, float)) or not 50.0 < self.percentile <= 100.0:
+            _fail("percentile", self.percentile, "a number in (50, 100]")
+        if self.narrow_range and not self.signed:
+            _fail("narrow_range", self.narrow_range, "False for an unsigned scheme")
+        if self.representation not in REPRESENTATIONS:
+            _fail("representation", self.representation, f"one of {REPRESENTATIONS}")
+        if self.representation == "fixed_point":
+            if (
+                isinstance(self.frac_bits, bool)
+                or not isinstance(self.frac_bits, int)
+                or not (0 <= self.frac_bits <= self.bits)
+            ):
+                _fail(
+                    "frac_bits",
+                    self.frac_bits,
+                    f"an integer in 0..bits ({self.bits}) for fixed_point",
+                )
+            if not self.symmetric:
+                _fail("symmetric", self.symmetric, "True for fixed_point (zero point is 0)")
+            if self.learnable:
+                _fail("learnable", self.learnable, "False for fixed_point (the scale is fixed)")
+        elif self.frac_bits is not None:
+            _fail("frac_bits", self.frac_bits, "None unless representation='fixed_point'")
+
+    @property
+    def qmin(self) -> int:
+        """The smallest code."""
+        if not self.signed:
+            return 0
+        return -(2 ** (self.bits - 1)) + (1 if self.narrow_range else 0)
+
+    @property
+    def qmax(self) -> int:
+        """The largest code."""
+        return 2**self.bits - 1 if not self.signed else 2 ** (self.bits - 1) - 1
+
+    @property
+    def per_channel(self) -> bool:
+        return self.granularity == "per_channel"
+
+    def replace(self, **changes: Any) -> QuantScheme:
+        """A copy with some fields changed (validated again)."""
+        return dataclasses.replace(self, **changes)
+
+    def to_dict(self) -> dict[str, Any]:
+        return dataclasses.asdict(self)
+
+    @classmethod
+    def from_any(cls, value: QuantScheme | dict[str, Any] | None) -> QuantScheme | None:
+        """Accept a scheme, a plain dict of its fields (e.g. from Hydra) or None."""
+        if value is None or isinstance(value, QuantScheme):
+            return value
+        if isinstance(value, dict) or hasattr(value, "items"):
+            fields = {f.name for f in dataclasses.fields(cls)}
+            unknown = sorted(set(value) - fields)
+            if unknown:
+                raise ValueError(
+                    f"QuantScheme has no field {unknown[0]!r}: allowed {sorted(fields)}"
+                )
+            return cls(**dict(value))
+        raise TypeError(f"expected a QuantScheme or a dict, got {type(value).__name__}")

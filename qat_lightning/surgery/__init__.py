@@ -1,0 +1,1 @@
+"""qat_lightning.surgery (see DESIGN.md)."""
