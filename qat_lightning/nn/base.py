@@ -158,7 +158,7 @@ class QuantModule(nn.Module):
     def fq_param(self, name: str, value: torch.Tensor | None = None) -> torch.Tensor | None:
         """Fake-quantized parameter ``name`` (or ``value`` standing in for it, e.g. BN-folded)."""
         value = getattr(self, name) if value is None else value
-        quantizer = self.param_quantizers[name] if name in self.param_quantizers else None
+        quantizer = self.param_quantizers[name] if name in self.param_quantizers else None  # noqa: SIM401
         return value if quantizer is None or value is None else quantizer(value)
 
     # -- integer mode ----------------------------------------------------------------------

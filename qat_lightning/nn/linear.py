@@ -59,25 +59,33 @@ def integer_matmul_like(
 class QuantLinear(QuantModule, nn.Linear):
     """`nn.Linear` with fake-quantized input, weight and output."""
 
-    _quantized_params = {"weight": 0}
+    def weight_and_bias(self) -> tuple[torch.Tensor, torch.Tensor | None]:
+        """The float weight and bias that integer mode and export quantize (BN-folded in the
+        fused subclasses)."""
+        return self.weight, self.bias
 
     def forward(self, x: torch.Tensor) -> torch.Tensor:
         x = self.fq_input(x)
         return self.fq_output(F.linear(x, self.fq_param("weight"), self.bias))
 
     def quantized_forward(self, q: QTensor) -> QTensor:
-        return integer_matmul_like(self, q, self.weight, self.bias, F.linear, channel_axis=-1)
+        weight, bias = self.weight_and_bias()
+        return integer_matmul_like(self, q, weight, bias, F.linear, channel_axis=-1)
 
 
 class _QuantConvNd(QuantModule):
-    _quantized_params = {"weight": 0}
+    def weight_and_bias(self) -> tuple[torch.Tensor, torch.Tensor | None]:
+        """The float weight and bias that integer mode and export quantize (BN-folded in the
+        fused subclasses)."""
+        return self.weight, self.bias
 
     def forward(self, x: torch.Tensor) -> torch.Tensor:
         x = self.fq_input(x)
         return self.fq_output(self._conv_forward(x, self.fq_param("weight"), self.bias))
 
     def quantized_forward(self, q: QTensor) -> QTensor:
-        return integer_matmul_like(self, q, self.weight, self.bias, self._integer_conv)
+        weight, bias = self.weight_and_bias()
+        return integer_matmul_like(self, q, weight, bias, self._integer_conv)
 
     def _integer_conv(self, x, w, b):
         if self.padding_mode != "zeros":
