@@ -15,6 +15,7 @@ simulation: a `QTensor` in, integer arithmetic with int32 accumulation, a `QTens
 
 from __future__ import annotations
 
+import copy
 from collections.abc import Callable, Iterator
 from contextlib import ExitStack, contextmanager
 from typing import Any, ClassVar, TypeVar
@@ -196,10 +197,12 @@ class QuantModule(nn.Module):
         """A quantized twin of ``module`` sharing its parameters, buffers and submodules."""
         qmodule = cls.__new__(cls)
         nn.Module.__init__(qmodule)
-        # Share, don't copy: an optimizer built on the float model still trains these.
+        # Share the tensors, don't copy them: an optimizer built on the float model still
+        # trains these. Containers (hook dicts and the like) are copied, so a hook registered
+        # on one module does not fire on the other.
         qmodule.__dict__.update(
             {
-                k: v
+                k: (copy.copy(v) if isinstance(v, dict) else v)
                 for k, v in module.__dict__.items()
                 if k not in ("_parameters", "_buffers", "_modules")
             }
@@ -219,7 +222,9 @@ class QuantModule(nn.Module):
             if issubclass(b, nn.Module) and not issubclass(b, QuantModule)
         )
         module = float_type.__new__(float_type)
-        module.__dict__.update(self.__dict__)
+        module.__dict__.update(
+            {k: (copy.copy(v) if isinstance(v, dict) else v) for k, v in self.__dict__.items()}
+        )
         module._modules = {
             k: v
             for k, v in self._modules.items()

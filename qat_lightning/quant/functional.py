@@ -78,16 +78,21 @@ def fake_quantize(
     ``zero_point``) receive LSQ gradients.
     """
     qmin, qmax = scheme.qmin, scheme.qmax
+    # The fused kernels take a float32 scale whatever x's dtype (a module moved to float64).
+    scale = scale.float()
     if scheme.learnable:
         grad_factor = lsq_grad_factor(x, scheme)
-        zp = zero_point if zero_point.is_floating_point() else zero_point.float()
+        zp = zero_point.float()
+        xf = x.float()  # the LSQ kernels' backward wants float32 throughout
         if scheme.per_channel:
-            return torch._fake_quantize_learnable_per_channel_affine(
-                x, scale, zp, scheme.axis % x.dim(), qmin, qmax, grad_factor
+            y = torch._fake_quantize_learnable_per_channel_affine(
+                xf, scale, zp, scheme.axis % x.dim(), qmin, qmax, grad_factor
             )
-        return torch._fake_quantize_learnable_per_tensor_affine(
-            x, scale.reshape(1), zp.reshape(1), qmin, qmax, grad_factor
-        )
+        else:
+            y = torch._fake_quantize_learnable_per_tensor_affine(
+                xf, scale.reshape(1), zp.reshape(1), qmin, qmax, grad_factor
+            )
+        return y.to(x.dtype)
     if zero_point.dtype != torch.int32:
         zero_point = zero_point.round().to(torch.int32)
     if scheme.per_channel:
