@@ -23,8 +23,16 @@ def _per_channel_rows(x: torch.Tensor, axis: int) -> torch.Tensor:
     return x.movedim(axis % x.dim(), 0).reshape(x.shape[axis % x.dim()], -1)
 
 
+def _rows_aminmax(rows: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
+    """Min and max of each row. On CPU ``aminmax(dim=1)`` is several times slower than
+    ``amin`` plus ``amax`` (torch 2.x); on CUDA it is one fused pass."""
+    if rows.is_cuda:
+        return torch.aminmax(rows, dim=1)
+    return rows.amin(dim=1), rows.amax(dim=1)
+
+
 def _zero_nonfinite(x: torch.Tensor) -> torch.Tensor:
-    return torch.where(torch.isfinite(x), x, torch.zeros((), dtype=x.dtype, device=x.device))
+    return torch.nan_to_num(x, nan=0.0, posinf=0.0, neginf=0.0)
 
 
 class Observer(nn.Module):
@@ -48,16 +56,18 @@ class Observer(nn.Module):
 
     def _batch_minmax(self, x: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
         """Min and max of one batch, per channel if the scheme says so, non-finite ignored."""
+        # One finiteness check (one host sync) per batch: ``max - min`` is finite exactly when
+        # both are (an overflowing difference only takes the slow path, with the same result).
         if self.scheme.per_channel:
             rows = _per_channel_rows(x, self.scheme.axis)
-            mn, mx = torch.aminmax(rows, dim=1)
-            if not (torch.isfinite(mn).all() and torch.isfinite(mx).all()):
-                mn, mx = torch.aminmax(_zero_nonfinite(rows), dim=1)
+            mn, mx = _rows_aminmax(rows)
+            if not torch.isfinite(mx - mn).all():
+                mn, mx = _rows_aminmax(_zero_nonfinite(rows))
             return mn, mx
         if x.numel() == 0:
             return torch.zeros(()), torch.zeros(())
         mn, mx = torch.aminmax(x)
-        if not (torch.isfinite(mn) and torch.isfinite(mx)):
+        if not torch.isfinite(mx - mn):
             finite = x[torch.isfinite(x)]
             if finite.numel() == 0:
                 return torch.zeros((), device=x.device), torch.zeros((), device=x.device)
@@ -82,7 +92,7 @@ class Observer(nn.Module):
 
     @staticmethod
     def _finite_or_zero(t: torch.Tensor) -> torch.Tensor:
-        return torch.where(torch.isfinite(t), t, torch.zeros_like(t))
+        return _zero_nonfinite(t)
 
     def reset(self) -> None:
         self.min_val.fill_(float("inf"))
@@ -176,7 +186,7 @@ class MSEObserver(_BatchStatisticObserver):
     candidates = torch.linspace(0.2, 1.0, 41)
 
     def _batch_range(self, rows):
-        mn, mx = torch.aminmax(rows, dim=1)
+        mn, mx = _rows_aminmax(rows)
         if self.scheme.symmetric:
             amax = torch.maximum(-mn, mx)
             mn, mx = -amax, amax

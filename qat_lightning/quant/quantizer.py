@@ -2,7 +2,8 @@
 
 All of it is state_dict state: scale and zero point (buffers, or parameters when learnable),
 the observer's statistics, and the two switches. A checkpoint therefore resumes exactly, and
-`deepcopy` / `.to()` / DDP carry everything.
+`deepcopy` / `.to()` / DDP carry everything. A dtype cast of the model (`.half()`, `.double()`)
+moves this state but keeps its dtypes (float32 scale, int32 zero point), so it changes no code.
 """
 
 from __future__ import annotations
@@ -122,11 +123,13 @@ class Quantizer(nn.Module):
     # -- the three views of a tensor ---------------------------------------------------------
     def forward(self, x: torch.Tensor) -> torch.Tensor:
         """Fake quantization: observe (if enabled), then quantize-dequantize (if enabled)."""
+        # Each flag is read once: on a GPU every read is a device-to-host sync.
+        fake_quant_enabled = bool(self.fake_quant_enabled)
         if self.observer_enabled:
             self.observer(x)
-            if self.fake_quant_enabled and not self.scheme.learnable:
+            if fake_quant_enabled and not self.scheme.learnable:
                 self.update_encodings()
-        if not self.fake_quant_enabled:
+        if not fake_quant_enabled:
             return x
         if self.scheme.learnable:
             with torch.no_grad():  # LSQ may push a step size through zero; keep it positive
@@ -152,13 +155,24 @@ class Quantizer(nn.Module):
 
     def encoding(self) -> tuple[torch.Tensor, torch.Tensor]:
         """Detached float32 scale (clamped positive, as in `forward`) and int32 zero point."""
-        scale = self.scale.detach().float()
+        # An optimizer step may have pushed a learnable scale below zero since the last forward.
+        scale = self.scale.detach().float().clamp(min=EPS)
         zero_point = self.zero_point.detach()
         if zero_point.is_floating_point():
             zero_point = zero_point.round().clamp(self.scheme.qmin, self.scheme.qmax)
         return scale, zero_point.to(torch.int32)
 
-    # -- checkpoints with lazily sized per-channel encodings ---------------------------------
+    # -- dtype casts and checkpoints ---------------------------------------------------------
+    def _apply(self, fn, recurse=True):
+        # Casting the model (`.double()`, `.half()`, Lightning's "16-true") moves this module's
+        # state but keeps its dtypes: a float16 scale would move every code, and the fused
+        # kernels take float32 scales and int32 zero points only.
+        def same_dtype(t: torch.Tensor) -> torch.Tensor:
+            applied = fn(t)
+            return applied if applied.dtype == t.dtype else t.to(device=applied.device)
+
+        return super()._apply(same_dtype, recurse)
+
     def _load_from_state_dict(self, state_dict, prefix, *args, **kwargs):
         for name in ("scale", "zero_point"):
             incoming = state_dict.get(prefix + name)
