@@ -65,6 +65,7 @@ class Quantizer(nn.Module):
         self.register_buffer("fake_quant_enabled", torch.ones((), dtype=torch.uint8))
         # 1 once the encoding was set from data (or is fixed, as for fixed point).
         self.register_buffer("initialized", torch.zeros((), dtype=torch.uint8))
+        self._calibrating = False  # inside compute_encodings(): observe even in eval mode
         if scheme.representation == "fixed_point":
             self._set_encoding(
                 *encodings_from_range(torch.zeros(shape), torch.zeros(shape), scheme)
@@ -114,18 +115,24 @@ class Quantizer(nn.Module):
         """
         self.observer.reset()
         self.enable_observer(True).enable_fake_quant(False)
+        self._calibrating = True
         try:
             yield self
         finally:
+            self._calibrating = False
             self.update_encodings()
             self.enable_observer(False).enable_fake_quant(True)
 
     # -- the three views of a tensor ---------------------------------------------------------
     def forward(self, x: torch.Tensor) -> torch.Tensor:
-        """Fake quantization: observe (if enabled), then quantize-dequantize (if enabled)."""
+        """Fake quantization: observe (if enabled), then quantize-dequantize (if enabled).
+
+        Observers run in training mode (or inside `compute_encodings`) only: evaluating or
+        serving a model never moves its encodings.
+        """
         # Each flag is read once: on a GPU every read is a device-to-host sync.
         fake_quant_enabled = bool(self.fake_quant_enabled)
-        if self.observer_enabled:
+        if (self.training or self._calibrating) and self.observer_enabled:
             self.observer(x)
             if fake_quant_enabled and not self.scheme.learnable:
                 self.update_encodings()

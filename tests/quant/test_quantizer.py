@@ -253,3 +253,18 @@ def test_bfloat16_input_fake_quant_returns_bfloat16():
 def test_extra_repr_names_the_scheme():
     text = repr(Quantizer(QuantScheme(bits=4, representation="fixed_point", frac_bits=2)))
     assert "4-bit sym Q2.2" in text
+
+
+def test_eval_mode_never_moves_encodings_but_compute_encodings_observes():
+    quantizer = Quantizer(QuantScheme(bits=8, observer="moving_minmax"))
+    quantizer.eval()
+    with quantizer.compute_encodings():  # calibrating in eval mode still observes
+        quantizer(torch.linspace(-2.0, 2.0, 101))
+    assert quantizer.is_initialized
+    quantizer.enable_observer(True)
+    scale = quantizer.scale.clone()
+    quantizer(torch.full((10,), 50.0))  # serving: the encoding stays put
+    assert torch.equal(quantizer.scale, scale)
+    quantizer.train()
+    quantizer(torch.full((10,), 50.0))  # training with the observer on: it moves
+    assert quantizer.scale > scale

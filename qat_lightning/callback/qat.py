@@ -1,0 +1,433 @@
+"""`QATCallback`: quantization-aware training on an existing Lightning `Trainer`, one callback.
+
+When things happen, and why there:
+
+- **Swap** right after the LightningModule's own ``setup`` / ``configure_model`` (so models built
+  there are covered), and before checkpoint restore, ``configure_optimizers`` and DDP wrapping:
+  the optimizer then sees learnable scales, DDP wraps the quantized model, and a checkpoint's
+  quantizer state loads into modules that exist. This runs for every stage, so
+  ``trainer.test(model, ckpt_path=...)`` on a fresh model loads a QAT checkpoint. Lightning
+  calls ``configure_model`` after all ``setup`` hooks, so the callback chains onto that hook
+  of the module instance (and restores it at teardown).
+- **Calibrate** at ``on_train_start`` on the first ``calibration_batches`` batches of the train
+  loader: observers on, fake quant off, no gradient, BN buffers restored after each batch. No
+  optimizer step happens, so nothing in the model changes except the observers.
+- **Schedule** BN freeze, observer freeze and quant delay at epoch or step milestones.
+- **Export** at ``on_fit_end`` on global rank 0.
+"""
+
+from __future__ import annotations
+
+import time
+from collections.abc import Sequence
+from pathlib import Path
+from typing import Any
+
+import lightning.pytorch as pl
+import torch
+from lightning.pytorch.callbacks import Callback
+from lightning.pytorch.utilities import CombinedLoader
+from lightning.pytorch.utilities.rank_zero import rank_zero_info, rank_zero_warn
+from torch import nn
+from typing_extensions import override
+
+from qat_lightning.callback.calibration import (
+    InputCapture,
+    is_quantized,
+    non_quantizer_buffers,
+    restore_buffers,
+    silenced_logging,
+)
+from qat_lightning.callback.distributed import sync_observers
+from qat_lightning.callback.health import HealthProbe, named_quantizers
+from qat_lightning.callback.schedule import Milestone
+from qat_lightning.nn import QuantModule
+from qat_lightning.quant import QuantScheme
+from qat_lightning.surgery import QuantConfig, quantize_model
+
+EXPORT_FORMATS = ("onnx", "native")
+# Observers cheap enough to keep running on every QAT step; the others freeze after calibration.
+_TRACKING_OBSERVERS = ("minmax", "moving_minmax")
+
+
+class QATCallback(Callback):
+    """Quantization-aware training for an unchanged LightningModule.
+
+    Args:
+        inputs: scheme for activations (a `QuantScheme` or a dict of its fields); ``None``
+            keeps activations float. Default: 8-bit affine unsigned, moving min/max.
+        params: scheme for weights. Default: 8-bit symmetric per-channel, min/max.
+        calibration_batches: training batches observed before QAT starts (>= 1).
+        freeze_bn_at: when BatchNorm statistics freeze, e.g. ``{"epoch": 3}`` or
+            ``{"step": 500}``; ``None``: never.
+        freeze_observers_at: when observers freeze (encodings stop moving); ``None``: never.
+        quant_delay: train in float until then, observers still running; ``None``: no delay.
+        overrides: per-name scheme overrides for `quantize_model`, e.g.
+            ``{"fc": {"params": {"bits": 8}}}``.
+        skip: glob patterns of module names left float, e.g. ``["fc", "*.downsample.*"]``.
+        export_dir: where ``on_fit_end`` writes the integer model; default
+            ``<trainer.log_dir>/qat_export``.
+        export_formats: any of ``"onnx"`` and ``"native"`` (safetensors + encodings JSON).
+        example_input: input for the ONNX export; default: captured from the first batch.
+        log_every_n_steps: how often per-layer scale, zero point, clip rate and SQNR are logged.
+
+    Example:
+        >>> trainer = Trainer(max_epochs=3, callbacks=[QATCallback(params={"bits": 4})])
+        >>> trainer.fit(model, datamodule=dm)   # exports to <log_dir>/qat_export at the end
+    """
+
+    def __init__(
+        self,
+        inputs: QuantScheme | dict[str, Any] | None = None,
+        params: QuantScheme | dict[str, Any] | None = None,
+        calibration_batches: int = 8,
+        freeze_bn_at: int | dict[str, int] | None = None,
+        freeze_observers_at: int | dict[str, int] | None = None,
+        quant_delay: int | dict[str, int] | None = None,
+        overrides: dict[str, dict[str, Any]] | None = None,
+        skip: Sequence[str] = (),
+        export_dir: str | Path | None = None,
+        export_formats: Sequence[str] = EXPORT_FORMATS,
+        example_input: torch.Tensor | None = None,
+        log_every_n_steps: int = 50,
+        fuse: bool = True,
+    ) -> None:
+        if inputs is None:
+            inputs = QuantScheme(symmetric=False, signed=False, observer="moving_minmax")
+        if params is None:
+            params = QuantScheme(granularity="per_channel")
+        self.config = QuantConfig.from_any(
+            {
+                "inputs": inputs,
+                "params": params,
+                "overrides": overrides or {},
+                "skip": tuple(skip),
+                "fuse": fuse,
+            }
+        )
+        if (
+            isinstance(calibration_batches, bool)
+            or not isinstance(calibration_batches, int)
+            or (calibration_batches < 1)
+        ):
+            raise ValueError(
+                f"QATCallback(calibration_batches={calibration_batches!r}) is invalid: "
+                "allowed an integer >= 1"
+            )
+        self.calibration_batches = calibration_batches
+        self.freeze_bn_at = Milestone.parse("freeze_bn_at", freeze_bn_at)
+        self.freeze_observers_at = Milestone.parse("freeze_observers_at", freeze_observers_at)
+        self.quant_delay = Milestone.parse("quant_delay", quant_delay)
+        if isinstance(export_formats, str):
+            export_formats = (export_formats,)
+        bad = [f for f in export_formats if f not in EXPORT_FORMATS]
+        if bad:
+            raise ValueError(
+                f"QATCallback(export_formats={list(export_formats)!r}) is invalid: "
+                f"{bad[0]!r} is not one of {EXPORT_FORMATS}"
+            )
+        self.export_formats = tuple(export_formats)
+        self.export_dir = Path(export_dir) if export_dir is not None else None
+        if example_input is not None and not torch.is_tensor(example_input):
+            raise ValueError(
+                f"QATCallback(example_input=<{type(example_input).__name__}>) is invalid: "
+                "allowed a torch.Tensor or None"
+            )
+        self.example_input = example_input
+        if (
+            isinstance(log_every_n_steps, bool)
+            or not isinstance(log_every_n_steps, int)
+            or (log_every_n_steps < 1)
+        ):
+            raise ValueError(
+                f"QATCallback(log_every_n_steps={log_every_n_steps!r}) is invalid: "
+                "allowed an integer >= 1"
+            )
+        self.log_every_n_steps = log_every_n_steps
+        # Progress that a checkpoint must carry (see state_dict).
+        self.calibrated = False
+        self.bn_frozen = False
+        self.observers_frozen = False
+        self.report = None
+        self.export_paths: dict[str, Path] = {}
+        self._export_target: str | None = None  # "" = the LightningModule, else a child name
+        self._chained: tuple[pl.LightningModule, Any] | None = None
+        self._probe: HealthProbe | None = None
+        self._last_logged_step = -1
+        self._eval_observer_state: list[tuple[Any, bool]] = []
+
+    # -- swap ---------------------------------------------------------------------------------
+    @override
+    def setup(self, trainer: pl.Trainer, pl_module: pl.LightningModule, stage: str) -> None:
+        if is_quantized(pl_module):
+            return
+        # Chain onto this instance's configure_model: Lightning calls it after every setup hook
+        # and before restore / optimizers / DDP. No functools.wraps: Lightning must see it as
+        # overridden even when the user did not define configure_model.
+        original = pl_module.configure_model
+
+        def configure_model_then_quantize() -> None:
+            original()
+            self._quantize(pl_module)
+
+        pl_module.configure_model = configure_model_then_quantize
+        self._chained = (pl_module, original)
+
+    def _quantize(self, pl_module: pl.LightningModule) -> None:
+        if is_quantized(pl_module):
+            return
+        self.report = quantize_model(pl_module, self.config)
+        # Float behaviour until calibration: a sanity-check validation must neither see
+        # uncalibrated fake quant nor feed the observers.
+        for _, quantizer in named_quantizers(pl_module):
+            quantizer.enable_observer(False).enable_fake_quant(False)
+        rank_zero_info(f"QATCallback: quantized the model\n{self.report}")
+
+    @override
+    def teardown(self, trainer: pl.Trainer, pl_module: pl.LightningModule, stage: str) -> None:
+        if self._chained is not None:
+            module, _ = self._chained
+            module.__dict__.pop("configure_model", None)
+            self._chained = None
+
+    # -- fit start: report, schedule checks, calibration ------------------------------------
+    @override
+    def on_fit_start(self, trainer: pl.Trainer, pl_module: pl.LightningModule) -> None:
+        log_dir = _log_dir(trainer)  # a collective under DDP: every rank must ask
+        if self.report is not None and trainer.is_global_zero:
+            _log_report(trainer, self.report, log_dir)
+
+    @override
+    def on_train_start(self, trainer: pl.Trainer, pl_module: pl.LightningModule) -> None:
+        self._check_schedule_not_past(trainer)
+        if not self.calibrated:
+            self._calibrate(trainer, pl_module)
+            self.calibrated = True
+        self._apply_schedule(trainer, pl_module)
+
+    def _check_schedule_not_past(self, trainer: pl.Trainer) -> None:
+        done = {
+            "freeze_bn_at": self.bn_frozen,
+            "freeze_observers_at": self.observers_frozen,
+            "quant_delay": self.calibrated,
+        }
+        for name, done_already in done.items():
+            milestone: Milestone | None = getattr(self, name)
+            if milestone is None or done_already:
+                continue
+            now = trainer.current_epoch if milestone.unit == "epoch" else trainer.global_step
+            if now > milestone.value:
+                raise ValueError(
+                    f"QATCallback({name}={milestone}) is in the past: QAT starts at "
+                    f"{milestone.unit} {now}; allowed a {milestone.unit} >= {now}"
+                )
+
+    @torch.no_grad()
+    def _calibrate(self, trainer: pl.Trainer, pl_module: pl.LightningModule) -> None:
+        if not pl_module.automatic_optimization:
+            raise ValueError(
+                "QATCallback calibrates by running training_step without gradients, which a "
+                "LightningModule with manual optimization (automatic_optimization=False) would "
+                "step; calibrate the model yourself (Quantizer.compute_encodings) before fit"
+            )
+        quantizers = [q for _, q in named_quantizers(pl_module)]
+        for quantizer in quantizers:
+            quantizer.observer.reset()
+            quantizer.enable_observer(True).enable_fake_quant(False)
+        loader = trainer.train_dataloader
+        if isinstance(loader, (dict, list, tuple)):
+            loader = CombinedLoader(loader, mode="max_size_cycle")
+        frozen_buffers = non_quantizer_buffers(pl_module)
+        capture = InputCapture(pl_module) if self.example_input is None else None
+        start, seen = time.perf_counter(), 0
+        rank_zero_info(f"QATCallback: calibrating on {self.calibration_batches} batches")
+        with silenced_logging(pl_module), trainer.precision_plugin.train_step_context():
+            for batch_idx, batch in enumerate(loader):
+                if batch_idx >= self.calibration_batches:
+                    break
+                batch = trainer.strategy.batch_to_device(batch)
+                pl_module.training_step(batch, batch_idx)
+                seen += 1
+                restore_buffers(pl_module, frozen_buffers)
+        if capture is not None:
+            self.example_input, self._export_target = capture.finish()
+        if seen < self.calibration_batches:
+            rank_zero_warn(
+                f"QATCallback(calibration_batches={self.calibration_batches}) is more than the "
+                f"train loader has; calibrated on the {seen} batches there are"
+            )
+        sync_observers(pl_module)
+        # Under DDP each rank sees other data: activation observers stop here (their synced
+        # ranges stay identical on all ranks); weight observers may go on, since DDP keeps
+        # the weights identical.
+        distributed = trainer.world_size > 1
+        for name, quantizer in named_quantizers(pl_module):
+            quantizer.update_encodings()
+            quantizer.enable_fake_quant(True)
+            tracking = quantizer.scheme.observer in _TRACKING_OBSERVERS
+            if distributed and "param_quantizers" not in name:
+                tracking = False
+            quantizer.enable_observer(tracking and not quantizer.scheme.learnable)
+        rank_zero_info(
+            f"QATCallback: calibrated {len(quantizers)} quantizers on {seen} batches in "
+            f"{time.perf_counter() - start:.1f} s; QAT starts"
+        )
+
+    # -- schedule --------------------------------------------------------------------------
+    def _apply_schedule(self, trainer: pl.Trainer, pl_module: pl.LightningModule) -> None:
+        epoch, step = trainer.current_epoch, trainer.global_step
+        if self.freeze_bn_at and not self.bn_frozen and self.freeze_bn_at.reached(epoch, step):
+            for module in pl_module.modules():
+                if hasattr(module, "freeze_bn_stats"):
+                    module.freeze_bn_stats()
+            self.bn_frozen = True
+            rank_zero_info(
+                f"QATCallback: BatchNorm statistics frozen at epoch {epoch}, step {step}"
+            )
+        if self.bn_frozen:  # standalone BNs: Lightning puts the model back in train mode
+            for module in pl_module.modules():
+                if isinstance(module, nn.modules.batchnorm._BatchNorm) and not _inside_fused(
+                    pl_module, module
+                ):
+                    module.eval()
+        if (
+            self.freeze_observers_at
+            and not self.observers_frozen
+            and self.freeze_observers_at.reached(epoch, step)
+        ):
+            for _, quantizer in named_quantizers(pl_module):
+                quantizer.enable_observer(False)
+            self.observers_frozen = True
+            rank_zero_info(f"QATCallback: observers frozen at epoch {epoch}, step {step}")
+        quant_on = self.quant_delay is None or self.quant_delay.reached(epoch, step)
+        for _, quantizer in named_quantizers(pl_module):
+            quantizer.enable_fake_quant(quant_on)
+
+    @override
+    def on_train_epoch_start(self, trainer: pl.Trainer, pl_module: pl.LightningModule) -> None:
+        self._apply_schedule(trainer, pl_module)
+
+    @override
+    def on_train_batch_start(
+        self, trainer: pl.Trainer, pl_module: pl.LightningModule, batch: Any, batch_idx: int
+    ) -> None:
+        self._apply_schedule(trainer, pl_module)
+        step = trainer.global_step
+        if step % self.log_every_n_steps == 0 and step != self._last_logged_step:
+            self._probe = HealthProbe(pl_module).attach()
+            self._last_logged_step = step
+
+    @override
+    def on_train_batch_end(
+        self,
+        trainer: pl.Trainer,
+        pl_module: pl.LightningModule,
+        outputs: Any,
+        batch: Any,
+        batch_idx: int,
+    ) -> None:
+        if self._probe is None:
+            return
+        metrics = self._probe.detach()
+        self._probe = None
+        if trainer.is_global_zero:
+            for logger in trainer.loggers:
+                logger.log_metrics(metrics, step=trainer.global_step)
+
+    # -- evaluation inside fit must not feed the observers ----------------------------------
+    def _pause_observers(self, pl_module: pl.LightningModule) -> None:
+        self._eval_observer_state = []
+        for _, quantizer in named_quantizers(pl_module):
+            self._eval_observer_state.append((quantizer, bool(quantizer.observer_enabled)))
+            quantizer.enable_observer(False)
+
+    def _resume_observers(self) -> None:
+        for quantizer, enabled in self._eval_observer_state:
+            quantizer.enable_observer(enabled)
+        self._eval_observer_state = []
+
+    @override
+    def on_validation_start(self, trainer: pl.Trainer, pl_module: pl.LightningModule) -> None:
+        self._pause_observers(pl_module)
+
+    @override
+    def on_validation_end(self, trainer: pl.Trainer, pl_module: pl.LightningModule) -> None:
+        self._resume_observers()
+
+    @override
+    def on_test_start(self, trainer: pl.Trainer, pl_module: pl.LightningModule) -> None:
+        self._pause_observers(pl_module)
+
+    @override
+    def on_test_end(self, trainer: pl.Trainer, pl_module: pl.LightningModule) -> None:
+        self._resume_observers()
+
+    @override
+    def on_predict_start(self, trainer: pl.Trainer, pl_module: pl.LightningModule) -> None:
+        self._pause_observers(pl_module)
+
+    @override
+    def on_predict_end(self, trainer: pl.Trainer, pl_module: pl.LightningModule) -> None:
+        self._resume_observers()
+
+    # -- export ------------------------------------------------------------------------------
+    @override
+    def on_fit_end(self, trainer: pl.Trainer, pl_module: pl.LightningModule) -> None:
+        out_dir = self.export_dir or _log_dir(trainer) / "qat_export"  # every rank asks
+        if not trainer.is_global_zero or not self.calibrated or not self.export_formats:
+            return
+        from qat_lightning.callback.exporting import export_trained
+
+        target = (
+            pl_module if not self._export_target else pl_module.get_submodule(self._export_target)
+        )
+        self.export_paths = export_trained(
+            target, self.example_input, out_dir, self.export_formats, self.report
+        )
+
+    # -- checkpointed progress -----------------------------------------------------------------
+    @override
+    def state_dict(self) -> dict[str, Any]:
+        return {
+            "calibrated": self.calibrated,
+            "bn_frozen": self.bn_frozen,
+            "observers_frozen": self.observers_frozen,
+            "export_target": self._export_target,
+            "example_input": None if self.example_input is None else self.example_input.cpu(),
+        }
+
+    @override
+    def load_state_dict(self, state_dict: dict[str, Any]) -> None:
+        self.calibrated = bool(state_dict.get("calibrated", False))
+        self.bn_frozen = bool(state_dict.get("bn_frozen", False))
+        self.observers_frozen = bool(state_dict.get("observers_frozen", False))
+        self._export_target = state_dict.get("export_target", self._export_target)
+        if self.example_input is None and state_dict.get("example_input") is not None:
+            self.example_input = state_dict["example_input"]
+
+
+# -- helpers ------------------------------------------------------------------------------------
+def _inside_fused(root: nn.Module, bn: nn.Module) -> bool:
+    return any(getattr(m, "bn", None) is bn for m in root.modules() if isinstance(m, QuantModule))
+
+
+def _log_dir(trainer: pl.Trainer) -> Path:
+    """The trainer's log dir. Under DDP, `trainer.log_dir` broadcasts: call it on every rank."""
+    return Path(trainer.log_dir or trainer.default_root_dir)
+
+
+def _log_report(trainer: pl.Trainer, report: Any, log_dir: Path) -> None:
+    """The quantization report, as text in the log dir and as a table where a logger has one."""
+    text = str(report)
+    log_dir.mkdir(parents=True, exist_ok=True)
+    (log_dir / "qat_report.txt").write_text(text + "\n")
+    rows = report.to_dict().get("layers", [])
+    for logger in trainer.loggers:
+        experiment = getattr(logger, "experiment", None)
+        if hasattr(logger, "log_text") and rows:  # wandb
+            columns = list(rows[0].keys())
+            logger.log_text(
+                key="qat/report", columns=columns, data=[[str(r[c]) for c in columns] for r in rows]
+            )
+        elif hasattr(experiment, "add_text"):  # tensorboard
+            experiment.add_text("qat/report", "```\n" + text + "\n```")

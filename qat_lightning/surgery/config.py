@@ -1,0 +1,166 @@
+"""`QuantConfig`: which scheme each layer of a model gets, as one frozen, validated value.
+
+Names are the qualified module names of ``model.named_modules()`` (``"layer1.0.conv1"``).
+Patterns are `fnmatch` globs (``"fc"``, ``"layer4.*"``, ``"*.downsample.*"``); a pattern that
+matches a container also matches everything inside it, so ``skip=["layer4"]`` skips the block.
+"""
+
+from __future__ import annotations
+
+import dataclasses
+from collections.abc import Iterable, Mapping
+from dataclasses import dataclass, field
+from fnmatch import fnmatchcase
+from typing import Any
+
+from qat_lightning.quant import QuantScheme
+
+# The defaults of the design: A8 affine unsigned activations, W8 symmetric per-channel weights.
+DEFAULT_INPUTS = QuantScheme(bits=8, symmetric=False, signed=False)
+DEFAULT_PARAMS = QuantScheme(bits=8, symmetric=True, granularity="per_channel")
+OVERRIDE_KEYS = ("inputs", "params")
+
+
+def matches(pattern: str, name: str) -> bool:
+    """True if ``pattern`` matches ``name`` or one of its parents (``"a.b"`` for ``"a.b.c"``)."""
+    parts = name.split(".")
+    return any(fnmatchcase(".".join(parts[:i]), pattern) for i in range(len(parts), 0, -1))
+
+
+def _plain(value: Any) -> Any:
+    """Mappings and sequences as plain dicts / lists (e.g. from an OmegaConf DictConfig)."""
+    if isinstance(value, QuantScheme) or value is None:
+        return value
+    if isinstance(value, Mapping) or hasattr(value, "items"):
+        return {k: _plain(v) for k, v in value.items()}
+    if isinstance(value, (list, tuple)) or type(value).__name__ == "ListConfig":
+        return [_plain(v) for v in value]
+    return value
+
+
+def merge_scheme(
+    base: QuantScheme | None, change: QuantScheme | Mapping[str, Any] | None
+) -> QuantScheme | None:
+    """``change`` applied field by field over ``base`` (a scheme or None replaces it)."""
+    if change is None or isinstance(change, QuantScheme):
+        return change
+    fields = (base or QuantScheme()).to_dict()
+    fields.update(change)
+    return QuantScheme.from_any(fields)
+
+
+@dataclass(frozen=True)
+class QuantConfig:
+    """What `quantize_model` does to a model.
+
+    Args:
+        inputs: the activation scheme (every quantized module's inputs and output); ``None``
+            keeps activations float. Default: 8-bit affine unsigned.
+        params: the weight scheme; ``None`` keeps weights float. Default: 8-bit symmetric
+            per-channel.
+        overrides: glob on module names -> ``{"inputs": {...}, "params": {...}}``, merged field
+            by field over the defaults (a value ``None`` makes that side float). When several
+            patterns match a module they apply in the mapping's order, later ones winning.
+        skip: globs of module names left float (the match is reported as ``skipped``).
+        fuse: fuse Conv/Linear + BatchNorm (+ ReLU) into one quantized module.
+
+    Example:
+        >>> QuantConfig.from_any({"params": {"bits": 4}, "skip": ["fc"],
+        ...                       "overrides": {"layer4.*": {"params": {"bits": 8}}}})
+    """
+
+    inputs: QuantScheme | None = DEFAULT_INPUTS
+    params: QuantScheme | None = DEFAULT_PARAMS
+    overrides: Mapping[str, Mapping[str, Any]] = field(default_factory=dict)
+    skip: tuple[str, ...] = ()
+    fuse: bool = True
+
+    def __post_init__(self) -> None:
+        for side in OVERRIDE_KEYS:
+            try:
+                scheme = QuantScheme.from_any(_plain(getattr(self, side)))
+            except TypeError as err:
+                raise ValueError(f"QuantConfig.{side}: {err}; or None") from err
+            object.__setattr__(self, side, scheme)
+        skip = _plain(self.skip)
+        skip = [skip] if isinstance(skip, str) else skip
+        if not isinstance(skip, Iterable) or not all(isinstance(p, str) for p in skip):
+            raise ValueError(f"QuantConfig.skip={self.skip!r} is invalid: allowed a list of globs")
+        object.__setattr__(self, "skip", tuple(skip))
+        if not isinstance(self.fuse, bool):
+            raise ValueError(f"QuantConfig.fuse={self.fuse!r} is invalid: allowed True or False")
+        object.__setattr__(self, "overrides", self._checked_overrides(_plain(self.overrides)))
+
+    def _checked_overrides(self, overrides: Any) -> dict[str, dict[str, Any]]:
+        if not isinstance(overrides, dict):
+            raise ValueError(
+                f"QuantConfig.overrides={overrides!r} is invalid: allowed a dict of "
+                "glob -> {'inputs': {...}, 'params': {...}}"
+            )
+        checked: dict[str, dict[str, Any]] = {}
+        for pattern, change in overrides.items():
+            where = f"QuantConfig.overrides[{pattern!r}]"
+            if not isinstance(pattern, str):
+                raise ValueError(f"{where}: the key must be a glob string")
+            if not isinstance(change, dict):
+                raise ValueError(
+                    f"{where}={change!r} is invalid: allowed a dict with keys {OVERRIDE_KEYS}"
+                )
+            unknown = sorted(set(change) - set(OVERRIDE_KEYS))
+            if unknown:
+                raise ValueError(
+                    f"{where} has unknown key {unknown[0]!r}: allowed {list(OVERRIDE_KEYS)}"
+                )
+            for side, value in change.items():
+                if value is not None and not isinstance(value, (dict, QuantScheme)):
+                    raise ValueError(
+                        f"{where}[{side!r}]={value!r} is invalid: allowed a dict of "
+                        "QuantScheme fields, a QuantScheme or None"
+                    )
+                try:  # validate now, against the defaults, so a typo fails before any surgery
+                    merge_scheme(getattr(self, side), value)
+                except ValueError as err:
+                    raise ValueError(f"{where}[{side!r}]: {err}") from err
+            checked[pattern] = dict(change)
+        return checked
+
+    @classmethod
+    def from_any(
+        cls, value: QuantConfig | Mapping[str, Any] | None = None, **changes: Any
+    ) -> QuantConfig:
+        """A config from a config, a dict of its fields (e.g. Hydra's) or None (defaults),
+        with ``changes`` applied on top."""
+        if value is None:
+            value = {}
+        if isinstance(value, QuantConfig):
+            return dataclasses.replace(value, **changes) if changes else value
+        if not (isinstance(value, Mapping) or hasattr(value, "items")):
+            raise TypeError(f"expected a QuantConfig or a dict, got {type(value).__name__}")
+        fields = {f.name for f in dataclasses.fields(cls)}
+        merged = {**dict(value.items()), **changes}
+        unknown = sorted(set(merged) - fields)
+        if unknown:
+            raise ValueError(f"QuantConfig has no field {unknown[0]!r}: allowed {sorted(fields)}")
+        return cls(**merged)
+
+    # -- per-name lookups ------------------------------------------------------------------
+    def skip_pattern(self, name: str) -> str | None:
+        """The first skip pattern matching ``name``, or None."""
+        return next((p for p in self.skip if matches(p, name)), None)
+
+    def schemes_for(self, name: str) -> tuple[QuantScheme | None, QuantScheme | None]:
+        """(inputs, params) schemes of the module called ``name``, overrides applied."""
+        inputs, params = self.inputs, self.params
+        for pattern, change in self.overrides.items():
+            if matches(pattern, name):
+                if "inputs" in change:
+                    inputs = merge_scheme(inputs, change["inputs"])
+                if "params" in change:
+                    params = merge_scheme(params, change["params"])
+        return inputs, params
+
+    def unmatched_patterns(self, names: Iterable[str]) -> list[str]:
+        """Override and skip patterns that match none of ``names``."""
+        names = list(names)
+        patterns = [*self.overrides, *self.skip]
+        return [p for p in patterns if not any(matches(p, n) for n in names)]

@@ -1,0 +1,118 @@
+"""Input-quantizer pruning: each activation tensor is quantized once, by its producer.
+
+Every quantized module is built with input quantizers. Where a module's input comes (through
+ops that keep values on their grid: reshapes, getitem, dropout, identity, ReLU, max pooling)
+from a quantized module's output quantizer with the same grid, the input quantizer is
+redundant and is removed (``module.input_quantizers[i] = None``): the module then reads its
+producer's encoding. This is what lets an ONNX runtime fuse ``DequantizeLinear -> Conv ->
+QuantizeLinear`` into an integer conv. Inputs from float land (model inputs, float modules,
+other functions) keep their quantizer.
+"""
+
+from __future__ import annotations
+
+from collections import defaultdict
+
+from torch import fx, nn
+
+from qat_lightning.nn import QuantModule
+from qat_lightning.quant import QuantScheme
+from qat_lightning.surgery.graph import GRID_FUNCTIONS, GRID_METHODS, GRID_MODULES, Region
+
+
+def grid_key(scheme: QuantScheme | None) -> tuple | None:
+    """What makes two encodings interchangeable for a consumer (not how ranges are observed)."""
+    if scheme is None:
+        return None
+    axis = scheme.axis if scheme.per_channel else None
+    return (
+        scheme.bits,
+        scheme.symmetric,
+        scheme.signed,
+        scheme.narrow_range,
+        scheme.granularity,
+        axis,
+        scheme.representation,
+        scheme.frac_bits,
+        scheme.learnable,
+    )
+
+
+class _Sources:
+    """The scheme of the quantizer that put a node's value on its grid (None: float value)."""
+
+    def __init__(self, root: nn.Module, pass_through: set[int]) -> None:
+        self.root = root
+        self.pass_through = pass_through
+        self._memo: dict[fx.Node, QuantScheme | None] = {}
+
+    def __call__(self, node: object) -> QuantScheme | None:
+        if not isinstance(node, fx.Node):
+            return None
+        if node not in self._memo:
+            self._memo[node] = self._source(node)
+        return self._memo[node]
+
+    def _source(self, node: fx.Node) -> QuantScheme | None:
+        first = node.args[0] if node.args else None
+        if node.op == "call_module":
+            module = self.root.get_submodule(node.target)
+            if isinstance(module, QuantModule):
+                out = module.output_quantizers[0] if len(module.output_quantizers) else None
+                if out is not None:
+                    return out.scheme
+                if id(module) not in self.pass_through:
+                    return None
+                own = module.input_quantizers[0] if len(module.input_quantizers) else None
+                return own.scheme if own is not None else self(first)
+            return self(first) if type(module) in GRID_MODULES else None
+        if node.op == "call_function" and node.target in GRID_FUNCTIONS:
+            return self(first)
+        if node.op == "call_method" and node.target in GRID_METHODS:
+            return self(first)
+        return None
+
+
+def _operands(node: fx.Node) -> list[object]:
+    """The tensor inputs of a module call, in input-quantizer order."""
+    if node.args and isinstance(node.args[0], (list, tuple)):
+        return list(node.args[0])  # cat-like: one list of tensors
+    return list(node.args)
+
+
+def prune_input_quantizers(regions: list[Region], pass_through: set[int]) -> int:
+    """Remove redundant input quantizers of the quantized modules called in traced regions.
+
+    A module's input ``i`` loses its quantizer only if, at *every* call site, that input comes
+    from a quantizer with the same grid. ``pass_through`` holds ids of quantized modules whose
+    output stays on their input's grid (no output quantizer by design, e.g. max pools).
+    Modules that an untraced region may call directly keep everything. Returns how many were
+    removed.
+    """
+    sites: dict[int, list[list[QuantScheme | None]]] = defaultdict(list)
+    modules: dict[int, QuantModule] = {}
+    unsure: set[int] = set()
+    for region in regions:
+        if region.graph is None:
+            unsure.update(id(child) for child in region.module.children())
+            continue
+        sources = _Sources(region.module, pass_through)
+        for node in region.graph.nodes:
+            if node.op != "call_module":
+                continue
+            module = region.module.get_submodule(node.target)
+            if isinstance(module, QuantModule):
+                modules[id(module)] = module
+                sites[id(module)].append([sources(a) for a in _operands(node)])
+    removed = 0
+    for key, module in modules.items():
+        if key in unsure:
+            continue
+        for i, quantizer in enumerate(module.input_quantizers):
+            if quantizer is None:
+                continue
+            wanted = grid_key(quantizer.scheme)
+            if all(i < len(site) and grid_key(site[i]) == wanted for site in sites[key]):
+                module.input_quantizers[i] = None
+                removed += 1
+    return removed

@@ -1,0 +1,378 @@
+"""`quantize_model`: fuse, rewrite functional ops, swap by registry, prune input quantizers.
+
+The steps, in order, each on the user's model in place:
+
+1. **Trace** the model with torch.fx (quantized modules and torch.nn layers are leaves). Where
+   it does not trace, each container child is traced on its own, recursively.
+2. **Fuse** Conv/Linear + BatchNorm (+ ReLU) found in the graph (by module order where there is
+   no graph): the layer's slot gets the fused module, the BatchNorm's (and ReLU's) `Identity`.
+3. **Rewrite** modules whose ``forward`` has functional ``+``, ``*``, ``@`` or ``torch.cat`` on
+   activations into GraphModules calling `QuantAdd` / `QuantMul` / `QuantMatMul` / `QuantCat`.
+4. **Swap** every other module whose exact type is in `QUANT_MODULES`.
+5. **Prune** input quantizers whose input is already quantized by its producer.
+
+Everything not quantized that has parameters or compute is listed in the report with a reason.
+"""
+
+from __future__ import annotations
+
+from typing import Any
+
+import torch
+from torch import nn
+
+from qat_lightning.nn import (
+    QUANT_MODULES,
+    QuantAdd,
+    QuantCat,
+    QuantMatMul,
+    QuantModule,
+    QuantMul,
+    fused_bn_type,
+)
+from qat_lightning.quant import Quantizer, QuantScheme
+from qat_lightning.surgery.config import QuantConfig
+from qat_lightning.surgery.fuse import FusionGroup, plan_graph, plan_order
+from qat_lightning.surgery.graph import (
+    NO_COMPUTE,
+    FunctionalOp,
+    Region,
+    TensorGuess,
+    error_line,
+    functional_op,
+    join,
+    owner_of,
+    trace_regions,
+)
+from qat_lightning.surgery.prune import prune_input_quantizers
+from qat_lightning.surgery.report import LayerRow, QuantizationReport
+from qat_lightning.surgery.rewrite import rewrite_module
+
+FUNCTIONAL_MODULES = {"add": QuantAdd, "mul": QuantMul, "matmul": QuantMatMul, "cat": QuantCat}
+
+
+def quantize_model(
+    model: nn.Module, config: QuantConfig | dict[str, Any] | None = None, **changes: Any
+) -> QuantizationReport:
+    """Quantize ``model`` in place for QAT and report what happened to every layer.
+
+    The root module keeps its class and identity, and every float `Parameter` object stays in
+    the model (shared by the quantized modules), so an optimizer built before still works.
+    A model that already holds quantized modules is refused (`ValueError`): surgery is not
+    applied twice.
+
+    Args:
+        model: the float model (train or eval mode; its mode is kept).
+        config: a `QuantConfig`, a dict of its fields, or None for the defaults.
+        **changes: config fields to set on top, e.g. ``skip=["fc"]``.
+
+    Returns:
+        a `QuantizationReport`: one row per layer, counts and warnings.
+
+    Example:
+        >>> report = quantize_model(resnet, params={"bits": 4}, skip=["fc"])
+        >>> print(report)
+    """
+    config = QuantConfig.from_any(config, **changes)
+    for name, module in model.named_modules():
+        if isinstance(module, (QuantModule, Quantizer)):
+            raise ValueError(
+                f"quantize_model: {name or 'the model'!r} is already quantized "
+                f"({type(module).__name__}); surgery runs once on a float model. To start "
+                "again, rebuild the float model (or swap back with each module's to_float())"
+            )
+    return _Surgery(model, config).run()
+
+
+class _Surgery:
+    def __init__(self, model: nn.Module, config: QuantConfig) -> None:
+        self.model, self.config = model, config
+        self.report = QuantizationReport()
+        self.order = {name: i for i, (name, _) in enumerate(model.named_modules())}
+        self.names = list(self.order)
+        # Original modules that have their row already, kept alive: a replaced module's id
+        # must not be reused by a module made later in the surgery.
+        self.done: dict[int, nn.Module] = {}
+        self.made: dict[int, tuple[nn.Module, LayerRow]] = {}  # quantized modules made here
+        self.pass_through: set[int] = set()
+        self.bn_notes: dict[str, str] = {}
+        first = next(iter([*model.parameters(), *model.buffers()]), None)
+        self.device = first.device if first is not None else torch.device("cpu")
+
+    def run(self) -> QuantizationReport:
+        regions = trace_regions(self.model)
+        for region in regions:
+            if region.graph is None:
+                self._warn_untraced(region)
+        groups = []
+        if self.config.fuse:
+            for region in regions:
+                if region.graph is not None:
+                    found, notes = plan_graph(region, self.config)
+                else:
+                    found, notes = plan_order(region.module, region.prefix, self.config)
+                groups += found
+                self.bn_notes.update(notes)
+            for group in groups:
+                self._fuse(group)
+        self._rewrite(regions, groups)
+        if type(self.model) in QUANT_MODULES:
+            self._row("", self.model, "float", note="the root module keeps its class")
+        else:
+            self._own_parameters("", self.model)
+        self._swap(self.model, "")
+        removed = prune_input_quantizers(trace_regions(self.model), self.pass_through)
+        self._finish(removed)
+        return self.report
+
+    # -- helpers -------------------------------------------------------------------------------
+    def _row(self, name: str, module: nn.Module | None, status: str, **fields: Any) -> LayerRow:
+        before = fields.pop("before", type(module).__name__)
+        row = LayerRow(name, before, fields.pop("after", before), status, **fields)
+        self.report.rows.append(row)
+        if module is not None:
+            self.done[id(module)] = module
+        return row
+
+    def _made(self, module: nn.Module, row: LayerRow, inputs: QuantScheme | None) -> None:
+        device = next(iter([*module.parameters(), *module.buffers()]), None)
+        device = device.device if device is not None else self.device
+        for quantizer in module.modules():
+            if isinstance(quantizer, Quantizer):
+                quantizer.to(device)
+        self.made[id(module)] = (module, row)
+        if inputs is not None and module.output_quantizers[0] is None:
+            self.pass_through.add(id(module))  # e.g. max pools: output on the input grid
+
+    def _slots(self, module: nn.Module) -> list[tuple[nn.Module, str]]:
+        """Every (parent, key) holding ``module`` (a module may sit in several)."""
+        return [
+            (parent, key)
+            for parent in self.model.modules()
+            for key, child in parent._modules.items()
+            if child is module
+        ]
+
+    def _replace(self, old: nn.Module, new: nn.Module, slots: list | None = None) -> None:
+        for parent, key in self._slots(old) if slots is None else slots:
+            parent._modules[key] = new
+
+    def _warn_untraced(self, region: Region) -> None:
+        self.report.traced = False
+        kind = type(region.module).__name__
+        where = f"{region.prefix!r} ({kind})" if region.prefix else f"the model ({kind})"
+        fusion = "Conv+BN(+ReLU) fused by module order" if self.config.fuse else "no fusion"
+        self.report.warnings.append(
+            f"{where} does not trace with torch.fx ({region.error}): {fusion} among its direct "
+            "children, functional ops in its forward stay float, and its direct children keep "
+            "all their input quantizers"
+        )
+
+    # -- 2. fusion -------------------------------------------------------------------------------
+    def _fuse(self, group: FusionGroup) -> None:
+        layer = self.model.get_submodule(group.layer)
+        bn = self.model.get_submodule(group.bn)
+        inputs, params = self.config.schemes_for(group.layer)
+        if inputs is None and params is None:
+            self.bn_notes[group.bn] = f"not fused: {group.layer} has no scheme (both None)"
+            return
+        bn_slots = self._slots(bn)  # before the fused module holds it too (as its ``bn``)
+        fused = fused_bn_type(layer, group.relu).from_modules(layer, bn, inputs, params)
+        how = f"{group.layer} + {group.bn}" + (" + ReLU" if group.relu else "")
+        row = self._row(
+            group.layer,
+            layer,
+            "fused",
+            after=type(fused).__name__,
+            inputs=inputs,
+            params=params,
+            note=f"fused {how}",
+        )
+        self._made(fused, row, inputs)
+        self._replace(layer, fused)
+        self._replace(bn, nn.Identity(), bn_slots)
+        self._row(group.bn, bn, "fused", after="Identity", note=f"folded into {group.layer}")
+        self.report.renamed[group.bn] = f"{group.layer}.bn"
+        if group.relu_slot is not None:
+            relu = self.model.get_submodule(group.relu_slot)
+            self._replace(relu, nn.Identity())
+            self._row(
+                group.relu_slot,
+                relu,
+                "fused",
+                after="Identity",
+                note=f"applied inside {group.layer}",
+            )
+
+    # -- 3. functional ops -----------------------------------------------------------------------
+    def _rewrite(self, regions: list[Region], groups: list[FusionGroup]) -> None:
+        owners = {g.relu_owner for g in groups if g.relu_owner is not None}
+        for region in regions:
+            if region.graph is None:
+                continue
+            is_tensor = TensorGuess()
+            for node in region.graph.nodes:
+                if functional_op(node, is_tensor) is not None:
+                    owners.add(region.full_name(owner_of(node)))
+        if "" in owners and regions[0].graph is not None:
+            self._root_ops(regions[0])
+        for path in sorted(
+            owners - {""}, key=lambda p: (-p.count("."), self.order.get(p, 0))
+        ):  # innermost first
+            owner = self.model.get_submodule(path)
+            try:
+                gm = rewrite_module(
+                    owner, lambda op, name, path=path: self._op_module(op, path, name)
+                )
+            except Exception as err:  # tracing the owner alone failed: its ops stay float
+                self.report.warnings.append(
+                    f"functional ops in {path!r} ({type(owner).__name__}.forward) stay float: it "
+                    f"does not trace on its own ({error_line(err)})"
+                )
+                continue
+            if gm is not None:
+                self._replace(owner, gm)
+                self.report.rewritten.append(path)
+
+    def _op_module(self, op: FunctionalOp, owner: str, name: str) -> nn.Module | None:
+        full = join(owner, name)
+        self.names.append(full)
+        where = f"{op.label} in {owner}.forward"
+        pattern = self.config.skip_pattern(full)
+        if pattern is not None:
+            self._row(
+                full,
+                None,
+                "skipped",
+                before=op.label,
+                note=f"{where}; matches skip pattern {pattern!r}",
+            )
+            return None
+        inputs, _ = self.config.schemes_for(full)
+        if inputs is None:
+            self._row(full, None, "float", before=op.label, note=f"{where}; inputs scheme None")
+            return None
+        extra = {"dim": op.dim, "num_inputs": len(op.operands)} if op.kind == "cat" else {}
+        module = FUNCTIONAL_MODULES[op.kind].create(inputs, **extra)
+        row = self._row(
+            full,
+            None,
+            "quantized",
+            before=op.label,
+            after=type(module).__name__,
+            inputs=inputs,
+            note=f"{where} (module rewritten as a GraphModule)",
+        )
+        self._made(module, row, inputs)
+        return module
+
+    def _root_ops(self, region: Region) -> None:
+        """Functional ops in the root's own forward: the root keeps its class, so they stay."""
+        is_tensor = TensorGuess()
+        for node in region.graph.nodes:
+            op = functional_op(node, is_tensor)
+            if op is not None and not owner_of(node):
+                self._row(
+                    node.name,
+                    None,
+                    "float",
+                    before=op.label,
+                    note=f"{op.label} in the root's own forward "
+                    f"({type(self.model).__name__}.forward): the root keeps its class and "
+                    "cannot be rewritten; use a module (qat_lightning.nn.Add, ...) there",
+                )
+
+    # -- 4. swap by registry ---------------------------------------------------------------------
+    def _swap(self, module: nn.Module, prefix: str) -> None:
+        for name, child in list(module._modules.items()):
+            if child is None or id(child) in self.done or id(child) in self.made:
+                continue
+            full = join(prefix, name)
+            qtype = QUANT_MODULES.get(type(child))
+            if qtype is not None:
+                self._swap_one(child, full, qtype)
+            elif any(c is not None for c in child._modules.values()):
+                self.done[id(child)] = child
+                self._own_parameters(full, child)
+                self._swap(child, full)
+            else:
+                self._leaf(child, full)
+
+    def _swap_one(self, module: nn.Module, name: str, qtype: type) -> None:
+        pattern = self.config.skip_pattern(name)
+        if pattern is not None:
+            self._row(name, module, "skipped", note=f"matches skip pattern {pattern!r}")
+            return
+        inputs, params = self.config.schemes_for(name)
+        if inputs is None and params is None:
+            self._row(name, module, "float", note="inputs and params schemes are both None")
+            return
+        try:
+            qmodule = qtype.from_float(module, inputs, params)
+        except (ValueError, TypeError) as err:
+            self._row(name, module, "float", note=f"{qtype.__name__}.from_float failed: {err}")
+            self.report.warnings.append(f"{name!r} left float: {err}")
+            return
+        row = self._row(
+            name,
+            module,
+            "quantized",
+            after=qtype.__name__,
+            inputs=inputs,
+            params=params if any(qmodule.param_quantizers.values()) else None,
+        )
+        self._made(qmodule, row, inputs)
+        self._replace(module, qmodule)
+
+    def _leaf(self, module: nn.Module, name: str) -> None:
+        if isinstance(module, nn.modules.loss._Loss):
+            return  # a loss is not part of the model's function
+        state = [*module._parameters.values(), *module._buffers.values()]
+        stateful = any(v is not None for v in state)
+        torch_layer = type(module).__module__.startswith("torch.nn")
+        empty = isinstance(module, (nn.Sequential, nn.ModuleList, nn.ModuleDict))
+        if not stateful and (isinstance(module, NO_COMPUTE) or empty or not torch_layer):
+            return  # no parameters and no compute worth a row (Identity, Dropout, Flatten...)
+        pattern = self.config.skip_pattern(name)
+        if pattern is not None:
+            self._row(name, module, "skipped", note=f"matches skip pattern {pattern!r}")
+            return
+        if isinstance(module, nn.modules.batchnorm._BatchNorm):
+            note = self.bn_notes.get(name) or (
+                "not fused: no Conv/Linear feeds it" if self.config.fuse else "fuse=False"
+            )
+        else:
+            note = f"no quantized type registered for {type(module).__name__}"
+        self._row(name, module, "float", note=note)
+
+    def _own_parameters(self, name: str, module: nn.Module) -> None:
+        own = [n for n, p in module._parameters.items() if p is not None]
+        if own:
+            self._row(
+                name,
+                module,
+                "float",
+                before=type(module).__name__,
+                note=f"its own parameters {own} stay float (only its children are swapped)",
+            )
+
+    # -- 5. report -------------------------------------------------------------------------------
+    def _finish(self, removed: int) -> None:
+        for module, row in self.made.values():
+            row.input_quantizers = sum(q is not None for q in module.input_quantizers)
+        for pattern in self.config.unmatched_patterns(self.names):
+            self.report.warnings.append(f"pattern {pattern!r} matches no module")
+        if not self.report.traced:
+            self.report.warnings.append(
+                f"{removed} input quantizers removed; modules called from untraced code keep "
+                "theirs (each activation may be quantized twice there)"
+            )
+        self.report.rows.sort(key=self._rank)
+
+    def _rank(self, row: LayerRow) -> tuple[int, int]:
+        """Model order; a functional op right after the last module of its owner."""
+        if row.name in self.order:
+            return self.order[row.name], 0
+        owner = row.name.rpartition(".")[0]
+        inside = [i for n, i in self.order.items() if n == owner or n.startswith(owner + ".")]
+        return (max(inside), 1) if owner else (len(self.order), 1)

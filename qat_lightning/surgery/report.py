@@ -1,0 +1,144 @@
+"""`QuantizationReport`: what `quantize_model` did to every layer, and what it left float."""
+
+from __future__ import annotations
+
+from collections import Counter
+from dataclasses import dataclass, field
+from typing import Any
+
+from qat_lightning.quant import QuantScheme
+
+STATUSES = ("quantized", "fused", "skipped", "float")
+
+
+def describe_scheme(scheme: QuantScheme | None) -> str:
+    """A short label: ``u8 aff``, ``s8 sym pc``, ``Q3.4``; ``float`` for None."""
+    if scheme is None:
+        return "float"
+    if scheme.representation == "fixed_point":
+        label = f"Q{scheme.bits - scheme.frac_bits}.{scheme.frac_bits}"
+    else:
+        sign = "s" if scheme.signed else "u"
+        label = f"{sign}{scheme.bits} {'sym' if scheme.symmetric else 'aff'}"
+    if scheme.per_channel:
+        label += " pc"
+    if scheme.learnable:
+        label += " lsq"
+    return label
+
+
+@dataclass
+class LayerRow:
+    """One layer (or one functional op) of the model.
+
+    Attributes:
+        name: qualified module name (for a functional op: the name of its new module, or the
+            graph node's name when it stays float).
+        before: the float type (``"add()"`` for a functional op).
+        after: the type now in that slot.
+        status: ``quantized``, ``fused`` (went into a fused Conv/Linear+BN module),
+            ``skipped`` (a skip pattern matched) or ``float``.
+        inputs: the activation scheme of the new module, if any.
+        params: the weight scheme of the new module, if any.
+        note: why, where it helps (always set for ``float``).
+        input_quantizers: how many input quantizers the module kept after pruning.
+    """
+
+    name: str
+    before: str
+    after: str
+    status: str
+    inputs: QuantScheme | None = None
+    params: QuantScheme | None = None
+    note: str = ""
+    input_quantizers: int | None = None
+
+    def to_dict(self) -> dict[str, Any]:
+        return {
+            "name": self.name,
+            "before": self.before,
+            "after": self.after,
+            "status": self.status,
+            "inputs": None if self.inputs is None else self.inputs.to_dict(),
+            "params": None if self.params is None else self.params.to_dict(),
+            "note": self.note,
+            "input_quantizers": self.input_quantizers,
+        }
+
+
+@dataclass
+class QuantizationReport:
+    """The result of `quantize_model`.
+
+    Attributes:
+        rows: one `LayerRow` per layer with parameters or compute, and per functional op.
+        warnings: things the user should know (tracing failed, a pattern matched nothing...).
+        rewritten: modules replaced by a ``torch.fx.GraphModule`` so that functional ops in
+            their ``forward`` call quantized modules.
+        renamed: old -> new module prefixes of state_dict keys that moved (a fused BatchNorm
+            ``bn1`` now lives at ``conv1.bn``), to load a float checkpoint after surgery.
+        traced: whether the whole model traced with torch.fx.
+    """
+
+    rows: list[LayerRow] = field(default_factory=list)
+    warnings: list[str] = field(default_factory=list)
+    rewritten: list[str] = field(default_factory=list)
+    renamed: dict[str, str] = field(default_factory=dict)
+    traced: bool = True
+
+    @property
+    def counts(self) -> dict[str, int]:
+        """Rows per status (every status present, 0 if none)."""
+        counter = Counter(row.status for row in self.rows)
+        return {status: counter.get(status, 0) for status in STATUSES}
+
+    def row(self, name: str) -> LayerRow:
+        """The row called ``name`` (KeyError if there is none)."""
+        for row in self.rows:
+            if row.name == name:
+                return row
+        raise KeyError(f"no row named {name!r} in the report")
+
+    @property
+    def kept_input_quantizers(self) -> list[str]:
+        """Names of the modules that still quantize an input themselves (float producers)."""
+        return [r.name for r in self.rows if r.input_quantizers]
+
+    def to_dict(self) -> dict[str, Any]:
+        """JSON-serialisable form."""
+        return {
+            "rows": [row.to_dict() for row in self.rows],
+            "counts": self.counts,
+            "warnings": list(self.warnings),
+            "rewritten": list(self.rewritten),
+            "renamed": dict(self.renamed),
+            "traced": self.traced,
+        }
+
+    def __str__(self) -> str:
+        header = ("name", "before", "after", "status", "inputs", "params", "in-q", "note")
+        table = [header] + [
+            (
+                r.name or "(root)",
+                r.before,
+                r.after,
+                r.status,
+                describe_scheme(r.inputs) if r.inputs is not None else "-",
+                describe_scheme(r.params) if r.params is not None else "-",
+                "" if r.input_quantizers is None else str(r.input_quantizers),
+                r.note,
+            )
+            for r in self.rows
+        ]
+        widths = [max(len(line[i]) for line in table) for i in range(len(header) - 1)]
+        lines = [
+            "  ".join(cell.ljust(w) for cell, w in zip(line[:-1], widths, strict=True))
+            + "  "
+            + line[-1]
+            for line in table
+        ]
+        lines.insert(1, "-" * len(lines[0]))
+        counts = ", ".join(f"{n} {status}" for status, n in self.counts.items())
+        lines.append(f"{len(self.rows)} layers: {counts}")
+        lines += [f"warning: {w}" for w in self.warnings]
+        return "\n".join(line.rstrip() for line in lines)

@@ -1,0 +1,129 @@
+"""Rewrite a module's ``forward`` so that its functional ops call quantized modules.
+
+``out += identity`` in a ResNet block is code, not a module, so nothing can be swapped for it.
+The block is traced (its children as leaves, so the graph is exactly its own code) into a
+``torch.fx.GraphModule``; each add / mul / matmul / cat node becomes a call of a new submodule
+(``add``, ``add_1``, ``cat``...), and the GraphModule takes the block's place in its parent. It
+holds the very same children, parameters and buffers, in the same order, so parameter identity
+and state_dict keys are unchanged.
+"""
+
+from __future__ import annotations
+
+from collections.abc import Callable
+
+from torch import fx, nn
+
+from qat_lightning.nn import FUSED_BN_MODULES
+from qat_lightning.surgery.graph import (
+    FunctionalOp,
+    TensorGuess,
+    functional_op,
+    is_relu,
+    owner_of,
+    trace,
+)
+
+FUSED_RELU_TYPES = tuple(cls for (_, relu), cls in FUSED_BN_MODULES.items() if relu)
+
+Build = Callable[[FunctionalOp, str], nn.Module | None]
+
+
+def own_ops(graph: fx.Graph) -> list[FunctionalOp]:
+    """The quantizable functional ops of the traced module's own code (not its children's)."""
+    is_tensor = TensorGuess()
+    ops = []
+    for node in graph.nodes:
+        op = functional_op(node, is_tensor) if not owner_of(node) else None
+        if op is not None:
+            ops.append(op)
+    return ops
+
+
+def _after_fused_relu(node: object, root: nn.Module) -> bool:
+    """``node`` is the output of a Conv+BN+ReLU fused module (maybe through Identity slots)."""
+    while isinstance(node, fx.Node) and node.op == "call_module":
+        module = root.get_submodule(node.target)
+        if isinstance(module, FUSED_RELU_TYPES):
+            return True
+        if type(module) is not nn.Identity:
+            return False
+        node = node.args[0] if node.args else None
+    return False
+
+
+def _unique(base: str, taken: set[str]) -> str:
+    name, i = base, 0
+    while name in taken:
+        i += 1
+        name = f"{base}_{i}"
+    taken.add(name)
+    return name
+
+
+def rewrite_module(owner: nn.Module, build: Build) -> fx.GraphModule | None:
+    """``owner`` as a GraphModule whose functional ops call the modules ``build`` makes.
+
+    ``build(op, name)`` returns the module for ``op`` (to be registered as ``name``) or None to
+    leave the op float. ReLUs applied to the output of a fused Conv+BN+ReLU are dropped
+    (``relu(relu(x)) == relu(x)``). Returns None when nothing changes; tracing errors propagate.
+    """
+    before = set(vars(owner))
+    try:
+        try:
+            graph = trace(owner, leaf_children=True, keep_constants=True)
+        except Exception:  # e.g. a child's tuple output is unpacked: trace through children
+            graph = trace(owner, keep_constants=True)
+        relus = [
+            n
+            for n in graph.nodes
+            if not owner_of(n) and is_relu(n, owner) and _after_fused_relu(n.args[0], owner)
+        ]
+        ops = own_ops(graph)
+        if not ops and not relus:
+            return None
+        gm = fx.GraphModule(owner, graph, class_name=type(owner).__name__)
+    finally:
+        for name in set(vars(owner)) - before:  # tensor constants the tracer stored
+            delattr(owner, name)
+    taken = set(dir(gm)) | set(vars(owner)) | set(owner._modules)
+    added: dict[str, nn.Module] = {}
+    for op in ops:
+        name = _unique(op.kind, taken)
+        module = build(op, name)
+        if module is None:
+            continue
+        added[name] = module
+        gm.add_submodule(name, module)
+        with graph.inserting_before(op.node):
+            args = (list(op.operands),) if op.kind == "cat" else tuple(op.operands)
+            call = graph.call_module(name, args)
+        call.meta = dict(op.node.meta)
+        op.node.replace_all_uses_with(call)
+        graph.erase_node(op.node)
+    for relu in relus:
+        relu.replace_all_uses_with(relu.args[0])
+        graph.erase_node(relu)
+    if not added and not relus:
+        return None
+    graph.lint()
+    gm.recompile()
+    _adopt_state(gm, owner, added)
+    return gm
+
+
+def _adopt_state(gm: fx.GraphModule, owner: nn.Module, added: dict[str, nn.Module]) -> None:
+    """Give ``gm`` exactly ``owner``'s children, parameters, buffers and hooks (same objects,
+    same order: unused ones too), plus the new modules."""
+    gm._modules = {**owner._modules, **added}
+    gm._parameters = dict(owner._parameters)
+    constants = {k: v for k, v in gm._buffers.items() if k not in owner._buffers}
+    gm._buffers = {**owner._buffers, **constants}
+    # Tensor constants of forward (now buffers of gm) are not state: keep them out of state_dict.
+    gm._non_persistent_buffers_set = set(owner._non_persistent_buffers_set) | set(constants)
+    gm.training = owner.training
+    for key, value in vars(owner).items():
+        if key in ("forward", "_compiled_call_impl"):
+            continue  # an instance-level forward would bypass the rewritten code
+        if "hook" in key or key not in gm.__dict__:
+            gm.__dict__[key] = value  # hooks, and plain attributes (block.stride, ...)
