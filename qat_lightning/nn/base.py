@@ -24,7 +24,7 @@ import torch
 from torch import nn
 
 from qat_lightning.quant import QTensor, Quantizer, QuantScheme
-from qat_lightning.quant.functional import dequantize_ste, quantize_ste
+from qat_lightning.quant.functional import code_dtype, dequantize_ste, quantize_ste
 
 # float type -> quantized type
 QUANT_MODULES: dict[type[nn.Module], type[nn.Module]] = {}
@@ -70,17 +70,27 @@ def accumulate_to_qtensor(
     ``acc`` holds exact integers (float64 arithmetic on integer codes is exact below 2**53);
     ``acc_scale`` is 0-d or per channel along ``axis``. With no output quantizer the int32
     accumulator itself is returned, as a `QTensor` with scheme ``None``.
+
+    To a per-tensor output encoding, the accumulator is requantized as integer runtimes
+    (onnxruntime's QLinearConv / QGemm) do: ``round(float32(acc) * M) + zero_point`` with the
+    float32 multiplier ``M = float32(s_in * s_w) / s_out``. Any other way of rounding differs
+    from the runtime at near-ties, and such a one-code difference spreads through the layers
+    that follow; this way the integer simulation and the exported model agree bit for bit.
     """
+    view = [1] * acc.dim()
     if acc_scale.dim() > 0:
-        shape = [1] * acc.dim()
-        shape[axis] = -1
-        value = acc * acc_scale.double().reshape(shape)
-    else:
-        value = acc * acc_scale.double()
+        view[axis] = -1
     if quantizer is None:
         zero = torch.zeros_like(acc_scale, dtype=torch.int32)
         return QTensor(acc.round().to(torch.int32), acc_scale.float(), zero, None, axis=axis)
-    return quantizer.quantize(value.float())
+    scale, zero_point = quantizer.encoding()
+    exact = acc.numel() == 0 or acc.abs().max() < 2**24  # float32(acc) is exact below 2**24
+    if scale.dim() == 0 and exact:
+        multiplier = (acc_scale.float() / scale).reshape(view)
+        codes = torch.round(acc.float() * multiplier) + zero_point
+        codes = codes.clamp(quantizer.scheme.qmin, quantizer.scheme.qmax)
+        return QTensor(codes.to(code_dtype(quantizer.scheme)), scale, zero_point, quantizer.scheme)
+    return quantizer.quantize((acc * acc_scale.double().reshape(view)).float())
 
 
 class QuantModule(nn.Module):

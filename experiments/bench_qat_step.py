@@ -1,0 +1,127 @@
+"""Train-step time of QAT against float and against torch.ao eager QAT, in one run.
+
+resnet18 at CIFAR size (3x3 stem, no max pool), batch 64. Three models train side by side:
+float; this package (W8A8: per-channel symmetric int8 weights, affine uint8 activations, BN
+folded in the QAT way); torch.ao eager QAT (`prepare_qat` with the default x86 qconfig on
+torchvision's quantizable resnet18, Conv+BN+ReLU fused). Steps are interleaved round by round,
+so machine noise hits all three alike; the figures are medians and ratios over float.
+
+Usage: python experiments/bench_qat_step.py [--steps 6] [--batch 64] [--device cpu]
+Prints one JSON line.
+"""
+
+from __future__ import annotations
+
+import argparse
+import json
+import statistics
+import time
+from contextlib import ExitStack
+
+import torch
+import torchvision
+from torch import nn
+
+from qat_lightning.quant import Quantizer
+from qat_lightning.surgery import quantize_model
+
+W8A8 = {
+    "inputs": {"bits": 8, "symmetric": False, "signed": False, "observer": "moving_minmax"},
+    "params": {"bits": 8, "granularity": "per_channel"},
+}
+
+
+def cifar_stem(model: nn.Module) -> nn.Module:
+    model.conv1 = nn.Conv2d(3, 64, 3, 1, 1, bias=False)
+    model.maxpool = nn.Identity()
+    return model
+
+
+def float_model() -> nn.Module:
+    return cifar_stem(torchvision.models.resnet18(num_classes=10))
+
+
+def ours(x: torch.Tensor) -> nn.Module:
+    model = float_model()
+    quantize_model(model, W8A8)
+    quantizers = [m for m in model.modules() if isinstance(m, Quantizer)]
+    with ExitStack() as stack, torch.no_grad():
+        for quantizer in quantizers:
+            stack.enter_context(quantizer.compute_encodings())
+        model(x)
+    for quantizer in quantizers:  # QAT as the callback runs it: observers keep tracking
+        quantizer.enable_observer(quantizer.scheme.observer in ("minmax", "moving_minmax"))
+    return model
+
+
+def torch_ao() -> nn.Module:
+    from torch.ao.quantization import get_default_qat_qconfig, prepare_qat
+    from torchvision.models.quantization import resnet18
+
+    model = cifar_stem(resnet18(num_classes=10, quantize=False))
+    model.train()
+    model.fuse_model(is_qat=True)
+    model.qconfig = get_default_qat_qconfig("x86")
+    return prepare_qat(model, inplace=False)
+
+
+def step_timer(model: nn.Module, x: torch.Tensor, y: torch.Tensor):
+    model.train()
+    optimizer = torch.optim.SGD(model.parameters(), lr=0.01, momentum=0.9)
+    loss_fn = nn.CrossEntropyLoss()
+
+    def step() -> float:
+        if x.is_cuda:
+            torch.cuda.synchronize()
+        start = time.perf_counter()
+        optimizer.zero_grad(set_to_none=True)
+        loss_fn(model(x), y).backward()
+        optimizer.step()
+        if x.is_cuda:
+            torch.cuda.synchronize()
+        return time.perf_counter() - start
+
+    return step
+
+
+def main() -> None:
+    parser = argparse.ArgumentParser(description=__doc__.splitlines()[0])
+    parser.add_argument("--steps", type=int, default=6, help="timed rounds")
+    parser.add_argument("--warmup", type=int, default=2)
+    parser.add_argument("--batch", type=int, default=64)
+    parser.add_argument("--device", default="cuda" if torch.cuda.is_available() else "cpu")
+    args = parser.parse_args()
+    torch.manual_seed(0)
+    device = torch.device(args.device)
+    x = torch.randn(args.batch, 3, 32, 32, device=device)
+    y = torch.randint(0, 10, (args.batch,), device=device)
+    models = {
+        "float": float_model().to(device),
+        "qat_lightning": ours(x.cpu()).to(device),
+        "torch_ao": torch_ao().to(device),
+    }
+    steps = {name: step_timer(model, x, y) for name, model in models.items()}
+    times: dict[str, list[float]] = {name: [] for name in models}
+    for round_ in range(args.warmup + args.steps):
+        for name, step in steps.items():
+            elapsed = step()
+            if round_ >= args.warmup:
+                times[name].append(elapsed)
+    median = {name: statistics.median(t) for name, t in times.items()}
+    print(json.dumps({
+        "bench": "qat_step",
+        "model": "resnet18-cifar",
+        "batch": args.batch,
+        "device": str(device),
+        "threads": torch.get_num_threads(),
+        "median_step_s": {k: round(v, 4) for k, v in median.items()},
+        "ratio_over_float": {
+            "qat_lightning": round(median["qat_lightning"] / median["float"], 3),
+            "torch_ao": round(median["torch_ao"] / median["float"], 3),
+        },
+        "goal": "qat_lightning <= 1.3x float and below torch_ao",
+    }))
+
+
+if __name__ == "__main__":
+    main()

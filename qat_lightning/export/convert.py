@@ -1,0 +1,313 @@
+"""`convert`: a calibrated QAT model -> an integer model (BN folded, integer weights).
+
+The converted model is a deep copy in which every quantized module is replaced by its
+converted form (`IntegerLayer`, `IntegerEmbedding`, `QuantizedOp`); float modules stay as
+they are. Its forward is the integer simulation of the QAT model, and it is what
+`export_onnx` and `save_quantized` write.
+
+A module whose input quantizer is ``None`` takes its input already quantized by a producer
+(model surgery removes the redundant quantizer so each activation is quantized once). To turn
+that float input back into codes, the converted module keeps a frozen copy of the producer's
+encoding; the producer is found on the model's ``torch.fx`` graph, looking through ops that
+keep values on the grid (flatten, reshape, max pool, ReLU, dropout, ...).
+"""
+
+from __future__ import annotations
+
+import copy
+import operator
+import warnings
+from collections.abc import Iterator
+
+import torch
+import torch.nn.functional as F
+from torch import fx, nn
+
+from qat_lightning.export.modules import IntegerEmbedding, IntegerLayer
+from qat_lightning.export.ops import QuantizedOp
+from qat_lightning.nn.base import QuantModule
+from qat_lightning.quant import Quantizer
+
+
+class NotCalibratedError(RuntimeError):
+    """A quantizer that takes part in the model has no encoding yet."""
+
+
+CONVERTED_TYPES = (IntegerLayer, IntegerEmbedding, QuantizedOp)
+
+# Ops whose output values lie on their input's grid: the producer's encoding still applies.
+_PASS_MODULES = (
+    nn.Flatten,
+    nn.Unflatten,
+    nn.Identity,
+    nn.Dropout,
+    nn.Dropout1d,
+    nn.Dropout2d,
+    nn.Dropout3d,
+    nn.ReLU,
+    nn.MaxPool1d,
+    nn.MaxPool2d,
+    nn.MaxPool3d,
+    nn.AdaptiveMaxPool1d,
+    nn.AdaptiveMaxPool2d,
+    nn.AdaptiveMaxPool3d,
+)
+_PASS_FUNCTIONS = {
+    torch.flatten,
+    torch.reshape,
+    torch.squeeze,
+    torch.unsqueeze,
+    torch.transpose,
+    torch.permute,
+    torch.relu,
+    F.relu,
+    F.dropout,
+    F.max_pool1d,
+    F.max_pool2d,
+    F.max_pool3d,
+    F.adaptive_max_pool1d,
+    F.adaptive_max_pool2d,
+    F.adaptive_max_pool3d,
+    operator.getitem,
+}
+_PASS_METHODS = {
+    "view",
+    "reshape",
+    "flatten",
+    "permute",
+    "transpose",
+    "contiguous",
+    "squeeze",
+    "unsqueeze",
+    "relu",
+    "clone",
+    "detach",
+    "view_as",
+    "reshape_as",
+    "__getitem__",
+}
+
+
+def _active(quantizer: Quantizer | None) -> bool:
+    return quantizer is not None and bool(quantizer.fake_quant_enabled)
+
+
+def _owner_and_role(path: str) -> tuple[str, str]:
+    """``"layer1.conv.input_quantizers.0"`` -> (``"layer1.conv"``, ``"input 0"``)."""
+    for container, role in (
+        (".input_quantizers.", "input"),
+        (".output_quantizers.", "output"),
+        (".param_quantizers.", "param"),
+    ):
+        owner, sep, slot = ("." + path).rpartition(container)
+        if sep:
+            return owner[1:] or "<root>", f"{role} {slot}"
+    return path or "<root>", "quantizer"
+
+
+def check_calibrated(model: nn.Module) -> None:
+    """Raise `NotCalibratedError` naming the first layer with an uncalibrated quantizer.
+
+    A quantizer is uncalibrated when it is enabled (fake quant or observer on) and its
+    ``initialized`` flag is 0: it never saw data.
+    """
+    for path, module in model.named_modules():
+        if not isinstance(module, Quantizer) or bool(module.initialized):
+            continue
+        if bool(module.fake_quant_enabled) or bool(module.observer_enabled):
+            owner, role = _owner_and_role(path)
+            layer = model.get_submodule(owner) if owner != "<root>" else model
+            raise NotCalibratedError(
+                f"convert: layer {owner!r} ({type(layer).__name__}) has an uncalibrated {role} "
+                "quantizer (initialized=0): run calibration batches through the model inside "
+                "compute_encodings() (or let QATCallback calibrate) before converting"
+            )
+
+
+def _quant_modules(model: nn.Module) -> Iterator[tuple[str, QuantModule]]:
+    """Top-level quantized modules (a quantized module's own children are not visited)."""
+    for name, child in model.named_children():
+        if isinstance(child, QuantModule):
+            yield name, child
+        elif not isinstance(child, CONVERTED_TYPES):
+            for sub, module in _quant_modules(child):
+                yield f"{name}.{sub}", module
+
+
+class _LeafTracer(fx.Tracer):
+    """Traces down to quantized modules, which stay leaves."""
+
+    def is_leaf_module(self, m: nn.Module, qualname: str) -> bool:
+        return isinstance(m, (QuantModule, *CONVERTED_TYPES)) or super().is_leaf_module(m, qualname)
+
+
+def _flat_nodes(args: tuple) -> list:
+    flat: list = []
+    for arg in args:
+        flat.extend(arg if isinstance(arg, (list, tuple)) else [arg])
+    return flat
+
+
+def _source_encoding(node, modules: dict[str, nn.Module]) -> Quantizer | None:
+    """The quantizer whose grid the value of ``node`` lies on, or None."""
+    while isinstance(node, fx.Node):
+        if node.op == "call_module":
+            module = modules[node.target]
+            if isinstance(module, QuantModule):
+                out = module.output_quantizers[0] if len(module.output_quantizers) else None
+                if _active(out):
+                    return out
+                is_max_pool = isinstance(module, _PASS_MODULES)
+                if not is_max_pool:
+                    return None
+                if _active(module.input_quantizers[0]):
+                    return module.input_quantizers[0]
+            elif not isinstance(module, _PASS_MODULES):
+                return None
+        elif not (
+            (node.op == "call_function" and node.target in _PASS_FUNCTIONS)
+            or (node.op == "call_method" and node.target in _PASS_METHODS)
+        ):
+            return None
+        node = node.args[0] if node.args else None
+    return None
+
+
+def find_producers(model: nn.Module) -> dict[str, list[Quantizer | None]]:
+    """For each quantized module lacking an input quantizer: the producer's quantizer per
+    input slot (None where none was found)."""
+    needy = {
+        name: m
+        for name, m in _quant_modules(model)
+        if any(not _active(q) for q in m.input_quantizers)
+    }
+    if not needy:
+        return {}
+    try:
+        graph = model.graph if isinstance(model, fx.GraphModule) else _LeafTracer().trace(model)
+    except Exception as error:  # untraceable: fall back to module order
+        warnings.warn(
+            f"convert: the model does not trace with torch.fx ({type(error).__name__}: "
+            f"{error}); input encodings are taken from the previous quantized module",
+            stacklevel=3,
+        )
+        return _producers_by_order(model, needy)
+    modules = dict(model.named_modules())
+    found: dict[str, list[Quantizer | None]] = {}
+    for node in graph.nodes:
+        if node.op != "call_module" or node.target not in needy:
+            continue
+        module = needy[node.target]
+        inputs = _flat_nodes(node.args)
+        producers = [
+            None if _active(own) or i >= len(inputs) else _source_encoding(inputs[i], modules)
+            for i, own in enumerate(module.input_quantizers)
+        ]
+        if node.target in found:  # called again: keep only the encodings every call shares
+            producers = [
+                p if p is q else None for p, q in zip(producers, found[node.target], strict=True)
+            ]
+        found[node.target] = producers
+    return found
+
+
+def _producers_by_order(
+    model: nn.Module, needy: dict[str, QuantModule]
+) -> dict[str, list[Quantizer | None]]:
+    found: dict[str, list[Quantizer | None]] = {}
+    previous: Quantizer | None = None
+    for name, module in _quant_modules(model):
+        if name in needy:
+            found[name] = [None if _active(q) else previous for q in module.input_quantizers]
+        out = module.output_quantizers[0] if len(module.output_quantizers) else None
+        if _active(out):
+            previous = out
+    return found
+
+
+def _is_integer_mac(module: QuantModule) -> bool:
+    from qat_lightning.nn.conv_transpose import _QuantConvTransposeNd
+    from qat_lightning.nn.linear import QuantConv1d, QuantConv2d, QuantConv3d, QuantLinear
+
+    mac = (QuantLinear, QuantConv1d, QuantConv2d, QuantConv3d, _QuantConvTransposeNd)
+    return isinstance(module, mac) and hasattr(module, "weight_and_bias")
+
+
+def _convert_module(name: str, module: QuantModule, borrowed: list[Quantizer | None]) -> nn.Module:
+    from qat_lightning.nn.embedding import QuantEmbedding
+
+    quantizers = dict(module.param_quantizers.items())
+    weight_q = quantizers.get("weight")
+    has_input = [
+        _active(own) or b is not None
+        for own, b in zip(module.input_quantizers, borrowed, strict=True)
+    ]
+    if isinstance(module, QuantEmbedding) and _active(weight_q) and module.max_norm is None:
+        return IntegerEmbedding.from_quant(module)
+    mac = _is_integer_mac(module)
+    if mac and _active(weight_q) and all(has_input):
+        own = module.input_quantizers[0]
+        encoding = own if _active(own) else borrowed[0]
+        if encoding.scale.dim() == 0:
+            return IntegerLayer.from_quant(module, borrowed[0])
+    op = QuantizedOp(module, borrowed)
+    reason = None
+    if not all(has_input):
+        reason = "an input has no encoding (its producer is float, or differs between calls)"
+    elif mac and not _active(weight_q):
+        reason = "its weight is float"
+    elif mac:
+        reason = "its input encoding is per channel"
+    if reason is not None:
+        op.integer_mode.fill_(0)
+        warnings.warn(
+            f"convert: layer {name!r} ({type(module).__name__}) runs in fake quant (float "
+            f"arithmetic): {reason}",
+            stacklevel=3,
+        )
+    return op
+
+
+def _set_submodule(root: nn.Module, name: str, module: nn.Module) -> None:
+    parent_name, _, child = name.rpartition(".")
+    parent = root.get_submodule(parent_name) if parent_name else root
+    setattr(parent, child, module)
+
+
+@torch.no_grad()
+def convert(model: nn.Module) -> nn.Module:
+    """A deep copy of a calibrated QAT model that computes with integers.
+
+    BatchNorm of fused layers is folded; every quantized Linear/Conv/ConvTranspose/Embedding
+    stores its weight as integer codes (int8; 4 bits and fewer packed two per byte in a
+    uint8 buffer) with per-channel scales and int32 bias; other quantized modules keep their
+    (frozen) encodings. The forward quantizes each float input, computes on codes exactly
+    and returns the dequantized output: the integer simulation of the QAT model.
+
+    Args:
+        model: the QAT model (quantized by ``quantize_model`` and calibrated).
+
+    Returns:
+        The converted model, in eval mode. The input model is not changed.
+
+    Raises:
+        NotCalibratedError: a quantizer is enabled but has never seen data (names the layer).
+
+    Example:
+        >>> int_model = convert(qat_model)
+        >>> y = int_model(x)   # == the integer simulation of qat_model
+    """
+    check_calibrated(model)
+    converted = copy.deepcopy(model).eval()
+    if isinstance(converted, QuantModule):
+        converted = nn.Sequential(converted)  # a bare layer: give it a parent to replace in
+    producers = find_producers(converted)
+    for name, module in list(_quant_modules(converted)):
+        borrowed = producers.get(name, [None] * len(module.input_quantizers))
+        _set_submodule(converted, name, _convert_module(name, module, borrowed))
+    return converted.eval()
+
+
+def is_converted(model: nn.Module) -> bool:
+    """True if ``model`` holds no unconverted quantized module."""
+    return next(_quant_modules(model), None) is None

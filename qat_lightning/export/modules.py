@@ -1,0 +1,306 @@
+"""The modules of a converted model: integer weights, fixed encodings, integer forward.
+
+- `IntegerLayer`: a Linear / Conv / ConvTranspose (BN already folded) whose weight is stored
+  as integer codes (int8; 4-bit and narrower packed two per byte; wider in int16/int32) with
+  its scale and zero point, and whose bias is int32 at ``s_in * s_w``.
+- `IntegerEmbedding`: an embedding table stored as codes.
+- `QuantizedOp` (in `ops`): any other quantized module (add, pools, activations, cat, ...),
+  kept as it is with its quantizers frozen.
+
+Every one of them runs the integer simulation in eager mode: it quantizes its float input
+(with its own input encoding, or, when it has none because the producer owns that tensor's
+encoding, with a frozen copy of the producer's: on-grid floats re-quantize to the same codes),
+computes on codes, and returns the dequantized result. Under ``torch.onnx.export`` the same
+module is a QDQ float graph: ``DequantizeLinear`` of the integer initializers, the float op,
+``QuantizeLinear``/``DequantizeLinear`` where a quantizer owns a tensor.
+"""
+
+from __future__ import annotations
+
+from typing import Any
+
+import torch
+import torch.nn.functional as F
+from torch import nn
+
+from qat_lightning.export.qdq import (
+    FrozenQuantizer,
+    on_grid_for_onnx,
+    onnx_container,
+    onnx_dequantize,
+    onnx_int4,
+    pack_int4,
+    packs_to_int4,
+    qdq_or_identity,
+    relu_then_qdq,
+    unpack_int4,
+    zero_point_is_qmin,
+)
+from qat_lightning.nn.base import QuantModule, accumulate_to_qtensor
+from qat_lightning.nn.linear import quantize_bias
+from qat_lightning.quant import QTensor, Quantizer, QuantScheme
+
+LINEAR, CONV, CONV_TRANSPOSE = "linear", "conv", "conv_transpose"
+
+
+def freeze(quantizer: Quantizer | None, input_side: bool = False) -> FrozenQuantizer | None:
+    """A frozen copy of an active quantizer; None for none or one with fake quant off."""
+    if quantizer is None or not bool(quantizer.fake_quant_enabled):
+        return None
+    return FrozenQuantizer.from_quantizer(quantizer, input_side=input_side)
+
+
+def weightless_twin(module: nn.Module) -> nn.Module:
+    """The float twin of a quantized layer with only its hyperparameters (no tensors): the
+    float ops (``_conv_forward``, ``_output_padding``) are used with explicit weights."""
+    float_type = next(
+        b for b in type(module).__mro__[1:] if b.__module__.startswith("torch.nn.modules")
+    )
+    twin = float_type.__new__(float_type)
+    nn.Module.__init__(twin)
+    skip = ("_parameters", "_buffers", "_modules", "_non_persistent_buffers_set")
+    twin.__dict__.update({k: v for k, v in module.__dict__.items() if k not in skip})
+    twin._parameters = {"weight": None, "bias": None}
+    twin.training = False
+    return twin
+
+
+class _Converted(nn.Module):
+    """Shared input handling: own input quantizers, borrowed producer encodings."""
+
+    input_quantizers: nn.ModuleList
+    borrowed_encodings: nn.ModuleList
+
+    def input_encoding(self, index: int = 0) -> FrozenQuantizer | None:
+        """The encoding that turns input ``index`` into codes (own, else the producer's)."""
+        own = self.input_quantizers[index] if index < len(self.input_quantizers) else None
+        if own is not None:
+            return own
+        return self.borrowed_encodings[index] if index < len(self.borrowed_encodings) else None
+
+
+class _IntegerWeights(_Converted):
+    """Shared by layers whose weight is stored as codes: ``weight_codes`` (packed nibbles for
+    4 bits and fewer), ``weight_scale``, ``weight_zero_point``; ``weight_scheme`` and
+    ``weight_shape`` describe them."""
+
+    weight_scheme: QuantScheme
+    weight_shape: tuple[int, ...]
+    _onnx_int4 = False
+
+    def weight_int_codes(self) -> torch.Tensor:
+        """The weight codes, unpacked, in their shape."""
+        if packs_to_int4(self.weight_scheme):
+            return unpack_int4(self.weight_codes, self.weight_shape, self.weight_scheme.signed)
+        return self.weight_codes
+
+    def weight_qtensor(self) -> QTensor:
+        return QTensor(
+            self.weight_int_codes(), self.weight_scale, self.weight_zero_point, self.weight_scheme
+        )
+
+    def prepare_onnx(self, int4: bool) -> None:
+        """Set the export-time constants (called by `export_onnx` before tracing): the
+        unpacked codes become a temporary buffer ``weight``, the ONNX initializer."""
+        self._onnx_int4 = int4 and packs_to_int4(self.weight_scheme)
+        codes = self.weight_int_codes().to(onnx_container(self.weight_scheme))
+        self.register_buffer("weight", codes, persistent=False)
+
+    def finish_onnx(self) -> None:
+        self._buffers.pop("weight", None)
+
+    def onnx_weight(self) -> torch.Tensor:
+        """``DequantizeLinear`` of the integer weight initializer (export only)."""
+        if "weight" not in self._buffers:
+            raise RuntimeError(f"{type(self).__name__}: export with qat_lightning.export_onnx")
+        codes, scheme = self._buffers["weight"], self.weight_scheme
+        # The zero point stays even when it is 0: onnxruntime's QDQ fusion needs it there.
+        zero_point = self.weight_zero_point.to(codes.dtype)
+        if self._onnx_int4:
+            codes, zero_point = (
+                onnx_int4(codes, scheme.signed),
+                onnx_int4(zero_point, scheme.signed),
+            )
+        per_channel = self.weight_scale.dim() > 0
+        axis = scheme.axis % len(self.weight_shape) if per_channel else None
+        return onnx_dequantize(codes, self.weight_scale, zero_point, axis)
+
+
+class IntegerLayer(_IntegerWeights):
+    """A multiply-accumulate layer with integer weights; see the module docstring.
+
+    Built by `from_quant` from a calibrated `QuantLinear` / `QuantConvNd` / fused ConvBn /
+    `QuantConvTransposeNd`. ``weight_codes`` is a buffer of codes (packed nibbles for 4 bits
+    and fewer), ``weight_scale`` / ``weight_zero_point`` its encoding, ``bias_codes`` the
+    int32 bias at the accumulator scale.
+    """
+
+    def __init__(
+        self,
+        op: nn.Module,
+        kind: str,
+        weight_scheme: QuantScheme,
+        weight_shape: tuple[int, ...],
+        relu: bool,
+    ) -> None:
+        super().__init__()
+        self.op = op
+        self.kind = kind
+        self.weight_scheme = weight_scheme
+        self.weight_shape = tuple(weight_shape)
+        self.relu = relu
+        self.input_quantizers = nn.ModuleList([None])
+        self.borrowed_encodings = nn.ModuleList([None])
+        self.output_quantizers = nn.ModuleList([None])
+        self._onnx_relu_is_clamp = False
+
+    @classmethod
+    def from_quant(cls, source: QuantModule, borrowed: Quantizer | None) -> IntegerLayer:
+        """Convert ``source`` (eval-mode, calibrated); ``borrowed`` is the producer's output
+        quantizer when ``source`` has no input quantizer of its own."""
+        from qat_lightning.nn.conv_transpose import _QuantConvTransposeNd
+        from qat_lightning.nn.linear import QuantLinear
+
+        if isinstance(source, QuantLinear):
+            kind = LINEAR
+        elif isinstance(source, _QuantConvTransposeNd):
+            kind = CONV_TRANSPOSE
+        else:
+            kind = CONV
+        weight, bias = source.weight_and_bias()
+        w_quantizer = source.param_quantizers["weight"]
+        layer = cls(
+            weightless_twin(source),
+            kind,
+            w_quantizer.scheme.replace(learnable=False),
+            tuple(weight.shape),
+            bool(getattr(source, "_relu", False)),
+        )
+        layer.input_quantizers[0] = freeze(source.input_quantizers[0], input_side=True)
+        if layer.input_quantizers[0] is None:
+            layer.borrowed_encodings[0] = freeze(borrowed)
+        layer.output_quantizers[0] = freeze(source.output_quantizers[0])
+        q_w = w_quantizer.quantize(weight.detach().float())
+        codes = pack_int4(q_w.codes) if packs_to_int4(layer.weight_scheme) else q_w.codes
+        layer.register_buffer("weight_codes", codes)
+        layer.register_buffer("weight_scale", q_w.scale.clone())
+        layer.register_buffer("weight_zero_point", q_w.zero_point.clone())
+        acc_scale = layer.accumulator_scale()
+        bias_codes = quantize_bias(bias, acc_scale)
+        layer.register_buffer(
+            "bias_codes", None if bias_codes is None else bias_codes.to(torch.int32)
+        )
+        return layer.to(weight.device)
+
+    # -- tensors --------------------------------------------------------------------------------
+    def accumulator_scale(self) -> torch.Tensor:
+        """``s_in * s_w`` (float64), 0-d or per output channel."""
+        encoding = self.input_encoding(0)
+        if encoding is None:
+            raise ValueError("IntegerLayer: no input encoding (own or the producer's)")
+        w_scale = self.weight_scale.double()
+        if self.kind == CONV_TRANSPOSE and w_scale.dim() > 0 and self.op.groups > 1:
+            w_scale = w_scale.repeat(self.op.groups)  # weight[:, j] serves channel j of each group
+        return encoding.scale.double() * w_scale
+
+    @property
+    def _channel_axis(self) -> int:
+        return -1 if self.kind == LINEAR else 1
+
+    def _mac(self, x, w, b, extra: tuple[Any, ...]) -> torch.Tensor:
+        if self.kind == LINEAR:
+            return F.linear(x, w, b)
+        if self.kind == CONV:
+            return self.op._conv_forward(x, w, b)
+        output_size = extra[0] if extra else None
+        op = self.op
+        dims = len(op.kernel_size)
+        output_padding = op._output_padding(
+            x, output_size, op.stride, op.padding, op.kernel_size, dims, op.dilation
+        )
+        fn = (F.conv_transpose1d, F.conv_transpose2d, F.conv_transpose3d)[dims - 1]
+        return fn(x, w, b, op.stride, op.padding, output_padding, op.groups, op.dilation)
+
+    # -- forward --------------------------------------------------------------------------------
+    def forward(self, x: torch.Tensor, *extra: Any) -> torch.Tensor:
+        if torch.onnx.is_in_onnx_export():
+            return self._onnx_forward(x, extra)
+        q_in = self.input_encoding(0).quantize(x)
+        acc_scale = self.accumulator_scale()
+        bias = None if self.bias_codes is None else self.bias_codes.double()
+        acc = self._mac(
+            q_in.centered(torch.int64).double(),
+            self.weight_qtensor().centered(torch.int64).double(),
+            bias,
+            extra,
+        )
+        if self.relu:
+            acc = F.relu(acc)  # on the exact accumulator: commutes with the positive scale
+        out = accumulate_to_qtensor(
+            acc, acc_scale, self.output_quantizers[0], axis=self._channel_axis
+        )
+        return out.dequantize()
+
+    def prepare_onnx(self, int4: bool) -> None:
+        super().prepare_onnx(int4)
+        self._onnx_relu_is_clamp = zero_point_is_qmin(self.output_quantizers[0])
+
+    def _onnx_forward(self, x: torch.Tensor, extra: tuple[Any, ...]) -> torch.Tensor:
+        own = self.input_quantizers[0]
+        x = own(x) if own is not None else on_grid_for_onnx(self.borrowed_encodings[0], x)
+        weight = self.onnx_weight()
+        bias = None
+        if self.bias_codes is not None:  # int32 at s_in * s_w, zero point 0 (left out)
+            acc_scale = self.accumulator_scale().float()
+            bias_axis = 0 if acc_scale.dim() > 0 else None
+            bias = onnx_dequantize(self.bias_codes, acc_scale, None, bias_axis)
+        y = self._mac(x, weight, bias, extra)
+        if self.relu:
+            return relu_then_qdq(self.output_quantizers[0], y, self._onnx_relu_is_clamp)
+        return qdq_or_identity(self.output_quantizers[0], y)
+
+    def extra_repr(self) -> str:
+        op = self.op.extra_repr().replace(", bias=False", "")
+        bias = ", int32 bias" if self.bias_codes is not None else ""
+        return f"{self.kind}: {op}, W{self.weight_scheme.bits}{bias}{', relu' if self.relu else ''}"
+
+
+class IntegerEmbedding(_IntegerWeights):
+    """An embedding table stored as integer codes; rows are looked up by integer indices."""
+
+    def __init__(self, op: nn.Module, weight_scheme: QuantScheme, weight_shape) -> None:
+        super().__init__()
+        self.op = op
+        self.weight_scheme = weight_scheme
+        self.weight_shape = tuple(weight_shape)
+        self.input_quantizers = nn.ModuleList([None])
+        self.borrowed_encodings = nn.ModuleList([None])
+        self.output_quantizers = nn.ModuleList([None])
+
+    @classmethod
+    def from_quant(cls, source: QuantModule) -> IntegerEmbedding:
+        w_quantizer = source.param_quantizers["weight"]
+        weight = source.weight.detach().float()
+        table = cls(
+            weightless_twin(source), w_quantizer.scheme.replace(learnable=False), weight.shape
+        )
+        table.output_quantizers[0] = freeze(source.output_quantizers[0])
+        q_w = w_quantizer.quantize(weight)
+        codes = pack_int4(q_w.codes) if packs_to_int4(table.weight_scheme) else q_w.codes
+        table.register_buffer("weight_codes", codes)
+        table.register_buffer("weight_scale", q_w.scale.clone())
+        table.register_buffer("weight_zero_point", q_w.zero_point.clone())
+        return table.to(weight.device)
+
+    def forward(self, indices: torch.Tensor) -> torch.Tensor:
+        if torch.onnx.is_in_onnx_export():
+            table = self.onnx_weight()
+            return qdq_or_identity(self.output_quantizers[0], F.embedding(indices, table))
+        q_w = self.weight_qtensor()
+        out = self.output_quantizers[0]
+        if out is None:
+            return QTensor(q_w.codes[indices], q_w.scale, q_w.zero_point, q_w.scheme).dequantize()
+        return out.quantize(F.embedding(indices, q_w.dequantize())).dequantize()
+
+    def extra_repr(self) -> str:
+        return f"{self.op.extra_repr()}, W{self.weight_scheme.bits}"
