@@ -108,19 +108,23 @@ def main() -> None:
             if round_ >= args.warmup:
                 times[name].append(elapsed)
     median = {name: statistics.median(t) for name, t in times.items()}
-    print(json.dumps({
-        "bench": "qat_step",
-        "model": "resnet18-cifar",
-        "batch": args.batch,
-        "device": str(device),
-        "threads": torch.get_num_threads(),
-        "median_step_s": {k: round(v, 4) for k, v in median.items()},
-        "ratio_over_float": {
-            "qat_lightning": round(median["qat_lightning"] / median["float"], 3),
-            "torch_ao": round(median["torch_ao"] / median["float"], 3),
-        },
-        "goal": "qat_lightning <= 1.3x float and below torch_ao",
-    }))
+    print(
+        json.dumps(
+            {
+                "bench": "qat_step",
+                "model": "resnet18-cifar",
+                "batch": args.batch,
+                "device": str(device),
+                "threads": torch.get_num_threads(),
+                "median_step_s": {k: round(v, 4) for k, v in median.items()},
+                "ratio_over_float": {
+                    "qat_lightning": round(median["qat_lightning"] / median["float"], 3),
+                    "torch_ao": round(median["torch_ao"] / median["float"], 3),
+                },
+                "goal": "qat_lightning <= 1.3x float and below torch_ao",
+            }
+        )
+    )
 
 
 if __name__ == "__main__":
