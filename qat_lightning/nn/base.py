@@ -181,6 +181,48 @@ class QuantModule(nn.Module):
         """Input ``index`` under this module's own input encoding, where it has one."""
         return requantize(q, self.input_quantizers[index])
 
+    # -- where an input's encoding lives -------------------------------------------------------
+    def set_input_source(self, index: int, quantizer: Quantizer) -> None:
+        """Record the producer's output quantizer that owns input ``index``'s encoding.
+
+        Model surgery calls this when it removes a redundant input quantizer. It is a plain
+        reference, not a submodule: the producer owns (and checkpoints) that quantizer, and
+        surgery records the reference again whenever it rebuilds a model.
+        """
+        self.__dict__.setdefault("_input_sources", {})[index] = quantizer
+
+    def input_encoding(self, index: int = 0) -> Quantizer | None:
+        """The quantizer whose encoding input ``index`` has: the module's own, or the
+        producer's recorded by surgery; None where unknown (a float input)."""
+        own = self.input_quantizers[index]
+        if own is not None:
+            return own
+        return self.__dict__.get("_input_sources", {}).get(index)
+
+    def fq_bias(self, bias: torch.Tensor | None) -> torch.Tensor | None:
+        """The bias as integer mode and the exported model use it: rounded to int32 codes at
+        the accumulator scale ``s_in * s_w`` (straight-through gradient).
+
+        Without this, fake quant adds the float bias and the integer model the rounded one,
+        and at low bit widths that one-code difference flips outputs. Left float while either
+        encoding is unknown, uncalibrated or switched off.
+        """
+        source = self.input_encoding(0)
+        weight = self.param_quantizers["weight"] if "weight" in self.param_quantizers else None  # noqa: SIM401
+        ready = bias is not None and source is not None and weight is not None
+        if not ready or not all(
+            bool(q.fake_quant_enabled) and q.is_initialized for q in (source, weight)
+        ):
+            return bias
+        s_in, _ = source.encoding()
+        s_w, _ = weight.encoding()
+        if s_in.dim() > 0:
+            return bias
+        acc_scale = s_in.double() * s_w.double()
+        codes = torch.round(bias.detach().double() / acc_scale).clamp(-(2**31), 2**31 - 1)
+        rounded = (codes * acc_scale).to(bias.dtype)
+        return bias + (rounded - bias).detach()
+
     # -- quantizers as a group ----------------------------------------------------------------
     def quantizers(self) -> Iterator[Quantizer]:
         """Every quantizer this module owns (not those of submodules' submodules)."""

@@ -125,14 +125,30 @@ def _per_tensor(module: QuantModule, *qs: QTensor) -> None:
 
 @register_quant_module(Add)
 class QuantAdd(_QuantElementwise, Add):
-    """``a + b`` with both inputs and the sum fake-quantized."""
+    """``a + b`` with both inputs and the sum fake-quantized.
+
+    With ``fused_relu`` it computes ``relu(a + b)`` before its output quantizer, as a residual
+    block's add-then-ReLU: one quantized tensor instead of two, the whole output range for the
+    values ReLU keeps, and an ``Add -> Relu -> Q`` that onnxruntime runs as one ``QLinearAdd``.
+    """
+
+    fused_relu = False  # also the default for from_float, which does not call __init__
+
+    def __init__(self, inputs: QuantScheme | dict[str, Any] | None, fused_relu: bool = False):
+        super().__init__(inputs)
+        self.fused_relu = fused_relu
 
     def forward(self, a: torch.Tensor, b: torch.Tensor) -> torch.Tensor:
-        return self.fq_output(self.fq_input(a, 0) + self.fq_input(b, 1))
+        y = self.fq_input(a, 0) + self.fq_input(b, 1)
+        return self.fq_output(torch.relu(y) if self.fused_relu else y)
 
     def quantized_forward(self, a: QTensor, b: QTensor) -> QTensor:
         a, b = self.input_qtensor(a, 0), self.input_qtensor(b, 1)
-        return self._quantize_value(_exact(a) + _exact(b))
+        y = _exact(a) + _exact(b)
+        return self._quantize_value(y.clamp(min=0) if self.fused_relu else y)
+
+    def extra_repr(self) -> str:
+        return "fused_relu=True" if self.fused_relu else ""
 
 
 @register_quant_module(Mul)

@@ -201,12 +201,12 @@ class _FusedBn:
     def forward(self, x: torch.Tensor) -> torch.Tensor:
         x = self.fq_input(x)
         if self.bn_folded:
-            y = self._mac(x, self.fq_param("weight"), self.bias)
+            y = self._mac(x, self.fq_param("weight"), self.fq_bias(self.bias))
         elif self.training and not self.bn_frozen:
             y = self._simulated_fold(x)
         else:
             weight, bias = self._exact_fold()
-            y = self._mac(x, self.fq_param("weight", weight), bias)
+            y = self._mac(x, self.fq_param("weight", weight), self.fq_bias(bias))
         if self._relu:
             y = F.relu(y)
         return self.fq_output(y)

@@ -66,7 +66,7 @@ class QuantLinear(QuantModule, nn.Linear):
 
     def forward(self, x: torch.Tensor) -> torch.Tensor:
         x = self.fq_input(x)
-        return self.fq_output(F.linear(x, self.fq_param("weight"), self.bias))
+        return self.fq_output(F.linear(x, self.fq_param("weight"), self.fq_bias(self.bias)))
 
     def quantized_forward(self, q: QTensor) -> QTensor:
         weight, bias = self.weight_and_bias()
@@ -81,7 +81,8 @@ class _QuantConvNd(QuantModule):
 
     def forward(self, x: torch.Tensor) -> torch.Tensor:
         x = self.fq_input(x)
-        return self.fq_output(self._conv_forward(x, self.fq_param("weight"), self.bias))
+        weight, bias = self.fq_param("weight"), self.fq_bias(self.bias)
+        return self.fq_output(self._conv_forward(x, weight, bias))
 
     def quantized_forward(self, q: QTensor) -> QTensor:
         weight, bias = self.weight_and_bias()

@@ -4,8 +4,9 @@ Every quantized module is built with input quantizers. Where a module's input co
 ops that keep values on their grid: reshapes, getitem, dropout, identity, ReLU, max pooling)
 from a quantized module's output quantizer with the same grid, the input quantizer is
 redundant and is removed (``module.input_quantizers[i] = None``): the module then reads its
-producer's encoding. This is what lets an ONNX runtime fuse ``DequantizeLinear -> Conv ->
-QuantizeLinear`` into an integer conv. Inputs from float land (model inputs, float modules,
+producer's encoding (`QuantModule.input_encoding`, which a bias needs for ``s_in * s_w``).
+This is what lets an ONNX runtime fuse ``DequantizeLinear -> Conv -> QuantizeLinear`` into an
+integer conv. Inputs from float land (model inputs, float modules,
 other functions) keep their quantizer.
 """
 
@@ -16,7 +17,7 @@ from collections import defaultdict
 from torch import fx, nn
 
 from qat_lightning.nn import QuantModule
-from qat_lightning.quant import QuantScheme
+from qat_lightning.quant import Quantizer, QuantScheme
 from qat_lightning.surgery.graph import GRID_FUNCTIONS, GRID_METHODS, GRID_MODULES, Region
 
 
@@ -39,32 +40,32 @@ def grid_key(scheme: QuantScheme | None) -> tuple | None:
 
 
 class _Sources:
-    """The scheme of the quantizer that put a node's value on its grid (None: float value)."""
+    """The quantizer that put a node's value on its grid (None: a float value)."""
 
     def __init__(self, root: nn.Module, pass_through: set[int]) -> None:
         self.root = root
         self.pass_through = pass_through
-        self._memo: dict[fx.Node, QuantScheme | None] = {}
+        self._memo: dict[fx.Node, Quantizer | None] = {}
 
-    def __call__(self, node: object) -> QuantScheme | None:
+    def __call__(self, node: object) -> Quantizer | None:
         if not isinstance(node, fx.Node):
             return None
         if node not in self._memo:
             self._memo[node] = self._source(node)
         return self._memo[node]
 
-    def _source(self, node: fx.Node) -> QuantScheme | None:
+    def _source(self, node: fx.Node) -> Quantizer | None:
         first = node.args[0] if node.args else None
         if node.op == "call_module":
             module = self.root.get_submodule(node.target)
             if isinstance(module, QuantModule):
                 out = module.output_quantizers[0] if len(module.output_quantizers) else None
                 if out is not None:
-                    return out.scheme
+                    return out
                 if id(module) not in self.pass_through:
                     return None
                 own = module.input_quantizers[0] if len(module.input_quantizers) else None
-                return own.scheme if own is not None else self(first)
+                return own if own is not None else self(first)
             return self(first) if type(module) in GRID_MODULES else None
         if node.op == "call_function" and node.target in GRID_FUNCTIONS:
             return self(first)
@@ -89,7 +90,7 @@ def prune_input_quantizers(regions: list[Region], pass_through: set[int]) -> int
     Modules that an untraced region may call directly keep everything. Returns how many were
     removed.
     """
-    sites: dict[int, list[list[QuantScheme | None]]] = defaultdict(list)
+    sites: dict[int, list[list[Quantizer | None]]] = defaultdict(list)
     modules: dict[int, QuantModule] = {}
     unsure: set[int] = set()
     for region in regions:
@@ -112,7 +113,10 @@ def prune_input_quantizers(regions: list[Region], pass_through: set[int]) -> int
             if quantizer is None:
                 continue
             wanted = grid_key(quantizer.scheme)
-            if all(i < len(site) and grid_key(site[i]) == wanted for site in sites[key]):
+            producers = [site[i] if i < len(site) else None for site in sites[key]]
+            if all(p is not None and grid_key(p.scheme) == wanted for p in producers):
                 module.input_quantizers[i] = None
                 removed += 1
+                if all(p is producers[0] for p in producers):
+                    module.set_input_source(i, producers[0])
     return removed

@@ -52,6 +52,14 @@ def _after_fused_relu(node: object, root: nn.Module) -> bool:
     return False
 
 
+def _sole_relu_user(node: fx.Node, root: nn.Module) -> fx.Node | None:
+    """The ReLU that is ``node``'s only user (in ``root``'s own code), if there is one."""
+    users = list(node.users)
+    if len(users) == 1 and not owner_of(users[0]) and is_relu(users[0], root):
+        return users[0]
+    return None
+
+
 def _unique(base: str, taken: set[str]) -> str:
     name, i = base, 0
     while name in taken:
@@ -99,9 +107,17 @@ def rewrite_module(owner: nn.Module, build: Build) -> fx.GraphModule | None:
             args = (list(op.operands),) if op.kind == "cat" else tuple(op.operands)
             call = graph.call_module(name, args)
         call.meta = dict(op.node.meta)
+        relu = _sole_relu_user(op.node, owner) if hasattr(module, "fused_relu") else None
         op.node.replace_all_uses_with(call)
         graph.erase_node(op.node)
+        if relu is not None:  # add-then-ReLU: the add applies it before its quantizer
+            module.fused_relu = True
+            relus.append(relu)
+            relu.replace_all_uses_with(call)
+            graph.erase_node(relu)
     for relu in relus:
+        if getattr(relu, "_erased", False):
+            continue  # already folded into an add
         relu.replace_all_uses_with(relu.args[0])
         graph.erase_node(relu)
     if not added and not relus:
@@ -109,6 +125,13 @@ def rewrite_module(owner: nn.Module, build: Build) -> fx.GraphModule | None:
     graph.lint()
     gm.recompile()
     _adopt_state(gm, owner, added)
+    # A ReLU module whose every call was folded away is dead code: an Identity, so it is not
+    # quantized (and left uncalibrated) for nothing.
+    called = {n.target for n in graph.nodes if n.op == "call_module"}
+    for relu in relus:
+        target = relu.target if relu.op == "call_module" else None
+        if target and "." not in target and target not in called:
+            gm._modules[target] = nn.Identity()
     return gm
 
 

@@ -111,9 +111,9 @@ def test_onnxruntime_agrees_with_the_fake_quant_model(exported, request) -> None
     if exported["name"] == "mobilenet_v2":
         request.applymarker(
             pytest.mark.xfail(
-                reason="the fake-quant forward adds the float bias, the integer model and "
-                "onnxruntime an int32 bias rounded at s_in*s_w; through mobilenet_v2's 50 "
-                "layers those rounding differences spread (about 0.56 top-1 agreement)",
+                reason="measured 0.988 (target 0.99): the fake-quant forward accumulates in "
+                "float32, the integer model exactly; near-tie requantizations differ and spread "
+                "through mobilenet_v2's 50 layers onto nearly tied random-init logits",
                 strict=False,
             )
         )
