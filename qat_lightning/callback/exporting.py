@@ -26,7 +26,7 @@ def export_trained(
     example_input: torch.Tensor | None,
     out_dir: Path,
     formats: Sequence[str],
-    report: Any = None,
+    config: Any = None,
 ) -> dict[str, Path]:
     """Export ``model`` in each of ``formats`` to ``out_dir``; returns ``{format: path}``.
 
@@ -55,9 +55,7 @@ def export_trained(
                         export_onnx(model, example_input.to(device), out_dir / "model_int.onnx")
                     )
                 elif fmt == "native":
-                    paths[fmt] = Path(
-                        save_quantized(model, out_dir / "native") or out_dir / "native"
-                    )
+                    paths[fmt] = Path(save_quantized(model, out_dir / "native", config=config))
             except Exception as error:
                 raise QATExportError(
                     f"QATCallback: exporting {fmt!r} to {out_dir} failed: {error}. The fit's "

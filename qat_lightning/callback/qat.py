@@ -382,7 +382,7 @@ class QATCallback(Callback):
             pl_module if not self._export_target else pl_module.get_submodule(self._export_target)
         )
         self.export_paths = export_trained(
-            target, self.example_input, out_dir, self.export_formats, self.report
+            target, self.example_input, out_dir, self.export_formats, self.config
         )
 
     # -- checkpointed progress -----------------------------------------------------------------

@@ -11,6 +11,7 @@ from lightning.pytorch.demos.boring_classes import BoringModel
 from lightning_modules import ConfigureModelClassifier, ImageClassifier
 
 from qat_lightning.callback import QATCallback, QATExportError
+from qat_lightning.export import convert, load_quantized
 from qat_lightning.nn import QuantModule
 from qat_lightning.quant import Quantizer
 
@@ -56,6 +57,9 @@ def test_boring_model_trains_and_exports(make_trainer, tmp_path):
     lsb = model.layer.output_quantizers[0].scale
     assert ((torch.from_numpy(out) - ref).abs() <= lsb * 1.01).float().mean() >= 0.99
     assert (qat.export_paths["native"] / "encodings.json").exists()
+    # the native artifact rebuilds from a fresh float model and gives the integer outputs
+    reloaded = load_quantized(qat.export_paths["native"], BoringModel())
+    assert torch.equal(reloaded(x), convert(model)(x))
 
 
 @pytest.mark.parametrize(
