@@ -285,10 +285,10 @@ class QATCallback(Callback):
                 f"QATCallback: BatchNorm statistics frozen at epoch {epoch}, step {step}"
             )
         if self.bn_frozen:  # standalone BNs: Lightning puts the model back in train mode
-            for module in pl_module.modules():
-                if isinstance(module, nn.modules.batchnorm._BatchNorm) and not _inside_fused(
-                    pl_module, module
-                ):
+            modules = list(pl_module.modules())
+            fused = {id(getattr(m, "bn", None)) for m in modules if isinstance(m, QuantModule)}
+            for module in modules:
+                if isinstance(module, nn.modules.batchnorm._BatchNorm) and id(module) not in fused:
                     module.eval()
         if (
             self.freeze_observers_at
@@ -407,10 +407,6 @@ class QATCallback(Callback):
 
 
 # -- helpers ------------------------------------------------------------------------------------
-def _inside_fused(root: nn.Module, bn: nn.Module) -> bool:
-    return any(getattr(m, "bn", None) is bn for m in root.modules() if isinstance(m, QuantModule))
-
-
 def _log_dir(trainer: pl.Trainer) -> Path:
     """The trainer's log dir. Under DDP, `trainer.log_dir` broadcasts: call it on every rank."""
     return Path(trainer.log_dir or trainer.default_root_dir)

@@ -15,12 +15,10 @@ keep values on the grid (flatten, reshape, max pool, ReLU, dropout, ...).
 from __future__ import annotations
 
 import copy
-import operator
 import warnings
 from collections.abc import Iterator
 
 import torch
-import torch.nn.functional as F
 from torch import fx, nn
 
 from qat_lightning.export.modules import IntegerEmbedding, IntegerLayer
@@ -28,64 +26,15 @@ from qat_lightning.export.ops import QuantizedOp
 from qat_lightning.nn.base import QuantModule
 from qat_lightning.quant import Quantizer
 
+# The ops that keep values on their input's grid: the same list surgery prunes by.
+from qat_lightning.surgery.graph import GRID_FUNCTIONS, GRID_METHODS, GRID_MODULES
+
 
 class NotCalibratedError(RuntimeError):
     """A quantizer that takes part in the model has no encoding yet."""
 
 
 CONVERTED_TYPES = (IntegerLayer, IntegerEmbedding, QuantizedOp)
-
-# Ops whose output values lie on their input's grid: the producer's encoding still applies.
-_PASS_MODULES = (
-    nn.Flatten,
-    nn.Unflatten,
-    nn.Identity,
-    nn.Dropout,
-    nn.Dropout1d,
-    nn.Dropout2d,
-    nn.Dropout3d,
-    nn.ReLU,
-    nn.MaxPool1d,
-    nn.MaxPool2d,
-    nn.MaxPool3d,
-    nn.AdaptiveMaxPool1d,
-    nn.AdaptiveMaxPool2d,
-    nn.AdaptiveMaxPool3d,
-)
-_PASS_FUNCTIONS = {
-    torch.flatten,
-    torch.reshape,
-    torch.squeeze,
-    torch.unsqueeze,
-    torch.transpose,
-    torch.permute,
-    torch.relu,
-    F.relu,
-    F.dropout,
-    F.max_pool1d,
-    F.max_pool2d,
-    F.max_pool3d,
-    F.adaptive_max_pool1d,
-    F.adaptive_max_pool2d,
-    F.adaptive_max_pool3d,
-    operator.getitem,
-}
-_PASS_METHODS = {
-    "view",
-    "reshape",
-    "flatten",
-    "permute",
-    "transpose",
-    "contiguous",
-    "squeeze",
-    "unsqueeze",
-    "relu",
-    "clone",
-    "detach",
-    "view_as",
-    "reshape_as",
-    "__getitem__",
-}
 
 
 def _active(quantizer: Quantizer | None) -> bool:
@@ -157,16 +106,16 @@ def _source_encoding(node, modules: dict[str, nn.Module]) -> Quantizer | None:
                 out = module.output_quantizers[0] if len(module.output_quantizers) else None
                 if _active(out):
                     return out
-                is_max_pool = isinstance(module, _PASS_MODULES)
+                is_max_pool = isinstance(module, GRID_MODULES)
                 if not is_max_pool:
                     return None
                 if _active(module.input_quantizers[0]):
                     return module.input_quantizers[0]
-            elif not isinstance(module, _PASS_MODULES):
+            elif not isinstance(module, GRID_MODULES):
                 return None
         elif not (
-            (node.op == "call_function" and node.target in _PASS_FUNCTIONS)
-            or (node.op == "call_method" and node.target in _PASS_METHODS)
+            (node.op == "call_function" and node.target in GRID_FUNCTIONS)
+            or (node.op == "call_method" and node.target in GRID_METHODS)
         ):
             return None
         node = node.args[0] if node.args else None

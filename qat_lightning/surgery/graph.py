@@ -42,7 +42,7 @@ GRID_METHODS = {
     "flatten", "unflatten", "view", "view_as", "reshape", "reshape_as", "permute",
     "transpose", "t", "squeeze", "unsqueeze", "contiguous", "expand", "expand_as", "repeat",
     "narrow", "select", "chunk", "split", "unbind", "movedim", "swapaxes", "clone", "detach",
-    "relu", "relu_",
+    "relu", "relu_", "__getitem__",
 }  # fmt: skip
 GRID_MODULES = (
     nn.Identity, nn.Flatten, nn.Unflatten, nn.Dropout, nn.Dropout1d, nn.Dropout2d,
