@@ -81,15 +81,11 @@ def _operands(node: fx.Node) -> list[object]:
     return list(node.args)
 
 
-def prune_input_quantizers(regions: list[Region], pass_through: set[int]) -> int:
-    """Remove redundant input quantizers of the quantized modules called in traced regions.
-
-    A module's input ``i`` loses its quantizer only if, at *every* call site, that input comes
-    from a quantizer with the same grid. ``pass_through`` holds ids of quantized modules whose
-    output stays on their input's grid (no output quantizer by design, e.g. max pools).
-    Modules that an untraced region may call directly keep everything. Returns how many were
-    removed.
-    """
+def _call_sites(
+    regions: list[Region], pass_through: set[int]
+) -> tuple[dict[int, list[list[Quantizer | None]]], dict[int, QuantModule], set[int]]:
+    """Per quantized module (by id): the source quantizer of each input at each call site, the
+    modules themselves, and the ids of those an untraced region may call."""
     sites: dict[int, list[list[Quantizer | None]]] = defaultdict(list)
     modules: dict[int, QuantModule] = {}
     unsure: set[int] = set()
@@ -105,7 +101,20 @@ def prune_input_quantizers(regions: list[Region], pass_through: set[int]) -> int
             if isinstance(module, QuantModule):
                 modules[id(module)] = module
                 sites[id(module)].append([sources(a) for a in _operands(node)])
-    removed = 0
+    return sites, modules, unsure
+
+
+def prune_input_quantizers(regions: list[Region], pass_through: set[int]) -> int:
+    """Remove redundant input quantizers of the quantized modules called in traced regions.
+
+    A module's input ``i`` loses its quantizer only if, at *every* call site, that input comes
+    from a quantizer with the same grid. ``pass_through`` holds ids of quantized modules whose
+    output stays on their input's grid (no output quantizer by design, e.g. max pools).
+    Modules that an untraced region may call directly keep everything. Returns how many were
+    removed.
+    """
+    sites, modules, unsure = _call_sites(regions, pass_through)
+    pruned: list[tuple[int, int]] = []
     for key, module in modules.items():
         if key in unsure:
             continue
@@ -116,7 +125,12 @@ def prune_input_quantizers(regions: list[Region], pass_through: set[int]) -> int
             producers = [site[i] if i < len(site) else None for site in sites[key]]
             if all(p is not None and grid_key(p.scheme) == wanted for p in producers):
                 module.input_quantizers[i] = None
-                removed += 1
-                if all(p is producers[0] for p in producers):
-                    module.set_input_source(i, producers[0])
-    return removed
+                pruned.append((key, i))
+    # Record each pruned input's producer from sources traced again *after* pruning: behind a
+    # max pool whose own input quantizer just went, the owner is the max pool's producer.
+    sites, _, _ = _call_sites(regions, pass_through)
+    for key, i in pruned:
+        producers = [site[i] if i < len(site) else None for site in sites[key]]
+        if producers and all(p is producers[0] for p in producers):
+            modules[key].set_input_source(i, producers[0])
+    return len(pruned)

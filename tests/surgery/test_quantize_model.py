@@ -88,6 +88,21 @@ def test_resnet18_only_the_stem_quantizes_its_input(resnet):
     assert kept == ["conv1"] == report.kept_input_quantizers
 
 
+def test_each_pruned_input_reads_its_producers_quantizer(resnet):
+    # behind the max pool too: its own input quantizer is pruned, so layer1.0.conv1 reads
+    # conv1's output quantizer (the bias is rounded at that s_in * s_w)
+    model, _, _ = resnet
+    owned = {id(q) for m in model.modules() if isinstance(m, QuantModule) for q in m.quantizers()}
+    for name, module in model.named_modules():
+        if not isinstance(module, QuantModule):
+            continue
+        for i, quantizer in enumerate(module.input_quantizers):
+            if quantizer is None:
+                assert id(module.input_encoding(i)) in owned, (name, i)
+    first = model.get_submodule("layer1.0.conv1")
+    assert first.input_encoding(0) is model.conv1.output_quantizers[0]
+
+
 @pytest.mark.slow
 def test_resnet18_w8a8_sqnr_after_calibration():
     # Default BN statistics (mean 0, var 1): BN is then an affine identity and the random
