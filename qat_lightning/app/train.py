@@ -41,6 +41,7 @@ from qat_lightning.app.validation import (
 )
 from qat_lightning.callback import QATCallback
 from qat_lightning.callback.health import HealthProbe, named_quantizers
+from qat_lightning.nn import fake_quant_eval
 
 log = logging.getLogger(__name__)
 
@@ -110,10 +111,15 @@ def accuracy(logits: np.ndarray, labels: np.ndarray) -> float:
 
 @torch.no_grad()
 def quant_health(model: nn.Module, x: torch.Tensor) -> list[dict[str, Any]]:
-    """Per quantizer: bits, mean scale and zero point, clip rate and SQNR on the batch ``x``."""
+    """Per quantizer: bits, mean scale and zero point, clip rate and SQNR on the batch ``x``.
+
+    Runs the fake-quant arithmetic (`fake_quant_eval`): the probe reads what reaches each
+    quantizer, and eval mode's integer path calls none of them.
+    """
     model.eval()
     probe = HealthProbe(model).attach()
-    model(x.to(next(model.parameters()).device))
+    with torch.no_grad(), fake_quant_eval():
+        model(x.to(next(model.parameters()).device))
     metrics = probe.detach()
     rows = []
     for name, quantizer in named_quantizers(model):

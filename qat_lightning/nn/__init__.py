@@ -1,4 +1,5 @@
-"""Quantized modules: ``forward`` is fake quantization, ``quantized_forward`` integer simulation."""
+"""Quantized modules: ``forward`` is fake quantization (in eval mode without autograd, the
+integer simulation), ``quantized_forward`` the integer simulation on `QTensor` codes."""
 
 from qat_lightning.nn.activation import (
     QuantGELU,
@@ -15,6 +16,8 @@ from qat_lightning.nn.activation import (
 from qat_lightning.nn.base import (
     QUANT_MODULES,
     QuantModule,
+    fake_quant_eval,
+    integer_in_eval,
     quant_type_for,
     register_quant_module,
     requantize,
@@ -111,7 +114,9 @@ __all__ = [
     "QuantSiLU",
     "QuantSigmoid",
     "QuantTanh",
+    "fake_quant_eval",
     "fused_bn_type",
+    "integer_in_eval",
     "quant_type_for",
     "register_quant_module",
     "requantize",

@@ -11,12 +11,20 @@ built by `from_float` around the float module's own `Parameter` objects. It *has
 
 ``forward`` is fake quantization (float in, float out). ``quantized_forward`` is the integer
 simulation: a `QTensor` in, integer arithmetic with int32 accumulation, a `QTensor` out.
+
+In eval mode without autograd, once every encoding a module needs is set, ``forward`` runs the
+integer simulation (`integer_in_eval`): float32 fake quant sums the same products in another
+order and rounds near-ties of the requantization differently, and at low bit widths or through
+50 layers those one-code differences flip predictions. So what validation reports during QAT is
+what the exported integer model computes, bit for bit.
 """
 
 from __future__ import annotations
 
+import contextvars
 import copy
-from collections.abc import Callable, Iterator
+import functools
+from collections.abc import Callable, Iterator, Sequence
 from contextlib import ExitStack, contextmanager
 from typing import Any, ClassVar, TypeVar
 
@@ -90,7 +98,54 @@ def accumulate_to_qtensor(
         codes = torch.round(acc.float() * multiplier) + zero_point
         codes = codes.clamp(quantizer.scheme.qmin, quantizer.scheme.qmax)
         return QTensor(codes.to(code_dtype(quantizer.scheme)), scale, zero_point, quantizer.scheme)
-    return quantizer.quantize((acc * acc_scale.double().reshape(view)).float())
+    return quantizer.quantize((acc.double() * acc_scale.double().reshape(view)).float())
+
+
+_FAKE_QUANT_EVAL = contextvars.ContextVar("fake_quant_eval", default=False)
+
+
+@contextmanager
+def fake_quant_eval() -> Iterator[None]:
+    """Inside, eval-mode ``forward`` runs float32 fake quantization, the arithmetic training
+    uses, instead of the integer simulation.
+
+    Example:
+        >>> with torch.no_grad(), fake_quant_eval():
+        ...     simulated = model(x)     # what the training graph computes
+    """
+    token = _FAKE_QUANT_EVAL.set(True)
+    try:
+        yield
+    finally:
+        _FAKE_QUANT_EVAL.reset(token)
+
+
+def integer_in_eval(forward: Callable) -> Callable:
+    """Decorate a quantized module's ``forward``: in eval mode without autograd, and once the
+    module's encodings are set, run ``dequantize(quantized_forward(quantize(inputs)))`` instead.
+
+    Training, anything that needs gradients, calibration (`compute_encodings`), a quantizer
+    switched off, tracing or compiling, and `fake_quant_eval` keep the fake-quant ``forward``.
+    """
+
+    @functools.wraps(forward)
+    def wrapper(self: QuantModule, *inputs: Any, **kwargs: Any) -> Any:
+        if self.runs_integer(inputs):
+            return self.integer_forward(*inputs, **kwargs)
+        return forward(self, *inputs, **kwargs)
+
+    return wrapper
+
+
+def _tensors(inputs: Sequence[Any]) -> list[Any]:
+    """The tensor inputs of a forward call: ``(x,)``, ``(a, b)`` or ``([t0, t1, ...],)``."""
+    if len(inputs) == 1 and isinstance(inputs[0], list | tuple):
+        return list(inputs[0])
+    return list(inputs)
+
+
+def _ready(quantizer: Quantizer) -> bool:
+    return quantizer.is_initialized and bool(quantizer.fake_quant_enabled)
 
 
 class QuantModule(nn.Module):
@@ -176,6 +231,38 @@ class QuantModule(nn.Module):
     def quantized_forward(self, *inputs: QTensor) -> QTensor:
         """Integer simulation of ``forward``; see each family."""
         raise NotImplementedError(f"{type(self).__name__} has no integer simulation")
+
+    def runs_integer(self, inputs: Sequence[Any]) -> bool:
+        """True where ``forward(*inputs)`` runs the integer simulation (see `integer_in_eval`)."""
+        if (
+            self.training
+            or torch.is_grad_enabled()
+            or _FAKE_QUANT_EVAL.get()
+            or torch.compiler.is_compiling()
+            or torch.jit.is_tracing()
+            or torch.onnx.is_in_onnx_export()
+        ):
+            return False
+        tensors = _tensors(inputs)
+        if not tensors or not all(
+            isinstance(t, torch.Tensor) and t.dtype in (torch.float32, torch.float64)
+            for t in tensors
+        ):
+            return False
+        sources = [self.input_encoding(i) for i in range(len(tensors))]
+        if any(s is None or not _ready(s) or s.encoding()[0].dim() > 0 for s in sources):
+            return False
+        if "weight" in self.param_quantizers and self.param_quantizers["weight"] is None:
+            return False  # a float weight: there is no integer form
+        return all(_ready(q) for q in self.quantizers())
+
+    def integer_forward(self, *inputs: Any, **kwargs: Any) -> torch.Tensor:
+        """``forward`` through `quantized_forward`: each input quantized to the encoding it has
+        (its own input quantizer's or its producer's), the result dequantized."""
+        tensors = _tensors(inputs)
+        qs = [self.input_encoding(i).quantize(t) for i, t in enumerate(tensors)]
+        args = (qs,) if len(inputs) == 1 and isinstance(inputs[0], list | tuple) else qs
+        return self.quantized_forward(*args, **kwargs).dequantize().to(tensors[0].dtype)
 
     def input_qtensor(self, q: QTensor, index: int = 0) -> QTensor:
         """Input ``index`` under this module's own input encoding, where it has one."""

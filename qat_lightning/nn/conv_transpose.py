@@ -15,7 +15,12 @@ import torch
 import torch.nn.functional as F
 from torch import nn
 
-from qat_lightning.nn.base import QuantModule, accumulate_to_qtensor, register_quant_module
+from qat_lightning.nn.base import (
+    QuantModule,
+    accumulate_to_qtensor,
+    integer_in_eval,
+    register_quant_module,
+)
 from qat_lightning.nn.linear import quantize_bias, weight_qtensor
 from qat_lightning.quant import QTensor
 
@@ -49,6 +54,7 @@ class _QuantConvTransposeNd(QuantModule):
             x, weight, bias, self.stride, self.padding, output_padding, self.groups, self.dilation
         )
 
+    @integer_in_eval
     def forward(self, x: torch.Tensor, output_size: list[int] | None = None) -> torch.Tensor:
         x = self.fq_input(x)
         return self.fq_output(self._transpose(x, self.fq_param("weight"), self.bias, output_size))

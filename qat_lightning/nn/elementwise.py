@@ -20,7 +20,12 @@ from typing import Any
 import torch
 from torch import nn
 
-from qat_lightning.nn.base import QuantModule, accumulate_to_qtensor, register_quant_module
+from qat_lightning.nn.base import (
+    QuantModule,
+    accumulate_to_qtensor,
+    integer_in_eval,
+    register_quant_module,
+)
 from qat_lightning.quant import QTensor, QuantScheme
 
 
@@ -138,6 +143,7 @@ class QuantAdd(_QuantElementwise, Add):
         super().__init__(inputs)
         self.fused_relu = fused_relu
 
+    @integer_in_eval
     def forward(self, a: torch.Tensor, b: torch.Tensor) -> torch.Tensor:
         y = self.fq_input(a, 0) + self.fq_input(b, 1)
         return self.fq_output(torch.relu(y) if self.fused_relu else y)
@@ -155,6 +161,7 @@ class QuantAdd(_QuantElementwise, Add):
 class QuantMul(_QuantElementwise, Mul):
     """``a * b`` with both inputs and the product fake-quantized."""
 
+    @integer_in_eval
     def forward(self, a: torch.Tensor, b: torch.Tensor) -> torch.Tensor:
         return self.fq_output(self.fq_input(a, 0) * self.fq_input(b, 1))
 
@@ -170,6 +177,7 @@ class QuantMul(_QuantElementwise, Mul):
 class QuantMatMul(_QuantElementwise, MatMul):
     """``torch.matmul(a, b)`` with both inputs and the product fake-quantized."""
 
+    @integer_in_eval
     def forward(self, a: torch.Tensor, b: torch.Tensor) -> torch.Tensor:
         return self.fq_output(torch.matmul(self.fq_input(a, 0), self.fq_input(b, 1)))
 
@@ -205,6 +213,7 @@ class QuantCat(_QuantElementwise, Cat):
     def _num_inputs(self) -> int:  # sizes input_quantizers at construction
         return self.num_inputs
 
+    @integer_in_eval
     def forward(self, tensors: Sequence[torch.Tensor]) -> torch.Tensor:
         tensors = self._check(tensors)
         return self.fq_output(

@@ -24,7 +24,7 @@ import torch.nn.functional as F
 from torch import nn
 from torch.nn.modules.batchnorm import _BatchNorm
 
-from qat_lightning.nn.base import QuantModule
+from qat_lightning.nn.base import QuantModule, integer_in_eval
 from qat_lightning.nn.linear import (
     QuantConv1d,
     QuantConv2d,
@@ -198,6 +198,7 @@ class _FusedBn:
     def _mac(self, x: torch.Tensor, weight: torch.Tensor, bias: torch.Tensor | None):
         raise NotImplementedError  # abstract: conv or linear
 
+    @integer_in_eval
     def forward(self, x: torch.Tensor) -> torch.Tensor:
         x = self.fq_input(x)
         if self.bn_folded:

@@ -6,7 +6,12 @@ import torch
 import torch.nn.functional as F
 from torch import nn
 
-from qat_lightning.nn.base import QuantModule, accumulate_to_qtensor, register_quant_module
+from qat_lightning.nn.base import (
+    QuantModule,
+    accumulate_to_qtensor,
+    integer_in_eval,
+    register_quant_module,
+)
 from qat_lightning.quant import QTensor, Quantizer
 
 
@@ -29,6 +34,25 @@ def weight_qtensor(module: QuantModule, weight: torch.Tensor) -> QTensor:
     return quantizer.quantize(weight.detach())
 
 
+def exact_dtype(q_in: QTensor, q_w: QTensor, bias_codes: torch.Tensor | None) -> torch.dtype:
+    """float32 where every partial sum of ``sum((x - zx)(w - zw)) + bias`` provably stays below
+    2**24 (then float32 sums the integer products exactly, in any order), else float64.
+
+    The bound: the largest centered input code times the largest per-output-channel sum of
+    ``|w - zw|``, plus the largest bias code. float64 is exact far beyond int32 anyway; float32
+    is the fast path eval mode takes on ordinary 8-bit layers.
+    """
+    if q_in.codes.device.type != "cpu":
+        return torch.float64  # GPU kernels may use TF32 or transform-based algorithms
+    scheme = q_in.scheme
+    zx = q_in.zero_point.double().abs().max() if q_in.zero_point.numel() else 0.0
+    x_max = max(abs(scheme.qmin), abs(scheme.qmax)) + float(zx) if scheme else 2.0**31
+    w = q_w.centered(torch.int64).abs()
+    w_sum = w.flatten(1).sum(1).max() if w.numel() else 0  # per output channel (axis 0)
+    b_max = bias_codes.abs().max() if bias_codes is not None and bias_codes.numel() else 0
+    return torch.float32 if x_max * float(w_sum) + float(b_max) < 2**24 else torch.float64
+
+
 def integer_matmul_like(
     module: QuantModule,
     q_in: QTensor,
@@ -39,19 +63,21 @@ def integer_matmul_like(
 ) -> QTensor:
     """The integer pipeline of a MAC layer.
 
-    ``op(x, w, b)`` is the float op (conv or linear) run in float64 on integer codes, which is
-    exact: products and sums of int8/int16 codes stay far below 2**53. The accumulator holds
-    ``sum((x - zx)(w - zw)) + bias_int32`` at scale ``s_in * s_w``, and is requantized to the
-    output encoding.
+    ``op(x, w, b)`` is the float op (conv or linear) run on integer codes, in float32 where
+    `exact_dtype` proves that exact and in float64 otherwise (products and sums of int8/int16
+    codes stay far below 2**53). The accumulator holds ``sum((x - zx)(w - zw)) + bias_int32``
+    at scale ``s_in * s_w``, and is requantized to the output encoding.
     """
     q_in = module.input_qtensor(q_in)
     q_w = weight_qtensor(module, weight)
     if q_in.scale.dim() > 0:
         raise ValueError(f"{type(module).__name__}: integer mode needs a per-tensor input scale")
     acc_scale = q_in.scale.double() * q_w.scale.double()  # 0-d, or per output channel
-    x = q_in.centered(torch.int64).double()
-    w = q_w.centered(torch.int64).double()
-    acc = op(x, w, quantize_bias(bias, acc_scale))
+    bias_codes = quantize_bias(bias, acc_scale)
+    dtype = exact_dtype(q_in, q_w, bias_codes)
+    x = q_in.centered(torch.int32).to(dtype)
+    w = q_w.centered(torch.int32).to(dtype)
+    acc = op(x, w, None if bias_codes is None else bias_codes.to(dtype))
     return accumulate_to_qtensor(acc, acc_scale, module.output_quantizers[0], axis=channel_axis)
 
 
@@ -64,6 +90,7 @@ class QuantLinear(QuantModule, nn.Linear):
         fused subclasses)."""
         return self.weight, self.bias
 
+    @integer_in_eval
     def forward(self, x: torch.Tensor) -> torch.Tensor:
         x = self.fq_input(x)
         return self.fq_output(F.linear(x, self.fq_param("weight"), self.fq_bias(self.bias)))
@@ -79,6 +106,7 @@ class _QuantConvNd(QuantModule):
         fused subclasses)."""
         return self.weight, self.bias
 
+    @integer_in_eval
     def forward(self, x: torch.Tensor) -> torch.Tensor:
         x = self.fq_input(x)
         weight, bias = self.fq_param("weight"), self.fq_bias(self.bias)

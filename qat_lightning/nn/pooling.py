@@ -13,7 +13,12 @@ from __future__ import annotations
 import torch
 from torch import nn
 
-from qat_lightning.nn.base import QuantModule, accumulate_to_qtensor, register_quant_module
+from qat_lightning.nn.base import (
+    QuantModule,
+    accumulate_to_qtensor,
+    integer_in_eval,
+    register_quant_module,
+)
 from qat_lightning.quant import QTensor, QuantScheme
 
 
@@ -48,6 +53,7 @@ class _QuantMaxPoolNd(QuantModule):
 class _QuantAvgPoolNd(QuantModule):
     """Average pools: fake-quantized input and output."""
 
+    @integer_in_eval
     def forward(self, x: torch.Tensor) -> torch.Tensor:
         return self.fq_output(super().forward(self.fq_input(x)))
 

@@ -204,8 +204,9 @@ def output_grid(q: QuantModule):
 
 
 def codes_pair(q: QuantModule, case: Case, args: Args) -> tuple[torch.Tensor, QTensor]:
-    """(codes of forward's output, quantized_forward's QTensor) for the same inputs."""
-    with torch.no_grad():
+    """(codes of the fake-quant forward's output, quantized_forward's QTensor) for the same
+    inputs. Fake quant, not eval mode's integer path: it is what training computes."""
+    with torch.no_grad(), qnn.fake_quant_eval():
         expected = output_grid(q).quantize(q(*args)).codes
         got = q.quantized_forward(*quantize_inputs(q, case, args))
     return expected, got

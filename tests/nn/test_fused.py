@@ -20,6 +20,7 @@ from qat_lightning.nn import (
     QuantConvBnReLU2d,
     QuantConvBnReLU3d,
     QuantLinearBn1d,
+    fake_quant_eval,
 )
 from qat_lightning.nn.fused import fused_bn_type
 from qat_lightning.nn.linear import quantize_bias
@@ -214,7 +215,7 @@ def integer_and_fake_quant(cls, bits):
     module = cls.from_modules(layer, bn, ACT.replace(bits=bits), WEIGHT.replace(bits=bits))
     calibrate(module, shape)
     x = torch.randn(256, *shape, generator=torch.Generator().manual_seed(3))
-    with torch.no_grad():
+    with torch.no_grad(), fake_quant_eval():
         expected = module.output_quantizers[0].quantize(module(x))
         got = module.quantized_forward(module.input_quantizers[0].quantize(x))
     return module, x, expected, got
@@ -230,6 +231,13 @@ def test_quantized_forward_agrees_with_forward(cls, bits):
     assert agree.float().mean() >= 0.995
     if cls._relu:
         assert (got.dequantize() >= 0).all()
+
+
+@pytest.mark.parametrize("cls", ALL, ids=lambda c: c.__name__)
+def test_eval_forward_is_the_integer_simulation(cls):
+    module, x, _, got = integer_and_fake_quant(cls, 4)
+    with torch.no_grad():
+        assert torch.equal(module(x), got.dequantize())
 
 
 @pytest.mark.parametrize("cls", ALL, ids=lambda c: c.__name__)
