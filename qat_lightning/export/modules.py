@@ -26,6 +26,7 @@ from torch import nn
 from qat_lightning.export.qdq import (
     FrozenQuantizer,
     on_grid_for_onnx,
+    onnx_bias_scale,
     onnx_container,
     onnx_dequantize,
     onnx_int4,
@@ -253,6 +254,8 @@ class IntegerLayer(_IntegerWeights):
         if self.bias_codes is not None:  # int32 at s_in * s_w, zero point 0 (left out)
             acc_scale = self.accumulator_scale().float()
             bias_axis = 0 if acc_scale.dim() > 0 else None
+            if acc_scale.shape == self.weight_scale.shape:  # (not a grouped transposed conv)
+                acc_scale = onnx_bias_scale(self.input_encoding(0).scale, self.weight_scale)
             bias = onnx_dequantize(self.bias_codes, acc_scale, None, bias_axis)
         y = self._mac(x, weight, bias, extra)
         if self.relu:

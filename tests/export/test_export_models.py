@@ -145,12 +145,18 @@ def test_onnxruntime_runs_integer_kernels(exported) -> None:
     assert float_convs == 0, ops
 
 
-# mobilenet_v2 has ~17k output channels of mostly 9 (depthwise) to 100s of weights: the
-# per-channel weight scale, zero point, int32 bias and bias scale (13 bytes a channel) cost
-# about 4 points on top of the int8 weights. onnxruntime's quantize_static gives 0.277 there.
-MAX_SIZE_RATIO = {"resnet18": 0.26, "mobilenet_v2": 0.30}
-
-
-def test_int8_onnx_is_about_a_quarter_of_fp32(exported) -> None:
-    ratio = os.path.getsize(exported["path"]) / os.path.getsize(exported["fp32_path"])
-    assert ratio <= MAX_SIZE_RATIO[exported["name"]], ratio
+@pytest.mark.parametrize("name", ["resnet18", "mobilenet_v2"])
+def test_int8_onnx_is_at_most_26_percent_of_fp32(name, tmp_path) -> None:
+    """The models as torchvision ships them (1000 classes). Per output channel the int8 file
+    also holds a weight scale, a zero point and an int32 bias (9 bytes): on mobilenet_v2's
+    17k mostly depthwise channels that is ~1.5 points (the 10-class twin above: 26.3 %)."""
+    torch.manual_seed(0)
+    model = getattr(torchvision.models, name)(weights=None).eval()
+    x = torch.randn(2, 3, SIZE, SIZE)
+    fp32_path = tmp_path / "fp32.onnx"
+    torch.onnx.export(model, (x,), str(fp32_path), external_data=False, verbose=False)
+    quantize_model(model)
+    calibrate(model, [torch.randn(8, 3, SIZE, SIZE) for _ in range(2)])
+    path = export_onnx(model, x, tmp_path / "int8.onnx")
+    ratio = os.path.getsize(path) / os.path.getsize(fp32_path)
+    assert ratio <= 0.26, ratio
