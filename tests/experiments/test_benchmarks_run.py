@@ -7,11 +7,15 @@ from rotting as the package changes.
 from __future__ import annotations
 
 import json
+import os
 import subprocess
 import sys
 from pathlib import Path
 
 import pytest
+import torch
+
+from qat_lightning.app.models import ResNetCifar
 
 EXPERIMENTS = Path(__file__).resolve().parents[2] / "experiments"
 
@@ -59,3 +63,49 @@ def test_bench_export_reports_latencies_and_sizes():
         "1",
     )
     assert "int8 ours (onnxruntime)" in stdout and "quantize_static" in stdout
+
+
+@pytest.mark.slow
+@pytest.mark.parametrize("brevitas", [False, True], ids=["ours+torch_ao", "brevitas"])
+def test_peer_qat_reports_every_side(tmp_path, brevitas):
+    """Random images (--synthetic), so it needs no data set; one thread, so other jobs on the
+    machine do not stall it."""
+    brevitas_path = os.environ.get("QAT_BREVITAS_PATH")
+    if brevitas and not brevitas_path:
+        pytest.skip("QAT_BREVITAS_PATH (a `pip install --target` dir of brevitas) is not set")
+    fp32 = tmp_path / "fp32.pt"
+    torch.manual_seed(0)
+    torch.save(ResNetCifar(in_channels=3, num_classes=10).state_dict(), fp32)
+    args = ["--quick", "--synthetic", "--threads", "1", "--fp32", str(fp32)]
+    args += ["--out", str(tmp_path / "out")]
+    figures = last_json_line(
+        run("peer_qat.py", *args, *(["--brevitas-path", brevitas_path] if brevitas else []))
+    )
+    sides = {"qat_lightning", "torch_ao"} | ({"brevitas"} if brevitas else set())
+    assert set(figures["sides"]) == sides, figures["errors"]
+    assert 0.0 <= figures["fp32_accuracy"] <= 1.0
+    for side, result in figures["sides"].items():
+        assert 0.0 <= result["fake_quant_accuracy"] <= 1.0, side
+        assert 0.0 <= result["exported_accuracy"] <= 1.0, side
+        assert result["exported_bytes"] > 0, side
+    # our integer ONNX model predicts what the fake-quant model predicts
+    assert figures["sides"]["qat_lightning"]["agreement"] >= 0.9
+    assert set(figures["step_ratio_over_float"]) == {"float"} | sides
+    assert set(figures["latency_ms"]) == {"batch_1", "batch_32"}
+    assert all(set(ms) == {"float"} | sides for ms in figures["latency_ms"].values())
+
+
+CIFAR = Path(__file__).resolve().parents[3] / "shared" / "data" / "cifar10-partial"
+
+
+@pytest.mark.slow
+@pytest.mark.skipif(not CIFAR.is_dir(), reason="no shared CIFAR-10 subset (../shared/data)")
+def test_calibration_ablation_reports_each_observer(tmp_path):
+    fp32 = tmp_path / "fp32.pt"
+    torch.manual_seed(0)
+    torch.save(ResNetCifar(in_channels=3, num_classes=10).state_dict(), fp32)
+    args = ["--fp32", str(fp32), "--data-root", str(CIFAR), "--max-test", "64"]
+    figures = last_json_line(run("calibration_ablation.py", *args, "--calibration-batches", "1"))
+    assert [r["observer"] for r in figures["rows"]] == ["fp32", "minmax", "percentile", "mse"]
+    assert all(0.0 <= r["accuracy"] <= 1.0 for r in figures["rows"])
+    assert figures["test_samples"] == 64
