@@ -53,6 +53,7 @@ class QuantConfig:
     overrides: dict[str, Any] = field(default_factory=dict)
     skip: list[str] = field(default_factory=list)
     fuse: bool = True
+    integer_eval: bool = True  # validation runs the integer simulation (what the export does)
     export_formats: list[str] = field(default_factory=lambda: ["onnx", "native"])
     log_every_n_steps: int = 10
 

@@ -189,8 +189,8 @@ def evaluate(model: nn.Module, test: DataLoader, qat: QATCallback) -> dict[str, 
 def qat_callback(q: DictConfig, export_dir: Path) -> QATCallback:
     """`QATCallback` from the ``quant`` config node."""
     return QATCallback(
-        inputs=OmegaConf.to_container(q.inputs),
-        params=OmegaConf.to_container(q.params),
+        inputs=OmegaConf.to_container(q.inputs, resolve=True),
+        params=OmegaConf.to_container(q.params, resolve=True),
         calibration_batches=q.calibration_batches,
         freeze_bn_at=milestone(q.freeze_bn_at, "quant.freeze_bn_at"),
         freeze_observers_at=milestone(q.freeze_observers_at, "quant.freeze_observers_at"),
@@ -198,6 +198,7 @@ def qat_callback(q: DictConfig, export_dir: Path) -> QATCallback:
         overrides=quant_overrides(q.overrides),
         skip=list(q.skip),
         fuse=q.fuse,
+        integer_eval=q.integer_eval,
         export_dir=export_dir,
         export_formats=list(q.export_formats),
         log_every_n_steps=q.log_every_n_steps,

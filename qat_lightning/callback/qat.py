@@ -18,6 +18,7 @@ When things happen, and why there:
 
 from __future__ import annotations
 
+import contextlib
 import time
 from collections.abc import Sequence
 from pathlib import Path
@@ -41,7 +42,7 @@ from qat_lightning.callback.calibration import (
 from qat_lightning.callback.distributed import sync_observers
 from qat_lightning.callback.health import HealthProbe, named_quantizers
 from qat_lightning.callback.schedule import Milestone
-from qat_lightning.nn import QuantModule
+from qat_lightning.nn import QuantModule, fake_quant_eval
 from qat_lightning.quant import QuantScheme
 from qat_lightning.surgery import QuantConfig, quantize_model
 
@@ -70,6 +71,11 @@ class QATCallback(Callback):
         export_formats: any of ``"onnx"`` and ``"native"`` (safetensors + encodings JSON).
         example_input: input for the ONNX export; default: captured from the first batch.
         log_every_n_steps: how often per-layer scale, zero point, clip rate and SQNR are logged.
+        fuse: fuse Conv/Linear + BatchNorm (+ReLU) into QAT-folded modules.
+        integer_eval: validation, test and predict run the integer simulation, bit for bit
+            what the exported model computes (slower than fake quant: about 3-5x a float
+            forward against 1.3-1.5x on resnet18 on a CPU); ``False``: float32 fake quant,
+            the training arithmetic.
 
     Example:
         >>> trainer = Trainer(max_epochs=3, callbacks=[QATCallback(params={"bits": 4})])
@@ -91,6 +97,7 @@ class QATCallback(Callback):
         example_input: torch.Tensor | None = None,
         log_every_n_steps: int = 50,
         fuse: bool = True,
+        integer_eval: bool = True,
     ) -> None:
         if inputs is None:
             inputs = QuantScheme(symmetric=False, signed=False, observer="moving_minmax")
@@ -144,6 +151,12 @@ class QATCallback(Callback):
                 "allowed an integer >= 1"
             )
         self.log_every_n_steps = log_every_n_steps
+        if not isinstance(integer_eval, bool):
+            raise ValueError(
+                f"QATCallback(integer_eval={integer_eval!r}) is invalid: allowed True or False"
+            )
+        self.integer_eval = integer_eval
+        self._eval_context = contextlib.ExitStack()
         # Progress that a checkpoint must carry (see state_dict).
         self.calibrated = False
         self.bn_frozen = False
@@ -336,12 +349,15 @@ class QATCallback(Callback):
 
     # -- evaluation inside fit must not feed the observers ----------------------------------
     def _pause_observers(self, pl_module: pl.LightningModule) -> None:
+        if not self.integer_eval:
+            self._eval_context.enter_context(fake_quant_eval())
         self._eval_observer_state = []
         for _, quantizer in named_quantizers(pl_module):
             self._eval_observer_state.append((quantizer, bool(quantizer.observer_enabled)))
             quantizer.enable_observer(False)
 
     def _resume_observers(self) -> None:
+        self._eval_context.close()
         for quantizer, enabled in self._eval_observer_state:
             quantizer.enable_observer(enabled)
         self._eval_observer_state = []

@@ -92,7 +92,9 @@ def accumulate_to_qtensor(
         zero = torch.zeros_like(acc_scale, dtype=torch.int32)
         return QTensor(acc.round().to(torch.int32), acc_scale.float(), zero, None, axis=axis)
     scale, zero_point = quantizer.encoding()
-    exact = acc.numel() == 0 or acc.abs().max() < 2**24  # float32(acc) is exact below 2**24
+    # float32(acc) is exact below 2**24; a float32 accumulator is exact by construction
+    # (`exact_accumulate` returns float32 only within that bound)
+    exact = acc.dtype == torch.float32 or acc.numel() == 0 or acc.abs().max() < 2**24
     if scale.dim() == 0 and exact:
         multiplier = (acc_scale.float() / scale).reshape(view)
         codes = torch.round(acc.float() * multiplier) + zero_point

@@ -267,9 +267,7 @@ class _FusedBnConv(_FusedBn):
             return super().quantized_forward(q)
         weight, bias = self.weight_and_bias()
         # ReLU on the exact accumulator: it commutes with the positive accumulator scale.
-        return integer_matmul_like(
-            self, q, weight, bias, lambda x, w, b: F.relu(self._integer_conv(x, w, b))
-        )
+        return integer_matmul_like(self, q, weight, bias, self._integer_conv, post=F.relu)
 
 
 class QuantConvBn1d(_FusedBnConv, QuantConv1d):

@@ -2,6 +2,9 @@
 
 from __future__ import annotations
 
+import itertools
+import math
+
 import torch
 import torch.nn.functional as F
 from torch import nn
@@ -34,23 +37,63 @@ def weight_qtensor(module: QuantModule, weight: torch.Tensor) -> QTensor:
     return quantizer.quantize(weight.detach())
 
 
-def exact_dtype(q_in: QTensor, q_w: QTensor, bias_codes: torch.Tensor | None) -> torch.dtype:
-    """float32 where every partial sum of ``sum((x - zx)(w - zw)) + bias`` provably stays below
-    2**24 (then float32 sums the integer products exactly, in any order), else float64.
+def exact_chunks(q_in: QTensor, q_w: QTensor, groups: int = 1) -> list[slice] | None:
+    """Input-channel ranges whose products float32 sums exactly, or None (use float64).
 
-    The bound: the largest centered input code times the largest per-output-channel sum of
-    ``|w - zw|``, plus the largest bias code. float64 is exact far beyond int32 anyway; float32
-    is the fast path eval mode takes on ordinary 8-bit layers.
+    float32 adds integers exactly, in any order, while every partial sum stays below 2**24.
+    A range is safe when the largest centered input code times the largest per-output-channel
+    sum of ``|w - zw|`` over the range stays below that. Most 8-bit layers fit in one range;
+    wide ones (a 3x3 conv over 512 channels) are split into a few, each run in float32 and
+    summed in float64. Off the CPU (TF32, transform-based kernels) and for grouped layers
+    that need splitting, the answer is float64.
     """
-    if q_in.codes.device.type != "cpu":
-        return torch.float64  # GPU kernels may use TF32 or transform-based algorithms
     scheme = q_in.scheme
-    zx = q_in.zero_point.double().abs().max() if q_in.zero_point.numel() else 0.0
-    x_max = max(abs(scheme.qmin), abs(scheme.qmax)) + float(zx) if scheme else 2.0**31
+    if q_in.codes.device.type != "cpu" or scheme is None:
+        return None
+    zx = float(q_in.zero_point.abs().max()) if q_in.zero_point.numel() else 0.0
+    x_max = max(abs(scheme.qmin), abs(scheme.qmax)) + zx
     w = q_w.centered(torch.int64).abs()
-    w_sum = w.flatten(1).sum(1).max() if w.numel() else 0  # per output channel (axis 0)
-    b_max = bias_codes.abs().max() if bias_codes is not None and bias_codes.numel() else 0
-    return torch.float32 if x_max * float(w_sum) + float(b_max) < 2**24 else torch.float64
+    if w.numel() == 0:
+        return [slice(None)]
+    per_input = (w.flatten(2).sum(2) if w.dim() > 2 else w).double()  # (out, in)
+    cumulative = torch.nn.functional.pad(per_input.cumsum(1), (1, 0))
+    limit = 2**24 / x_max
+    n_in = per_input.shape[1]
+    pieces = max(1, math.ceil(float(cumulative[:, -1].max()) / limit))
+    if pieces > 1 and groups > 1:
+        return None
+    while pieces <= n_in:
+        bounds = [round(j * n_in / pieces) for j in range(pieces + 1)]
+        sums = cumulative[:, bounds[1:]] - cumulative[:, bounds[:-1]]
+        if float(sums.max()) < limit:
+            return [slice(a, b) for a, b in itertools.pairwise(bounds)]
+        pieces += 1
+    return None  # one input channel alone is too wide
+
+
+def exact_accumulate(
+    op, x: torch.Tensor, w: torch.Tensor, bias: torch.Tensor | None, chunks, axis: int
+) -> torch.Tensor:
+    """``op(x, w) + bias`` on centered integer codes, exactly: in float32 per range of
+    `exact_chunks` (float64 sum of the ranges, then the bias), or all in float64 (``chunks``
+    None). A float32 result is exact integers below 2**24."""
+    if chunks is None:
+        return op(x.double(), w.double(), None if bias is None else bias.double())
+    x, w = x.float(), w.float()
+    if len(chunks) == 1:
+        acc = op(x, w, None)
+        exact = bias is None or float(acc.abs().max()) + float(bias.abs().max()) < 2**24
+        view = [1] * acc.dim()
+        view[axis] = -1
+        if exact:
+            return acc if bias is None else acc + bias.float().reshape(view)
+        return acc.double() + bias.double().reshape(view)
+    acc = sum(op(x.narrow(axis, c.start, c.stop - c.start), w[:, c], None).double() for c in chunks)
+    if bias is not None:
+        view = [1] * acc.dim()
+        view[axis] = -1
+        acc = acc + bias.double().reshape(view)
+    return acc
 
 
 def integer_matmul_like(
@@ -60,13 +103,14 @@ def integer_matmul_like(
     bias: torch.Tensor | None,
     op,
     channel_axis: int = 1,
+    post=None,
 ) -> QTensor:
     """The integer pipeline of a MAC layer.
 
-    ``op(x, w, b)`` is the float op (conv or linear) run on integer codes, in float32 where
-    `exact_dtype` proves that exact and in float64 otherwise (products and sums of int8/int16
-    codes stay far below 2**53). The accumulator holds ``sum((x - zx)(w - zw)) + bias_int32``
-    at scale ``s_in * s_w``, and is requantized to the output encoding.
+    ``op(x, w, b)`` is the float op (conv or linear, linear in ``x``) run on integer codes
+    exactly (`exact_chunks`); ``post`` an elementwise function of the accumulator (a fused
+    ReLU). The accumulator holds ``sum((x - zx)(w - zw)) + bias_int32`` at scale
+    ``s_in * s_w``, and is requantized to the output encoding.
     """
     q_in = module.input_qtensor(q_in)
     q_w = weight_qtensor(module, weight)
@@ -74,10 +118,14 @@ def integer_matmul_like(
         raise ValueError(f"{type(module).__name__}: integer mode needs a per-tensor input scale")
     acc_scale = q_in.scale.double() * q_w.scale.double()  # 0-d, or per output channel
     bias_codes = quantize_bias(bias, acc_scale)
-    dtype = exact_dtype(q_in, q_w, bias_codes)
-    x = q_in.centered(torch.int32).to(dtype)
-    w = q_w.centered(torch.int32).to(dtype)
-    acc = op(x, w, None if bias_codes is None else bias_codes.to(dtype))
+    chunks = exact_chunks(q_in, q_w, getattr(module, "groups", 1))
+    if chunks is None:
+        x, w = q_in.centered(torch.int64), q_w.centered(torch.int64)
+    else:  # codes and zero points of at most 16 bits: float32 holds them and their difference
+        x, w = q_in.centered_float(), q_w.centered_float()
+    acc = exact_accumulate(op, x, w, bias_codes, chunks, channel_axis)
+    if post is not None:
+        acc = post(acc)
     return accumulate_to_qtensor(acc, acc_scale, module.output_quantizers[0], axis=channel_axis)
 
 

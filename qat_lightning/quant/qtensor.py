@@ -49,7 +49,17 @@ class QTensor:
         _, zp = self.broadcast_encoding()
         return self.codes.to(dtype) - zp.round().to(dtype)
 
+    def centered_float(self) -> torch.Tensor:
+        """``codes - zero_point`` in float32: exact for codes of a scheme (16 bits at most),
+        not for an int32 accumulator (use `centered`)."""
+        if self.scheme is None or self.scheme.bits > 16:
+            raise ValueError("QTensor.centered_float: needs codes of at most 16 bits")
+        _, zp = self.broadcast_encoding()
+        return self.codes.float() - zp.float()
+
     def dequantize(self) -> torch.Tensor:
         """The float32 values the codes stand for."""
         scale, _ = self.broadcast_encoding()
+        if self.scheme is not None and self.scheme.bits <= 16:
+            return self.centered_float() * scale.float()
         return self.centered(torch.int64).float() * scale.float()

@@ -14,6 +14,7 @@ from omegaconf import OmegaConf
 from qat_lightning.app.config import QuantSchemeConfig
 from qat_lightning.app.loggers import wandb_mode
 from qat_lightning.app.main import config_dir, job_overrides
+from qat_lightning.app.train import qat_callback
 from qat_lightning.app.validation import (
     ConfigError,
     describe_error,
@@ -57,6 +58,15 @@ def test_a_preset_is_overridable_field_by_field():
     cfg = compose_config(["quant/params=int4", "quant.params.granularity=per_tensor"])
     scheme = quant_scheme(cfg, "params")
     assert (scheme.bits, scheme.granularity, scheme.symmetric) == (4, "per_tensor", True)
+
+
+def test_an_interpolated_scheme_field_reaches_the_callback(tmp_path):
+    # one observer for both sides, swept once: quant.params.observer='${quant.inputs.observer}'
+    cfg = compose_config(
+        ["quant.inputs.observer=percentile", "quant.params.observer=${quant.inputs.observer}"]
+    )
+    qat = qat_callback(cfg.quant, tmp_path)
+    assert qat.config.params.observer == qat.config.inputs.observer == "percentile"
 
 
 @pytest.mark.parametrize(

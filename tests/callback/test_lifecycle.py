@@ -12,7 +12,7 @@ from lightning_modules import ConfigureModelClassifier, ImageClassifier
 
 from qat_lightning.callback import QATCallback, QATExportError
 from qat_lightning.export import convert, load_quantized
-from qat_lightning.nn import QuantModule
+from qat_lightning.nn import QuantModule, fake_quant_eval
 from qat_lightning.quant import Quantizer
 
 
@@ -204,6 +204,7 @@ def test_export_failure_keeps_checkpoints_and_says_why(make_trainer, tmp_path):
         ({"params": {"bits": 1}}, "bits"),
         ({"inputs": {"observer": "magic"}}, "observer"),
         ({"example_input": [1, 2]}, "example_input"),
+        ({"integer_eval": "yes"}, "integer_eval"),
     ],
 )
 def test_constructor_rejects_bad_arguments(kwargs, field):
@@ -264,3 +265,33 @@ def test_exported_onnx_from_a_real_fit_agrees_with_the_trained_model(make_traine
     assert ((onnx_out - integer).abs() <= lsb * 1.001).float().mean() >= 0.99
     # against the fake-quant model that was trained
     assert (onnx_out.argmax(1) == fake.argmax(1)).float().mean() >= 0.99
+
+
+@pytest.mark.parametrize("integer_eval", [True, False], ids=["integer_eval", "fake_quant"])
+def test_validation_runs_the_integer_model_unless_told_otherwise(
+    make_trainer, monkeypatch, integer_eval
+):
+    model = ImageClassifier()
+    qat = QATCallback(calibration_batches=2, integer_eval=integer_eval, export_formats=())
+    trainer = make_trainer(max_steps=3, limit_val_batches=1, callbacks=[qat])
+    trainer.fit(model)
+    seen, integer_calls = [], []
+    original = QuantModule.integer_forward
+
+    def counting(self, *args, **kwargs):
+        integer_calls.append(type(self).__name__)
+        return original(self, *args, **kwargs)
+
+    monkeypatch.setattr(QuantModule, "integer_forward", counting)
+    handle = model.register_forward_hook(lambda m, args, out: seen.append((args[0], out)))
+    trainer.validate(model, verbose=False)
+    handle.remove()
+    monkeypatch.undo()
+    assert bool(integer_calls) == integer_eval
+    x, out = seen[0]
+    model.eval()
+    with torch.no_grad():
+        with fake_quant_eval():
+            fake = model(x)
+        expected = convert(model)(x) if integer_eval else fake
+    assert torch.equal(out, expected)
