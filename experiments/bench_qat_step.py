@@ -4,7 +4,9 @@ resnet18 at CIFAR size (3x3 stem, no max pool), batch 64. Three models train sid
 float; this package (W8A8: per-channel symmetric int8 weights, affine uint8 activations, BN
 folded in the QAT way); torch.ao eager QAT (`prepare_qat` with the default x86 qconfig on
 torchvision's quantizable resnet18, Conv+BN+ReLU fused). Steps are interleaved round by round,
-so machine noise hits all three alike; the figures are medians and ratios over float.
+so machine noise hits all three alike; the figures are medians and ratios over float. Then
+the validation forward (eval mode, no autograd) of float, of our model in fake quant and of our
+model in eval's default integer simulation.
 
 Usage: python experiments/bench_qat_step.py [--steps 6] [--batch 64] [--device cpu]
 Prints one JSON line.
@@ -13,6 +15,7 @@ Prints one JSON line.
 from __future__ import annotations
 
 import argparse
+import contextlib
 import json
 import statistics
 import time
@@ -22,6 +25,7 @@ import torch
 import torchvision
 from torch import nn
 
+from qat_lightning.nn import fake_quant_eval
 from qat_lightning.quant import Quantizer
 from qat_lightning.surgery import quantize_model
 
@@ -84,6 +88,35 @@ def step_timer(model: nn.Module, x: torch.Tensor, y: torch.Tensor):
     return step
 
 
+def eval_timer(model: nn.Module, x: torch.Tensor, fake_quant: bool = False):
+    """A validation forward (eval mode, no autograd): our QAT model runs the integer
+    simulation there unless ``fake_quant`` (`fake_quant_eval`, the training arithmetic)."""
+
+    def forward() -> float:
+        model.eval()
+        with torch.no_grad(), fake_quant_eval() if fake_quant else contextlib.nullcontext():
+            if x.is_cuda:
+                torch.cuda.synchronize()
+            start = time.perf_counter()
+            model(x)
+            if x.is_cuda:
+                torch.cuda.synchronize()
+            return time.perf_counter() - start
+
+    return forward
+
+
+def medians(timers: dict, rounds: int, warmup: int) -> dict[str, float]:
+    """Median seconds of each timer, run round-robin so noise hits all alike."""
+    times: dict[str, list[float]] = {name: [] for name in timers}
+    for round_ in range(warmup + rounds):
+        for name, timer in timers.items():
+            elapsed = timer()
+            if round_ >= warmup:
+                times[name].append(elapsed)
+    return {name: statistics.median(t) for name, t in times.items()}
+
+
 def main() -> None:
     parser = argparse.ArgumentParser(description=__doc__.splitlines()[0])
     parser.add_argument("--steps", type=int, default=6, help="timed rounds")
@@ -101,13 +134,13 @@ def main() -> None:
         "torch_ao": torch_ao().to(device),
     }
     steps = {name: step_timer(model, x, y) for name, model in models.items()}
-    times: dict[str, list[float]] = {name: [] for name in models}
-    for round_ in range(args.warmup + args.steps):
-        for name, step in steps.items():
-            elapsed = step()
-            if round_ >= args.warmup:
-                times[name].append(elapsed)
-    median = {name: statistics.median(t) for name, t in times.items()}
+    median = medians(steps, args.steps, args.warmup)
+    evals = {
+        "float": eval_timer(models["float"], x),
+        "qat_lightning_fake_quant": eval_timer(models["qat_lightning"], x, fake_quant=True),
+        "qat_lightning_integer": eval_timer(models["qat_lightning"], x),
+    }
+    eval_median = medians(evals, args.steps, args.warmup)
     print(
         json.dumps(
             {
@@ -122,6 +155,10 @@ def main() -> None:
                     "torch_ao": round(median["torch_ao"] / median["float"], 3),
                 },
                 "goal": "qat_lightning <= 1.3x float and below torch_ao",
+                "eval_forward_s": {k: round(v, 4) for k, v in eval_median.items()},
+                "eval_ratio_over_float": {
+                    k: round(v / eval_median["float"], 3) for k, v in eval_median.items()
+                },
             }
         )
     )

@@ -47,6 +47,8 @@ def test_bench_qat_step_reports_both_ratios():
         run("bench_qat_step.py", "--steps", "1", "--warmup", "0", "--batch", "4")
     )
     assert set(figures["ratio_over_float"]) == {"qat_lightning", "torch_ao"}
+    evals = {"float", "qat_lightning_fake_quant", "qat_lightning_integer"}
+    assert set(figures["eval_ratio_over_float"]) == evals
 
 
 @pytest.mark.slow
