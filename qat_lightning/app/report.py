@@ -121,7 +121,7 @@ def plot(rows: list[dict[str, Any]], path: Path) -> None:
         group = sorted(group, key=lambda r: r["params_bits"])
         bits = [r["params_bits"] for r in group]
         for key, style, label in (
-            ("qat_accuracy", "o-", "QAT (fake quant)"),
+            ("qat_accuracy", "o-", "QAT model (eval)"),
             ("onnx_accuracy", "s--", "ONNX (onnxruntime)"),
         ):
             values = [r[key] for r in group]
