@@ -18,7 +18,6 @@ When things happen, and why there:
 
 from __future__ import annotations
 
-import contextlib
 import time
 from collections.abc import Sequence
 from pathlib import Path
@@ -40,9 +39,10 @@ from qat_lightning.callback.calibration import (
     silenced_logging,
 )
 from qat_lightning.callback.distributed import sync_observers
+from qat_lightning.callback.evaluation import EvaluationHooks
 from qat_lightning.callback.health import HealthProbe, named_quantizers
 from qat_lightning.callback.schedule import Milestone
-from qat_lightning.nn import QuantModule, fake_quant_eval
+from qat_lightning.nn import QuantModule
 from qat_lightning.quant import QuantScheme
 from qat_lightning.surgery import QuantConfig, quantize_model
 
@@ -51,7 +51,7 @@ EXPORT_FORMATS = ("onnx", "native")
 _TRACKING_OBSERVERS = ("minmax", "moving_minmax")
 
 
-class QATCallback(Callback):
+class QATCallback(EvaluationHooks, Callback):
     """Quantization-aware training for an unchanged LightningModule.
 
     Args:
@@ -156,7 +156,6 @@ class QATCallback(Callback):
                 f"QATCallback(integer_eval={integer_eval!r}) is invalid: allowed True or False"
             )
         self.integer_eval = integer_eval
-        self._eval_context = contextlib.ExitStack()
         # Progress that a checkpoint must carry (see state_dict).
         self.calibrated = False
         self.bn_frozen = False
@@ -167,7 +166,7 @@ class QATCallback(Callback):
         self._chained: tuple[pl.LightningModule, Any] | None = None
         self._probe: HealthProbe | None = None
         self._last_logged_step = -1
-        self._eval_observer_state: list[tuple[Any, bool]] = []
+        EvaluationHooks.__init__(self)
 
     # -- swap ---------------------------------------------------------------------------------
     @override
@@ -346,45 +345,6 @@ class QATCallback(Callback):
         if trainer.is_global_zero:
             for logger in trainer.loggers:
                 logger.log_metrics(metrics, step=trainer.global_step)
-
-    # -- evaluation inside fit must not feed the observers ----------------------------------
-    def _pause_observers(self, pl_module: pl.LightningModule) -> None:
-        if not self.integer_eval:
-            self._eval_context.enter_context(fake_quant_eval())
-        self._eval_observer_state = []
-        for _, quantizer in named_quantizers(pl_module):
-            self._eval_observer_state.append((quantizer, bool(quantizer.observer_enabled)))
-            quantizer.enable_observer(False)
-
-    def _resume_observers(self) -> None:
-        self._eval_context.close()
-        for quantizer, enabled in self._eval_observer_state:
-            quantizer.enable_observer(enabled)
-        self._eval_observer_state = []
-
-    @override
-    def on_validation_start(self, trainer: pl.Trainer, pl_module: pl.LightningModule) -> None:
-        self._pause_observers(pl_module)
-
-    @override
-    def on_validation_end(self, trainer: pl.Trainer, pl_module: pl.LightningModule) -> None:
-        self._resume_observers()
-
-    @override
-    def on_test_start(self, trainer: pl.Trainer, pl_module: pl.LightningModule) -> None:
-        self._pause_observers(pl_module)
-
-    @override
-    def on_test_end(self, trainer: pl.Trainer, pl_module: pl.LightningModule) -> None:
-        self._resume_observers()
-
-    @override
-    def on_predict_start(self, trainer: pl.Trainer, pl_module: pl.LightningModule) -> None:
-        self._pause_observers(pl_module)
-
-    @override
-    def on_predict_end(self, trainer: pl.Trainer, pl_module: pl.LightningModule) -> None:
-        self._resume_observers()
 
     # -- export ------------------------------------------------------------------------------
     @override
