@@ -24,6 +24,7 @@ from __future__ import annotations
 import contextvars
 import copy
 import functools
+import warnings
 from collections.abc import Callable, Iterator, Sequence
 from contextlib import ExitStack, contextmanager
 from typing import Any, ClassVar, TypeVar
@@ -132,8 +133,16 @@ def integer_in_eval(forward: Callable) -> Callable:
 
     @functools.wraps(forward)
     def wrapper(self: QuantModule, *inputs: Any, **kwargs: Any) -> Any:
-        if self.runs_integer(inputs):
-            return self.integer_forward(*inputs, **kwargs)
+        if self.runs_integer(inputs) and not self.__dict__.get("_no_integer_form"):
+            try:
+                return self.integer_forward(*inputs, **kwargs)
+            except ValueError as error:  # a configuration integer mode does not cover
+                self.__dict__["_no_integer_form"] = True
+                warnings.warn(
+                    f"{type(self).__name__} evaluates in fake quant, not as the integer "
+                    f"model: {error}",
+                    stacklevel=2,
+                )
         return forward(self, *inputs, **kwargs)
 
     return wrapper

@@ -71,6 +71,19 @@ def test_uncalibrated_or_switched_off_quantizers_keep_fake_quant() -> None:
         assert not q.runs_integer((x,))
 
 
+def test_a_layer_without_an_integer_form_evaluates_in_fake_quant_with_a_warning() -> None:
+    pool = qnn.QuantAvgPool2d.from_float(nn.AvgPool2d(2), {"bits": 8}, None)
+    pool.output_quantizers[0] = None  # an average off any grid: no integer form
+    x = torch.randn(4, 3, 8, 8)
+    with torch.no_grad(), pool.compute_encodings():
+        pool(x)
+    pool.eval()
+    with torch.no_grad(), pytest.warns(UserWarning, match="evaluates in fake quant"):
+        y = pool(x)
+    with torch.no_grad(), qnn.fake_quant_eval():
+        assert torch.equal(y, pool(x))
+
+
 def test_a_whole_model_in_eval_matches_its_integer_simulation_exactly() -> None:
     from qat_lightning.export import convert
     from qat_lightning.surgery import quantize_model
