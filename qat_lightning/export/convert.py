@@ -124,14 +124,31 @@ def _source_encoding(node, modules: dict[str, nn.Module]) -> Quantizer | None:
 
 def find_producers(model: nn.Module) -> dict[str, list[Quantizer | None]]:
     """For each quantized module lacking an input quantizer: the producer's quantizer per
-    input slot (None where none was found)."""
+    input slot (None where none was found).
+
+    Model surgery records each pruned input's producer (`QuantModule.input_encoding`); those
+    records are used as they are. Only modules quantized by hand, without records, are found
+    by tracing the model.
+    """
     needy = {
         name: m
         for name, m in _quant_modules(model)
         if any(not _active(q) for q in m.input_quantizers)
     }
-    if not needy:
-        return {}
+    recorded = {
+        name: [
+            None if q is not None else m.input_encoding(i)  # (a switched-off own: trace)
+            for i, q in enumerate(m.input_quantizers)
+        ]
+        for name, m in needy.items()
+    }
+    if all(
+        p is not None
+        for name, m in needy.items()
+        for q, p in zip(m.input_quantizers, recorded[name], strict=True)
+        if not _active(q)
+    ):
+        return recorded
     try:
         graph = model.graph if isinstance(model, fx.GraphModule) else _LeafTracer().trace(model)
     except Exception as error:  # untraceable: fall back to module order

@@ -139,3 +139,31 @@ def test_a_per_channel_activation_scheme_falls_back_to_fake_quant() -> None:
     with pytest.warns(UserWarning):
         converted = convert(model)
     assert isinstance(converted[0], QuantizedOp)
+
+
+def test_a_surgery_quantized_model_converts_from_its_recorded_producers(monkeypatch) -> None:
+    """convert reads the producers surgery recorded; it traces only hand-built models."""
+    import importlib
+
+    from qat_lightning.surgery import quantize_model
+
+    convert_module = importlib.import_module("qat_lightning.export.convert")
+
+    traced = []
+
+    def no_trace(*args, **kwargs):
+        traced.append(True)
+        raise RuntimeError("convert traced a model whose producers surgery recorded")
+
+    torch.manual_seed(0)
+    model = nn.Sequential(
+        nn.Conv2d(3, 8, 3, padding=1), nn.BatchNorm2d(8), nn.ReLU(), nn.MaxPool2d(2),
+        nn.Conv2d(8, 8, 3, padding=1), nn.ReLU(), nn.Flatten(), nn.Linear(8 * 8 * 8, 10),
+    )  # fmt: skip
+    quantize_model(model)
+    calibrate(model, [torch.randn(16, 3, 16, 16) for _ in range(2)])
+    monkeypatch.setattr(convert_module._LeafTracer, "trace", no_trace)
+    x = torch.randn(32, 3, 16, 16)
+    with torch.no_grad():
+        assert torch.equal(convert(model)(x), model.eval()(x))
+    assert not traced
