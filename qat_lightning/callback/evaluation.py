@@ -1,8 +1,8 @@
 """What QATCallback does around validation, test and predict.
 
 Evaluation inside ``fit`` must not feed the observers (the encodings would learn from the
-validation set), and it runs either the integer simulation (eval mode's default: bit for bit
-what the exported model computes) or, with ``integer_eval=False``, float32 fake quant.
+validation set), and it runs either the integer simulation (eval mode's default: the exported
+model's integer arithmetic) or, with ``integer_eval=False``, float32 fake quant.
 """
 
 from __future__ import annotations

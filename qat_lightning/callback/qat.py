@@ -72,8 +72,8 @@ class QATCallback(EvaluationHooks, Callback):
         example_input: input for the ONNX export; default: captured from the first batch.
         log_every_n_steps: how often per-layer scale, zero point, clip rate and SQNR are logged.
         fuse: fuse Conv/Linear + BatchNorm (+ReLU) into QAT-folded modules.
-        integer_eval: validation, test and predict run the integer simulation, bit for bit
-            what the exported model computes (a little slower than fake quant: 1.72x a
+        integer_eval: validation, test and predict run the integer simulation, the exported
+            model's integer arithmetic (a little slower than fake quant: 1.72x a
             float forward against 1.47x on resnet18 on a CPU); ``False``: float32 fake
             quant, the training arithmetic.
 

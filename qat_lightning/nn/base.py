@@ -16,7 +16,8 @@ In eval mode without autograd, once every encoding a module needs is set, ``forw
 integer simulation (`integer_in_eval`): float32 fake quant sums the same products in another
 order and rounds near-ties of the requantization differently, and at low bit widths or through
 50 layers those one-code differences flip predictions. So what validation reports during QAT is
-what the exported integer model computes, bit for bit.
+what the converted integer model computes, bit for bit (and what an integer runtime computes,
+up to its own rare one-step rounding differences).
 """
 
 from __future__ import annotations
