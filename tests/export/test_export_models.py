@@ -79,11 +79,6 @@ def exported(request, tmp_path_factory):
     gen = torch.Generator().manual_seed(0)
     prototypes = torch.randn(CLASSES, 3, SIZE, SIZE, generator=gen)
     model = _confident_model(name, gen, prototypes)
-    fp32_path = out / "fp32.onnx"
-    torch.onnx.export(
-        model, (torch.randn(2, 3, SIZE, SIZE),), str(fp32_path), external_data=False,
-        verbose=False,
-    )  # fmt: skip
     quantize_model(model)
     calibrate(model, [_data(prototypes, 32, gen) for _ in range(4)])
     path = export_onnx(model, torch.randn(2, 3, SIZE, SIZE), out / "int8.onnx")
@@ -101,7 +96,6 @@ def exported(request, tmp_path_factory):
         "fake": fake,
         "lsb": output_lsb(converted),
         "path": path,
-        "fp32_path": fp32_path,
         "ops": optimized_op_types(path, out),
     }
 
