@@ -51,6 +51,12 @@ EXPORT_FORMATS = ("onnx", "native")
 _TRACKING_OBSERVERS = ("minmax", "moving_minmax")
 
 
+def _positive_int(name: str, value: Any) -> int:
+    if isinstance(value, bool) or not isinstance(value, int) or value < 1:
+        raise ValueError(f"QATCallback({name}={value!r}) is invalid: allowed an integer >= 1")
+    return value
+
+
 class QATCallback(EvaluationHooks, Callback):
     """Quantization-aware training for an unchanged LightningModule.
 
@@ -112,16 +118,7 @@ class QATCallback(EvaluationHooks, Callback):
                 "fuse": fuse,
             }
         )
-        if (
-            isinstance(calibration_batches, bool)
-            or not isinstance(calibration_batches, int)
-            or (calibration_batches < 1)
-        ):
-            raise ValueError(
-                f"QATCallback(calibration_batches={calibration_batches!r}) is invalid: "
-                "allowed an integer >= 1"
-            )
-        self.calibration_batches = calibration_batches
+        self.calibration_batches = _positive_int("calibration_batches", calibration_batches)
         self.freeze_bn_at = Milestone.parse("freeze_bn_at", freeze_bn_at)
         self.freeze_observers_at = Milestone.parse("freeze_observers_at", freeze_observers_at)
         self.quant_delay = Milestone.parse("quant_delay", quant_delay)
@@ -141,16 +138,7 @@ class QATCallback(EvaluationHooks, Callback):
                 "allowed a torch.Tensor or None"
             )
         self.example_input = example_input
-        if (
-            isinstance(log_every_n_steps, bool)
-            or not isinstance(log_every_n_steps, int)
-            or (log_every_n_steps < 1)
-        ):
-            raise ValueError(
-                f"QATCallback(log_every_n_steps={log_every_n_steps!r}) is invalid: "
-                "allowed an integer >= 1"
-            )
-        self.log_every_n_steps = log_every_n_steps
+        self.log_every_n_steps = _positive_int("log_every_n_steps", log_every_n_steps)
         if not isinstance(integer_eval, bool):
             raise ValueError(
                 f"QATCallback(integer_eval={integer_eval!r}) is invalid: allowed True or False"

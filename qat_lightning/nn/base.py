@@ -309,9 +309,7 @@ class QuantModule(nn.Module):
         source = self.input_encoding(0)
         weight = self.param_quantizers["weight"] if "weight" in self.param_quantizers else None  # noqa: SIM401
         ready = bias is not None and source is not None and weight is not None
-        if not ready or not all(
-            bool(q.fake_quant_enabled) and q.is_initialized for q in (source, weight)
-        ):
+        if not ready or not all(_ready(q) for q in (source, weight)):
             return bias
         s_in, _ = source.encoding()
         s_w, _ = weight.encoding()
