@@ -16,9 +16,7 @@ from __future__ import annotations
 
 import argparse
 import json
-import statistics
 import tempfile
-import time
 import warnings
 from collections import Counter
 from contextlib import ExitStack
@@ -30,25 +28,11 @@ import onnxruntime as ort
 import torch
 import torchvision
 from onnxruntime.quantization import CalibrationDataReader, QuantFormat, QuantType, quantize_static
+from timing import round_robin
 
 from qat_lightning.export import export_onnx
 from qat_lightning.nn import QuantModule
 from qat_lightning.surgery import QuantConfig, quantize_model
-
-
-def median_ms(fns: dict[str, object], runs: int, warmup: int = 2) -> dict[str, float]:
-    """Median latency of each function, timed round-robin so that load from other processes
-    on the machine falls on all of them alike."""
-    for fn in fns.values():
-        for _ in range(warmup):
-            fn()
-    times: dict[str, list[float]] = {label: [] for label in fns}
-    for _ in range(runs):
-        for label, fn in fns.items():
-            start = time.perf_counter()
-            fn()
-            times[label].append((time.perf_counter() - start) * 1000)
-    return {label: statistics.median(t) for label, t in times.items()}
 
 
 def session(path: Path, threads: int, optimized: Path | None = None) -> ort.InferenceSession:
@@ -149,8 +133,8 @@ def main() -> None:
             "bytes": path.stat().st_size,
             "optimized_ops": dict(Counter(n.op_type for n in onnx.load(optimized).graph.node)),
         }
-    for label, ms in median_ms(fns, args.runs).items():
-        results[label]["ms"] = ms
+    for label, seconds in round_robin(fns, args.runs, warmup=2).items():
+        results[label]["ms"] = seconds * 1000
 
     eager = results["fp32 eager torch"]["ms"]
     fp32_bytes = results["fp32 onnxruntime"]["bytes"]

@@ -17,12 +17,10 @@ from __future__ import annotations
 import argparse
 import contextlib
 import json
-import statistics
-import time
-from contextlib import ExitStack
 
 import torch
 import torchvision
+from timing import round_robin
 from torch import nn
 
 from qat_lightning.nn import fake_quant_eval
@@ -49,7 +47,7 @@ def ours(x: torch.Tensor) -> nn.Module:
     model = float_model()
     quantize_model(model, W8A8)
     quantizers = [m for m in model.modules() if isinstance(m, Quantizer)]
-    with ExitStack() as stack, torch.no_grad():
+    with contextlib.ExitStack() as stack, torch.no_grad():
         for quantizer in quantizers:
             stack.enter_context(quantizer.compute_encodings())
         model(x)
@@ -69,52 +67,29 @@ def torch_ao() -> nn.Module:
     return prepare_qat(model, inplace=False)
 
 
-def step_timer(model: nn.Module, x: torch.Tensor, y: torch.Tensor):
+def train_step(model: nn.Module, x: torch.Tensor, y: torch.Tensor):
     model.train()
     optimizer = torch.optim.SGD(model.parameters(), lr=0.01, momentum=0.9)
     loss_fn = nn.CrossEntropyLoss()
 
-    def step() -> float:
-        if x.is_cuda:
-            torch.cuda.synchronize()
-        start = time.perf_counter()
+    def step() -> None:
         optimizer.zero_grad(set_to_none=True)
         loss_fn(model(x), y).backward()
         optimizer.step()
-        if x.is_cuda:
-            torch.cuda.synchronize()
-        return time.perf_counter() - start
 
     return step
 
 
-def eval_timer(model: nn.Module, x: torch.Tensor, fake_quant: bool = False):
+def eval_forward(model: nn.Module, x: torch.Tensor, fake_quant: bool = False):
     """A validation forward (eval mode, no autograd): our QAT model runs the integer
     simulation there unless ``fake_quant`` (`fake_quant_eval`, the training arithmetic)."""
+    model.eval()
 
-    def forward() -> float:
-        model.eval()
+    def forward() -> None:
         with torch.no_grad(), fake_quant_eval() if fake_quant else contextlib.nullcontext():
-            if x.is_cuda:
-                torch.cuda.synchronize()
-            start = time.perf_counter()
             model(x)
-            if x.is_cuda:
-                torch.cuda.synchronize()
-            return time.perf_counter() - start
 
     return forward
-
-
-def medians(timers: dict, rounds: int, warmup: int) -> dict[str, float]:
-    """Median seconds of each timer, run round-robin so noise hits all alike."""
-    times: dict[str, list[float]] = {name: [] for name in timers}
-    for round_ in range(warmup + rounds):
-        for name, timer in timers.items():
-            elapsed = timer()
-            if round_ >= warmup:
-                times[name].append(elapsed)
-    return {name: statistics.median(t) for name, t in times.items()}
 
 
 def main() -> None:
@@ -133,14 +108,15 @@ def main() -> None:
         "qat_lightning": ours(x.cpu()).to(device),
         "torch_ao": torch_ao().to(device),
     }
-    steps = {name: step_timer(model, x, y) for name, model in models.items()}
-    median = medians(steps, args.steps, args.warmup)
+    sync = torch.cuda.synchronize if device.type == "cuda" else None
+    steps = {name: train_step(model, x, y) for name, model in models.items()}
+    median = round_robin(steps, args.steps, args.warmup, sync)
     evals = {
-        "float": eval_timer(models["float"], x),
-        "qat_lightning_fake_quant": eval_timer(models["qat_lightning"], x, fake_quant=True),
-        "qat_lightning_integer": eval_timer(models["qat_lightning"], x),
+        "float": eval_forward(models["float"], x),
+        "qat_lightning_fake_quant": eval_forward(models["qat_lightning"], x, fake_quant=True),
+        "qat_lightning_integer": eval_forward(models["qat_lightning"], x),
     }
-    eval_median = medians(evals, args.steps, args.warmup)
+    eval_median = round_robin(evals, args.steps, args.warmup, sync)
     print(
         json.dumps(
             {

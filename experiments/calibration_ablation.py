@@ -15,6 +15,7 @@ Prints a markdown table, then one JSON line.
 from __future__ import annotations
 
 import argparse
+import contextlib
 import copy
 import json
 import sys
@@ -43,19 +44,16 @@ def config(bits: int, observer: str) -> dict:
 
 @torch.no_grad()
 def calibrate(model: nn.Module, batches: list[torch.Tensor]) -> None:
-    """What QATCallback does before training: observe, then fix the encodings."""
-    quantizers = [m for m in model.modules() if isinstance(m, Quantizer)]
+    """What QATCallback does before training: train-mode forwards inside every quantizer's
+    `compute_encodings`, BatchNorm statistics restored after each batch."""
     saved = non_quantizer_buffers(model)
     model.train()
-    for quantizer in quantizers:
-        quantizer.observer.reset()
-        quantizer.enable_observer(True).enable_fake_quant(False)
-    for x in batches:
-        model(x)
-        restore_buffers(model, saved)  # calibration must not move the BN statistics
-    for quantizer in quantizers:
-        quantizer.update_encodings()
-        quantizer.enable_observer(False).enable_fake_quant(True)
+    with contextlib.ExitStack() as stack:
+        for quantizer in (m for m in model.modules() if isinstance(m, Quantizer)):
+            stack.enter_context(quantizer.compute_encodings())
+        for x in batches:
+            model(x)
+            restore_buffers(model, saved)  # calibration must not move the BN statistics
 
 
 @torch.no_grad()

@@ -1,0 +1,37 @@
+"""Round-robin timing shared by the benchmark scripts: each round calls every function once,
+so load from other processes on the machine falls on all of them alike."""
+
+from __future__ import annotations
+
+import statistics
+import time
+from collections.abc import Callable
+
+
+def round_robin(
+    fns: dict[str, Callable[[], object]],
+    runs: int,
+    warmup: int,
+    sync: Callable[[], None] | None = None,
+) -> dict[str, float]:
+    """Median seconds of each function over ``runs`` rounds, after ``warmup`` untimed rounds.
+
+    Args:
+        fns: label -> function to time.
+        runs: timed rounds.
+        warmup: untimed rounds first.
+        sync: called before starting and before stopping the clock (``torch.cuda.synchronize``
+            on a GPU, so the time covers the kernels and not only their launch).
+    """
+    times: dict[str, list[float]] = {label: [] for label in fns}
+    for round_ in range(warmup + runs):
+        for label, fn in fns.items():
+            if sync is not None:
+                sync()
+            start = time.perf_counter()
+            fn()
+            if sync is not None:
+                sync()
+            if round_ >= warmup:
+                times[label].append(time.perf_counter() - start)
+    return {label: statistics.median(t) for label, t in times.items()}
