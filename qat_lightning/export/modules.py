@@ -88,6 +88,7 @@ class _IntegerWeights(_Converted):
     weight_scheme: QuantScheme
     weight_shape: tuple[int, ...]
     _onnx_int4 = False
+    _onnx_offset = 0  # added to codes and zero point in the ONNX initializer (see IntegerLayer)
 
     def weight_int_codes(self) -> torch.Tensor:
         """The weight codes, unpacked, in their shape."""
@@ -105,6 +106,8 @@ class _IntegerWeights(_Converted):
         unpacked codes become a temporary buffer ``weight``, the ONNX initializer."""
         self._onnx_int4 = int4 and packs_to_int4(self.weight_scheme)
         codes = self.weight_int_codes().to(onnx_container(self.weight_scheme))
+        if self._onnx_offset:
+            codes = (codes.to(torch.int16) + self._onnx_offset).to(torch.uint8)
         self.register_buffer("weight", codes, persistent=False)
 
     def finish_onnx(self) -> None:
@@ -116,7 +119,7 @@ class _IntegerWeights(_Converted):
             raise RuntimeError(f"{type(self).__name__}: export with qat_lightning.export_onnx")
         codes, scheme = self._buffers["weight"], self.weight_scheme
         # The zero point stays even when it is 0: onnxruntime's QDQ fusion needs it there.
-        zero_point = self.weight_zero_point.to(codes.dtype)
+        zero_point = (self.weight_zero_point + self._onnx_offset).to(codes.dtype)
         if self._onnx_int4:
             codes, zero_point = (
                 onnx_int4(codes, scheme.signed),
@@ -243,8 +246,28 @@ class IntegerLayer(_IntegerWeights):
         return out.dequantize()
 
     def prepare_onnx(self, int4: bool) -> None:
+        self._onnx_offset = 128 if self._needs_unsigned_weights(int4) else 0
         super().prepare_onnx(int4)
         self._onnx_relu_is_clamp = zero_point_is_qmin(self.output_quantizers[0])
+
+    def _needs_unsigned_weights(self, int4: bool) -> bool:
+        """True if 8-bit signed weights meet 8-bit activations (uint8 in ONNX): they are then
+        stored as uint8 too (codes and zero point + 128, the same real values).
+
+        Why: onnxruntime's u8 x s8 kernels on x86 CPUs without VNNI (AVX2, e.g. AMD EPYC)
+        multiply with ``vpmaddubsw``, which saturates the sum of two products at int16; with
+        weight codes beyond +-64 the result is then not the exact integer convolution (up to 3
+        output steps off on a small CNN, in 57 % of outputs). Its u8 x u8 kernels widen first
+        and are exact everywhere, and still fuse into QLinearConv / QGemm.
+        """
+        encoding = self.input_encoding(0)
+        scheme = self.weight_scheme
+        if encoding is None or encoding.scheme.bits > 8:
+            return False
+        if (int4 and packs_to_int4(scheme)) or not scheme.signed or scheme.bits > 8:
+            return False
+        codes = self.weight_int_codes()
+        return bool(codes.numel()) and int(codes.abs().max()) > 64
 
     def _onnx_forward(self, x: torch.Tensor, extra: tuple[Any, ...]) -> torch.Tensor:
         own = self.input_quantizers[0]

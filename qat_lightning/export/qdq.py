@@ -6,8 +6,9 @@ fake quantization, under ``torch.onnx.export`` it becomes a ``QuantizeLinear`` /
 forward exports as a QDQ graph that onnxruntime fuses into integer kernels.
 
 Codes travel in ONNX "containers": int8/uint8 up to 8 bits, int16/uint16 up to 16 bits, and
-INT4/UINT4 (opset 21) for weights of 4 bits or fewer. A range narrower than its container
-(a 6-bit or a narrow-range scheme) is kept exact by a ``Clip`` on the codes.
+INT4/UINT4 (opset 21) for weights of 4 bits or fewer. 8-bit activations are always uint8 (a
+signed scheme's codes and zero point + 128), see `activation_offset`. A range narrower than its
+container (a 6-bit or a narrow-range scheme) is kept exact by a ``Clip`` on the codes.
 """
 
 from __future__ import annotations
@@ -27,6 +28,25 @@ def onnx_container(scheme: QuantScheme) -> torch.dtype:
     if scheme.bits <= 8:
         return torch.int8 if scheme.signed else torch.uint8
     return torch.int16 if scheme.signed else torch.uint16
+
+
+def activation_offset(scheme: QuantScheme) -> int:
+    """What ONNX adds to an activation's codes and zero point: 128 for signed 8-bit schemes,
+    which travel as uint8 (the same real values), else 0.
+
+    Why: onnxruntime's x86 kernels for int8 activations, and for uint8 activations with int8
+    weights, multiply with ``vpmaddubsw`` on CPUs without VNNI (AVX2, e.g. AMD EPYC), which
+    saturates the sum of two products at int16, so their results are not the exact integer
+    convolution there (most outputs several steps off on a small CNN). Their uint8 x uint8
+    kernels widen first and are exact on every CPU, and still fuse into QLinearConv / QGemm;
+    weights meeting uint8 activations go to uint8 too (`IntegerLayer._onnx_offset`).
+    """
+    return 128 if scheme.signed and scheme.bits <= 8 else 0
+
+
+def activation_container(scheme: QuantScheme) -> torch.dtype:
+    """The torch dtype an activation's codes have in ONNX (see `activation_offset`)."""
+    return torch.uint8 if scheme.bits <= 8 else onnx_container(scheme)
 
 
 def fills_container(scheme: QuantScheme) -> bool:
@@ -75,7 +95,7 @@ def onnx_quantize(
     rounds differently once in a few million values. Used where arbitrary floats (the
     model's input) are quantized, so onnxruntime and the integer simulation agree bit for bit.
     """
-    container = onnx_container(scheme)
+    container, offset = activation_container(scheme), activation_offset(scheme)
     view = (lambda t: t) if axis is None else (lambda t: channel_view(t, x.dim(), axis))
     if container in (torch.int16, torch.uint16) and not fills_container(scheme):
         # ORT has no 16-bit integer Clip: clip the float value to the code range instead.
@@ -87,13 +107,13 @@ def onnx_quantize(
         scale = torch.ones_like(scale)
     q = torch.onnx.ops.symbolic(
         "QuantizeLinear",
-        [x, scale, zero_point.to(container)],
+        [x, scale, (zero_point + offset).to(container)],
         _attrs(axis),
         dtype=container,
         shape=x.shape,
     )
-    if container in (torch.int8, torch.uint8) and not fills_container(scheme):
-        bounds = [torch.tensor(b, dtype=container) for b in (scheme.qmin, scheme.qmax)]
+    if container == torch.uint8 and not fills_container(scheme):
+        bounds = [torch.tensor(b + offset, dtype=container) for b in (scheme.qmin, scheme.qmax)]
         q = torch.onnx.ops.symbolic("Clip", [q, *bounds], dtype=container, shape=x.shape)
     return q
 
@@ -191,7 +211,8 @@ class FrozenQuantizer(Quantizer):
             q = onnx_quantize(
                 x, self.scale, self.zero_point, self.scheme, axis, self.onnx_reciprocal
             )
-            zero_point = self.zero_point.to(onnx_container(self.scheme))
+            offset = activation_offset(self.scheme)
+            zero_point = (self.zero_point + offset).to(activation_container(self.scheme))
             out = onnx_dequantize(q, self.scale, zero_point, axis)
             out._qat_dequantized = True  # see on_grid_for_onnx
             return out

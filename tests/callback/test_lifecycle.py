@@ -247,6 +247,7 @@ def test_logs_layer_health_through_any_logger(tmp_path):
 
 @pytest.mark.slow
 def test_exported_onnx_from_a_real_fit_agrees_with_the_trained_model(make_trainer, tmp_path):
+    torch.manual_seed(0)
     model = ImageClassifier(n=128, batch_size=32)
     qat = QATCallback(calibration_batches=2, export_dir=tmp_path / "export")
     make_trainer(max_epochs=2, limit_val_batches=0, callbacks=[qat]).fit(model)
@@ -259,10 +260,9 @@ def test_exported_onnx_from_a_real_fit_agrees_with_the_trained_model(make_traine
     model.eval()
     with torch.no_grad():
         integer, fake = convert(model)(x), model(x)
-    lsb = model.net[-1].output_quantizers[0].scale
-    # against the integer simulation: the export issue's thresholds
-    assert (onnx_out.argmax(1) == integer.argmax(1)).float().mean() >= 0.995
-    assert ((onnx_out - integer).abs() <= lsb * 1.001).float().mean() >= 0.99
+    # against the integer simulation: the same codes, on any x86 CPU (VNNI or not, see
+    # IntegerLayer._needs_unsigned_weights)
+    assert torch.equal(onnx_out, integer)
     # against the fake-quant model that was trained
     assert (onnx_out.argmax(1) == fake.argmax(1)).float().mean() >= 0.99
 
