@@ -37,13 +37,13 @@ def run_batch(model: nn.Module, batch: Any) -> Any:
     return model(batch)
 
 
-def _to_device(batch: Any, device: torch.device) -> Any:
+def to_device(batch: Any, device: torch.device) -> Any:
     if torch.is_tensor(batch):
         return batch.to(device)
     if isinstance(batch, dict):
-        return {k: _to_device(v, device) for k, v in batch.items()}
+        return {k: to_device(v, device) for k, v in batch.items()}
     if isinstance(batch, (tuple, list)):
-        return type(batch)(_to_device(v, device) for v in batch)
+        return type(batch)(to_device(v, device) for v in batch)
     return batch
 
 
@@ -94,7 +94,7 @@ def compute_encodings(
                 if num_batches is not None and seen >= num_batches:
                     break
                 item = input_fn(batch) if input_fn is not None else batch
-                run_batch(model, _to_device(item, device))
+                run_batch(model, to_device(item, device))
                 seen += 1
     finally:
         for name, buf in model.named_buffers():
