@@ -2,7 +2,8 @@
 
 The choice is an exact multiple-choice knapsack: each layer takes one of the measured bit
 widths, a choice costs ``numel * bits`` bits of size and `SensitivityResult.cost` of accuracy,
-and the total size must stay within the budget. Sizes are integers (bits), so a dynamic
+and the total size must stay within the budget (ties of the cost go to the least summed
+output noise ratio). Sizes are integers (bits), so a dynamic
 program over the Pareto front of (size, cost) pairs, layer by layer, is exact: a partial choice
 that is both larger and costlier than another can never be part of the best one, and every
 other partial choice is kept. The front never holds more pairs than there are distinct sizes
@@ -15,6 +16,8 @@ from dataclasses import dataclass
 from typing import Any
 
 from qat_lightning.analysis.result import SensitivityResult
+
+Cost = tuple[float, float]
 
 
 @dataclass(frozen=True)
@@ -84,11 +87,19 @@ def mixed_precision(result: SensitivityResult, budget: float) -> MixedPrecisionR
         >>> QATCallback(overrides=choice.overrides)
     """
     layers = [n for n in result.layers if n in result.weight_numel]
-    options: list[list[tuple[int, float, int]]] = []  # per layer: (size in bits, cost, bits)
+    # per layer: (size in bits, (cost, output noise ratio), bits); the noise ratio breaks ties
+    # of the cost (a coarse metric often does not move for one layer), so where the metric
+    # cannot tell choices apart the budget still goes to the layers whose outputs need it
+    options: list[list[tuple[int, Cost, int]]] = []
     for name in layers:
         numel = result.weight_numel[name]
-        measured = [e.bits for e in result.entries if e.name == name and e.side == "params"]
-        options.append([(numel * b, result.cost(name, "params", b), b) for b in measured])
+        measured = [e for e in result.entries if e.name == name and e.side == "params"]
+        options.append(
+            [
+                (numel * e.bits, (result.cost(name, "params", e.bits), e.noise_ratio), e.bits)
+                for e in measured
+            ]
+        )
     if not layers:
         raise ValueError(
             "mixed_precision: the sensitivity result has no layer with weights measured; "
@@ -108,26 +119,28 @@ def mixed_precision(result: SensitivityResult, budget: float) -> MixedPrecisionR
     picks = _solve(options, limit_bits)
     bits = {name: options[i][k][2] for i, (name, k) in enumerate(zip(layers, picks, strict=True))}
     size = sum(options[i][k][0] for i, k in enumerate(picks))
-    cost = sum(options[i][k][1] for i, k in enumerate(picks))
+    cost = sum(options[i][k][1][0] for i, k in enumerate(picks))
     return MixedPrecisionResult(bits, size / 8, limit_bytes, fp32, cost)
 
 
-def _solve(options: list[list[tuple[int, float, int]]], limit: int) -> list[int]:
+def _solve(options: list[list[tuple[int, Cost, int]]], limit: int) -> list[int]:
     """Indices of the chosen option per layer: least summed cost with summed size <= limit.
 
-    The front holds (size, cost, choices) with sizes increasing and costs strictly
-    decreasing; ``choices`` is a linked list ``(option index, previous)``.
+    Costs are pairs, summed elementwise and compared lexicographically (an order that adding
+    the same pair keeps, so the front stays exact). The front holds (size, cost, choices)
+    with sizes increasing and costs strictly decreasing; ``choices`` is a linked list
+    ``(option index, previous)``.
     """
     # the least size the remaining layers need: a partial choice that leaves too little room
     # for them can never complete
     rest = [0] * (len(options) + 1)
     for i in range(len(options) - 1, -1, -1):
         rest[i] = rest[i + 1] + min(size for size, _, _ in options[i])
-    front: list[tuple[int, float, Any]] = [(0, 0.0, None)]
+    front: list[tuple[int, Cost, Any]] = [(0, (0.0, 0.0), None)]
     for i, choices in enumerate(options):
         room = limit - rest[i + 1]
         candidates = [
-            (size + s, cost + c, (k, chain))
+            (size + s, (round(cost[0] + c[0], 12), cost[1] + c[1]), (k, chain))
             for size, cost, chain in front
             for k, (s, c, _) in enumerate(choices)
             if size + s <= room

@@ -157,7 +157,11 @@ def sensitivity(
             if isinstance(q, Quantizer):
                 q.enable_fake_quant(False)
         copies[b] = quantized
-    layers = [name for name, m in copies[bits[0]].named_modules() if isinstance(m, QuantModule)]
+    layers = [
+        name
+        for name, m in copies[bits[0]].named_modules()
+        if isinstance(m, QuantModule) and any(_side_quantizers(m, side) for side in which)
+    ]
     entries: list[LayerSensitivity] = []
     weight_numel: dict[str, int] = {}
     for index, name in enumerate(layers):

@@ -80,6 +80,19 @@ def test_a_budget_in_bytes_and_as_a_fraction_of_fp32_agree() -> None:
     assert mixed_precision(result, 320).bits == {"l0": 8, "l1": 2}
 
 
+def test_where_the_metric_ties_the_budget_goes_to_the_noisiest_layer() -> None:
+    """A coarse metric often moves for no single layer: the output noise decides then."""
+    entries = [
+        LayerSensitivity(name, "params", bits, sqnr, 1.0, 0.0)
+        for name, low_sqnr in (("quiet", 20.0), ("noisy", 5.0))
+        for bits, sqnr in ((2, low_sqnr), (8, 40.0))
+    ]
+    result = SensitivityResult(entries, 1.0, {"quiet": 100, "noisy": 100}, (2, 8), ("params",))
+    # 8 bits for one layer, 2 for the other: 125 bytes of 800 fp32
+    assert mixed_precision(result, 125).bits == {"quiet": 2, "noisy": 8}
+    assert mixed_precision(result, 124).bits == {"quiet": 2, "noisy": 2}
+
+
 def test_an_infeasible_budget_names_the_budget_and_the_smallest_size() -> None:
     result = _result([(100, {2: -0.5, 8: 0.0}), (300, {4: -0.1, 8: 0.0})])
     # smallest: 100*2/8 + 300*4/8 = 175 bytes
