@@ -5,6 +5,8 @@ from __future__ import annotations
 
 import copy
 import csv
+import json
+from types import SimpleNamespace
 
 import lightning.pytorch as pl
 import pytest
@@ -13,7 +15,10 @@ from app_helpers import TINY, compose_config
 from torch import nn
 from torch.utils.data import DataLoader, TensorDataset
 
+from qat_lightning.analysis import LayerSensitivity, SensitivityResult
 from qat_lightning.app.ptq import PTQAccuracy
+from qat_lightning.app.report import collect, markdown
+from qat_lightning.app.search import log_sensitivity_wandb
 from qat_lightning.app.train import train
 from qat_lightning.app.validation import ConfigError, validate
 from qat_lightning.callback import QATCallback
@@ -101,6 +106,33 @@ def test_ptq_accuracy_does_not_stop_a_qat_run() -> None:
 def test_bad_search_and_ptq_values_fail_before_training(override, match) -> None:
     with pytest.raises(ConfigError, match=match):
         validate(compose_config([override]))
+
+
+def test_report_shows_ptq_next_to_qat(tmp_path) -> None:
+    for job, (ptq, qat) in enumerate([(0.5, 0.75), (0.25, 0.625)]):
+        (tmp_path / str(job)).mkdir()
+        results = {"ptq_accuracy": ptq, "qat_accuracy": qat, "config": {}, "sizes": {}}
+        (tmp_path / str(job) / "results.json").write_text(json.dumps(results))
+    rows, _ = collect(tmp_path)
+    assert [(r["ptq_accuracy"], r["qat_accuracy"]) for r in rows] == [(0.5, 0.75), (0.25, 0.625)]
+    header, _, first, _ = markdown(rows).splitlines()
+    columns = [c.strip() for c in header.strip("|").split("|")]
+    cells = [c.strip() for c in first.strip("|").split("|")]
+    assert cells[columns.index("ptq_accuracy")] == "0.5000"
+    assert columns.index("ptq_accuracy") + 1 == columns.index("qat_accuracy")
+
+
+def test_the_sensitivity_table_goes_to_wandb_as_a_table() -> None:
+    import wandb
+
+    logged: list[dict] = []
+    logger = SimpleNamespace(experiment=SimpleNamespace(log=logged.append))
+    entries = [LayerSensitivity("model.0", "params", b, 10.0 * b, 0.5, -0.1 / b) for b in (2, 8)]
+    log_sensitivity_wandb(logger, SensitivityResult(entries, 0.6, {"model.0": 10}, (2, 8)))
+    table = logged[0]["search/sensitivity"]
+    assert isinstance(table, wandb.Table)
+    assert table.columns[:3] == ["layer", "side", "bits"]
+    assert [row[2] for row in table.data] == [2, 8]
 
 
 @pytest.mark.slow
