@@ -57,11 +57,12 @@ def _accuracy(module: nn.Module, loader: DataLoader) -> float:
     return hits / len(loader.dataset)
 
 
-def _fit(ptq: PTQAccuracy) -> tuple[_Tiny, dict[str, torch.Tensor]]:
+def _fit(ptq: PTQAccuracy, root) -> tuple[_Tiny, dict[str, torch.Tensor]]:
     module = _Tiny()
     start = copy.deepcopy(module.state_dict())
     trainer = pl.Trainer(
         max_epochs=1,
+        default_root_dir=root,
         callbacks=[QATCallback(calibration_batches=2, export_formats=()), ptq],
         logger=False,
         enable_checkpointing=False,
@@ -73,9 +74,9 @@ def _fit(ptq: PTQAccuracy) -> tuple[_Tiny, dict[str, torch.Tensor]]:
     return module, start
 
 
-def test_ptq_accuracy_is_the_calibrated_model_before_any_step() -> None:
+def test_ptq_accuracy_is_the_calibrated_model_before_any_step(tmp_path) -> None:
     ptq = PTQAccuracy(_loader(), stop=True)
-    module, start = _fit(ptq)
+    module, start = _fit(ptq, tmp_path)
     quantizers = [m for m in module.modules() if isinstance(m, Quantizer)]
     assert quantizers and all(q.is_initialized for q in quantizers)  # calibrated first
     state = module.state_dict()
@@ -84,9 +85,9 @@ def test_ptq_accuracy_is_the_calibrated_model_before_any_step() -> None:
     assert ptq.accuracy == _accuracy(module, _loader())
 
 
-def test_ptq_accuracy_does_not_stop_a_qat_run() -> None:
+def test_ptq_accuracy_does_not_stop_a_qat_run(tmp_path) -> None:
     ptq = PTQAccuracy(_loader())
-    module, start = _fit(ptq)
+    module, start = _fit(ptq, tmp_path)
     assert not torch.equal(module.state_dict()["model.1.weight"], start["model.1.weight"])
     assert ptq.accuracy is not None
 
