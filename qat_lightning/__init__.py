@@ -1,15 +1,16 @@
 """qat_lightning: quantization-aware training for PyTorch Lightning.
 
 The public API: a `QATCallback` for an existing Trainer; `quantize_model` and its config and
-report for model surgery; the quantization core (`QuantScheme`, `Quantizer`, `QTensor`); and the
-export functions. Everything else may change.
+report for model surgery; `calibrate` for post-training quantization in one call; the
+quantization core (`QuantScheme`, `Quantizer`, `QTensor`); and the export functions. Everything
+else may change.
 """
 
 from qat_lightning.callback import QATCallback, QATExportError
 from qat_lightning.export import convert, export_onnx, load_quantized, save_quantized
 from qat_lightning.nn import QuantModule, register_quant_module
 from qat_lightning.quant import QTensor, Quantizer, QuantScheme
-from qat_lightning.surgery import QuantConfig, QuantizationReport, quantize_model
+from qat_lightning.surgery import QuantConfig, QuantizationReport, calibrate, quantize_model
 
 __all__ = [
     "QATCallback",
@@ -20,6 +21,7 @@ __all__ = [
     "QuantScheme",
     "QuantizationReport",
     "Quantizer",
+    "calibrate",
     "convert",
     "export_onnx",
     "load_quantized",

@@ -189,6 +189,17 @@ class WandbConfig(LoggerConfig):
 
 
 @dataclass
+class SearchConfig:
+    """``search=mixed_precision``: per-layer weight bits under a size budget, before QAT."""
+
+    name: str = "none"  # none | mixed_precision
+    size_budget: float = 0.15  # weight bytes, or a fraction of fp32 when in (0, 1]
+    bits: list[int] = field(default_factory=lambda: [2, 4, 8])
+    calibration_batches: int = 4  # training batches that calibrate each trial
+    eval_batches: int = 4  # validation batches of the per-layer top-1
+
+
+@dataclass
 class Config:
     """The whole run. ``experiment`` and ``hparams_search`` are ``_global_`` overlays."""
 
@@ -199,9 +210,10 @@ class Config:
     trainer: TrainerConfig = field(default_factory=TrainerConfig)
     callbacks: CallbacksConfig = field(default_factory=CallbacksConfig)
     logger: LoggerConfig = MISSING
+    search: SearchConfig = field(default_factory=SearchConfig)
     seed: int = 0
     fp32_epochs: int = 6  # float phase before QAT (0: none)
-    qat_epochs: int = 2
+    qat_epochs: int = 2  # 0: PTQ only (calibrate, evaluate, export)
     init_from: str | None = None  # float checkpoint (.ckpt or state_dict .pt) to start from
     output_dir: str | None = None  # None: Hydra's run directory
     run_name: str | None = None  # None: the job's overrides

@@ -32,6 +32,8 @@ from qat_lightning.app.datamodule import ImageDataModule
 from qat_lightning.app.loggers import build_logger, finish, is_wandb, log_wandb_extras
 from qat_lightning.app.models import build_model
 from qat_lightning.app.module import Classifier
+from qat_lightning.app.ptq import PTQAccuracy, ptq_quant_config, ptq_results
+from qat_lightning.app.search import run_search
 from qat_lightning.app.validation import (
     RESULT_METRICS,
     ConfigError,
@@ -286,19 +288,27 @@ def train(cfg: DictConfig) -> dict[str, Any]:
             if cfg.init_from or cfg.fp32_epochs > 0:
                 fp32_acc = accuracy(*predict(model, data.test_dataloader()))
 
-            qat = qat_callback(cfg.quant, out / "export")
-            callbacks: list = [qat]
+            quant = ptq_quant_config(cfg.quant) if cfg.qat_epochs == 0 else cfg.quant
+            search = run_search(cfg.search, model, data, qat_callback(quant, out).config, logger)
+            quant = search.quant_config(quant) if search is not None else quant
+            qat = qat_callback(quant, out / "export")
+            ptq = PTQAccuracy(data.test_dataloader(), stop=cfg.qat_epochs == 0)
+            callbacks: list = [qat, ptq]  # ptq after qat: it measures right after calibration
             if cfg.callbacks.checkpoint:
                 from lightning.pytorch.callbacks import ModelCheckpoint
 
                 callbacks.append(ModelCheckpoint(dirpath=ckpt_dir, save_top_k=0, save_last=True))
             qat_lr = cfg.optim.qat_lr if cfg.optim.qat_lr is not None else cfg.optim.lr / 10
-            module.start_phase("qat", float(qat_lr), cfg.qat_epochs)
+            epochs = max(cfg.qat_epochs, 1)  # qat_epochs=0: PTQAccuracy stops before a step
+            module.start_phase("qat", float(qat_lr), epochs)
             log.info("QAT phase: %d epochs", cfg.qat_epochs)
-            qat_trainer = _trainer(cfg, out, logger, cfg.qat_epochs, callbacks, has_val, "qat")
+            qat_trainer = _trainer(cfg, out, logger, epochs, callbacks, has_val, "qat")
             qat_trainer.fit(module, datamodule=data)
 
             results = {"fp32_accuracy": fp32_acc, **evaluate(model, data.test_dataloader(), qat)}
+            results.update(ptq_results(ptq, results["qat_accuracy"], cfg.qat_epochs))
+            if search is not None:
+                results["search"] = search.to_dict()
             health = quant_health(model, next(iter(data.test_dataloader()))[0])
         results["sizes"] = {
             "fp32_bytes": fp32_bytes,

@@ -205,9 +205,22 @@ def _check_data(cfg: DictConfig) -> None:
         raise ConfigError(problem)
 
 
+def _check_search(cfg: DictConfig) -> None:
+    _choice(cfg, "search.name", ("none", "mixed_precision"))
+    budget = cfg.search.size_budget
+    if isinstance(budget, bool) or not isinstance(budget, (int, float)) or not budget > 0:
+        raise invalid("search.size_budget", budget, "a fraction of fp32 in (0, 1] or bytes > 1")
+    bits = list(cfg.search.bits)
+    if not bits or not all(isinstance(b, int) and 2 <= b <= 16 for b in bits):
+        raise invalid("search.bits", bits, "a non-empty list of integers in 2..16")
+    _int_at_least(cfg, "search.calibration_batches", 1)
+    _int_at_least(cfg, "search.eval_batches", 1)
+
+
 def _check_training(cfg: DictConfig) -> None:
     _int_at_least(cfg, "fp32_epochs", 0)
-    _int_at_least(cfg, "qat_epochs", 1)
+    _int_at_least(cfg, "qat_epochs", 0)  # 0: PTQ only
+    _check_search(cfg)
     _choice(cfg, "optim.name", OPTIMIZERS)
     _choice(cfg, "optim.scheduler", SCHEDULERS)
     if not cfg.optim.lr > 0:
