@@ -243,7 +243,7 @@ def export_onnx(
         try:
             if output_names is None:
                 with torch.no_grad():
-                    output_names = returned_names(converted(*args))
+                    output_names = returned_names(converted(*args), taken=input_names)
             proto = _trace(
                 converted, args, opset, use_int4, dynamic_batch, input_names, output_names
             )

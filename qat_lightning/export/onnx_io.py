@@ -14,6 +14,7 @@ from __future__ import annotations
 
 import inspect
 import json
+from collections.abc import Sequence
 from typing import Any
 
 import torch
@@ -65,14 +66,13 @@ def _leaf_names(value: Any, prefix: str) -> list[str]:
     return []  # not a graph output (None, numbers): the exporter drops it
 
 
-def output_names(outputs: Any) -> list[str]:
-    """Names of the graph outputs for the value ``forward`` returned (see the module doc)."""
-    if isinstance(outputs, torch.Tensor):
-        return ["logits"]
-    names = _leaf_names(outputs, "")
+def output_names(outputs: Any, taken: Sequence[str] = ()) -> list[str]:
+    """Names of the graph outputs for the value ``forward`` returned (see the module doc);
+    a name among ``taken`` (the input names) gets the suffix ``_output``."""
+    names = ["logits"] if isinstance(outputs, torch.Tensor) else _leaf_names(outputs, "")
     if len(set(names)) != len(names):
-        return [f"output_{i}" for i in range(len(names))]
-    return names
+        names = [f"output_{i}" for i in range(len(names))]
+    return [f"{n}_output" if n in taken else n for n in names]
 
 
 def _owner(path: str) -> str:

@@ -279,19 +279,29 @@ def _two_heads() -> _TwoHeads:
     return calibrate(_TwoHeads(), [(torch.randn(16, 8), torch.randn(16, 5))])
 
 
-def test_inputs_are_named_after_forward_and_the_output_is_logits(tmp_path) -> None:
-    class Net(nn.Module):
-        def __init__(self) -> None:
-            super().__init__()
-            self.fc = QuantLinear.from_float(nn.Linear(8, 4), U8, W8)
+class _Pixels(nn.Module):
+    def __init__(self) -> None:
+        super().__init__()
+        self.fc = QuantLinear.from_float(nn.Linear(8, 4), U8, W8)
 
-        def forward(self, pixels: torch.Tensor) -> torch.Tensor:
-            return self.fc(pixels)
+    def forward(self, pixels: torch.Tensor) -> torch.Tensor:
+        return self.fc(pixels)
 
-    model = calibrate(Net(), [torch.randn(16, 8)])
+
+class _InputCalledLogits(_Pixels):
+    def forward(self, logits: torch.Tensor) -> torch.Tensor:
+        return self.fc(logits)
+
+
+@pytest.mark.parametrize(
+    "net, names",
+    [(_Pixels, (["pixels"], ["logits"])), (_InputCalledLogits, (["logits"], ["logits_output"]))],
+    ids=["pixels", "input called logits"],
+)
+def test_inputs_are_named_after_forward_and_the_output_is_logits(net, names, tmp_path) -> None:
+    model = calibrate(net(), [torch.randn(16, 8)])
     graph = onnx.load(str(export_onnx(model, torch.randn(2, 8), tmp_path / "m.onnx"))).graph
-    assert [i.name for i in graph.input] == ["pixels"]
-    assert [o.name for o in graph.output] == ["logits"]
+    assert ([i.name for i in graph.input], [o.name for o in graph.output]) == names
 
 
 def test_several_inputs_and_dict_outputs_keep_the_models_names(tmp_path) -> None:
