@@ -2,11 +2,17 @@
 
 Reads every job's ``results.json`` under the directory and writes, next to them:
 
-- ``summary.csv``: one row per job (bitwidths, accuracies, agreement, sizes, and the overrides
-  that tell the jobs apart);
+- ``summary.csv``: one row per job (bitwidths, test-set size, accuracies, the QAT model's
+  change against fp32, agreement, sizes, and the overrides that tell the jobs apart);
+  accuracies rounded to 4 decimals;
 - ``summary.md``: the same as a markdown table (also printed);
 - ``summary.png``: accuracy vs weight bitwidth and model size vs weight bitwidth, one line per
   activation bitwidth.
+
+Accuracies: ``fp32`` the float model, ``ptq`` the post-training-quantized one (a column only when
+some job measured it), ``qat`` the QAT model in integer eval, ``onnx`` the exported file in
+onnxruntime, all on the same ``test_samples`` images; ``delta_vs_fp32`` is ``qat - fp32``. When
+QAT and ONNX accuracy are equal in every job the plot draws them as one line, "QAT = ONNX".
 
 Sizes: ``fp32`` is the float model's state_dict; ``onnx`` the exported file, ``onnx_weights``
 its initializers alone (the file also holds the graph and exporter metadata); ``native`` the
@@ -29,9 +35,11 @@ COLUMNS = (
     "data",
     "inputs_bits",
     "params_bits",
+    "test_samples",
     "fp32_accuracy",
     "ptq_accuracy",
     "qat_accuracy",
+    "delta_vs_fp32",
     "onnx_accuracy",
     "agreement",
     "fp32_kib",
@@ -41,6 +49,9 @@ COLUMNS = (
     "wall_time_s",
     "overrides",
 )
+ACCURACIES = ("fp32_accuracy", "ptq_accuracy", "qat_accuracy", "onnx_accuracy", "agreement")
+# Shown only when some job has a value (added by newer qat-train versions).
+OPTIONAL = ("ptq_accuracy",)
 
 
 def _job_key(path: Path) -> tuple:
@@ -59,6 +70,7 @@ def collect(sweep_dir: Path) -> tuple[list[dict[str, Any]], list[Path]]:
         def kib(key: str, sizes: dict = sizes) -> float | None:
             return round(sizes[key] / 1024, 1) if sizes.get(key) is not None else None
 
+        fp32, qat = results.get("fp32_accuracy"), results.get("qat_accuracy")
         rows.append(
             {
                 "job": str(path.parent.relative_to(sweep_dir)) or ".",
@@ -66,11 +78,9 @@ def collect(sweep_dir: Path) -> tuple[list[dict[str, Any]], list[Path]]:
                 "data": config.get("data", {}).get("name"),
                 "inputs_bits": quant.get("inputs", {}).get("bits"),
                 "params_bits": quant.get("params", {}).get("bits"),
-                "fp32_accuracy": results.get("fp32_accuracy"),
-                "ptq_accuracy": results.get("ptq_accuracy"),
-                "qat_accuracy": results.get("qat_accuracy"),
-                "onnx_accuracy": results.get("onnx_accuracy"),
-                "agreement": results.get("agreement"),
+                "test_samples": results.get("test_samples"),
+                **{key: results.get(key) for key in ACCURACIES},
+                "delta_vs_fp32": None if fp32 is None or qat is None else qat - fp32,
                 "fp32_kib": kib("fp32_bytes"),
                 "onnx_kib": kib("onnx_bytes"),
                 "onnx_weights_kib": kib("onnx_weights_bytes"),
@@ -89,26 +99,63 @@ def collect(sweep_dir: Path) -> tuple[list[dict[str, Any]], list[Path]]:
     return rows, failed
 
 
-def _cell(value: Any) -> str:
+def columns(rows: list[dict[str, Any]]) -> list[str]:
+    """`COLUMNS`, less the optional ones no row has a value for."""
+    return [c for c in COLUMNS if c not in OPTIONAL or any(r.get(c) is not None for r in rows)]
+
+
+def _rounded(row: dict[str, Any], names: Sequence[str]) -> dict[str, Any]:
+    """The CSV row: accuracies and their difference to 4 decimals, times to 0.1 s."""
+    out = {}
+    for name in names:
+        value = row.get(name)
+        if isinstance(value, float) and (name in ACCURACIES or name == "delta_vs_fp32"):
+            value = round(value, 4)
+        elif isinstance(value, float) and name == "wall_time_s":
+            value = round(value, 1)
+        out[name] = value
+    return out
+
+
+def _cell(name: str, value: Any) -> str:
     if value is None:
         return "-"
+    if name == "delta_vs_fp32":
+        return f"{value:+.4f}"
+    if name in ACCURACIES:
+        return f"{value:.4f}"
     if isinstance(value, float):
-        return f"{value:.4f}" if value <= 1.0 else f"{value:g}"
+        return f"{value:g}"
     return str(value)
 
 
 def markdown(rows: list[dict[str, Any]]) -> str:
     """A GitHub markdown table of the rows."""
+    names = columns(rows)
     lines = [
-        "| " + " | ".join(COLUMNS) + " |",
-        "| " + " | ".join("---" for _ in COLUMNS) + " |",
+        "| " + " | ".join(names) + " |",
+        "| " + " | ".join("---" for _ in names) + " |",
     ]
-    lines += ["| " + " | ".join(_cell(row[c]) for c in COLUMNS) + " |" for row in rows]
+    lines += ["| " + " | ".join(_cell(c, row[c]) for c in names) + " |" for row in rows]
     return "\n".join(lines) + "\n"
 
 
-def plot(rows: list[dict[str, Any]], path: Path) -> None:
-    """Accuracy and size vs weight bits, a line per activation bitwidth (matplotlib, Agg)."""
+def _accuracy_lines(rows: list[dict[str, Any]]) -> list[tuple[str, str, str]]:
+    """(key, style, label) of the accuracy lines: QAT and ONNX as one line where they agree
+    in every job (two labels on one line say nothing the one does not)."""
+    lines = [("ptq_accuracy", "v-.", "PTQ")]
+    pairs = [(r["qat_accuracy"], r["onnx_accuracy"]) for r in rows]
+    if pairs and all(q is not None and q == o for q, o in pairs):
+        return [*lines, ("qat_accuracy", "o-", "QAT = ONNX")]
+    return [*lines, ("qat_accuracy", "o-", "QAT model (eval)"), ("onnx_accuracy", "s--", "ONNX")]
+
+
+def plot(rows: list[dict[str, Any]], path: Path) -> Any:
+    """Accuracy and size vs weight bits, a line per activation bitwidth (matplotlib, Agg).
+
+    Returns:
+        The (closed) matplotlib figure written to ``path``.
+    """
     import matplotlib
 
     matplotlib.use("Agg")
@@ -122,10 +169,7 @@ def plot(rows: list[dict[str, Any]], path: Path) -> None:
     for inputs_bits, group in sorted(by_inputs.items(), key=lambda kv: str(kv[0])):
         group = sorted(group, key=lambda r: r["params_bits"])
         bits = [r["params_bits"] for r in group]
-        for key, style, label in (
-            ("qat_accuracy", "o-", "QAT model (eval)"),
-            ("onnx_accuracy", "s--", "ONNX (onnxruntime)"),
-        ):
+        for key, style, label in _accuracy_lines(rows):
             values = [r[key] for r in group]
             if any(v is not None for v in values):
                 acc_ax.plot(bits, values, style, label=f"{label}, A{inputs_bits}")
@@ -144,8 +188,10 @@ def plot(rows: list[dict[str, Any]], path: Path) -> None:
     if fp32_size:
         size_ax.axhline(fp32_size[0], color="grey", linestyle=":", label="fp32 weights")
     all_bits = sorted({r["params_bits"] for r in rows if r["params_bits"] is not None})
+    sizes = sorted({r["test_samples"] for r in rows if r["test_samples"] is not None})
+    n = f" ({', '.join(map(str, sizes))} test samples)" if sizes else ""
     for ax, title, ylabel in (
-        (acc_ax, "Test accuracy vs weight bitwidth", "top-1 accuracy"),
+        (acc_ax, f"Test accuracy vs weight bitwidth{n}", "top-1 accuracy"),
         (size_ax, "Model size vs weight bitwidth", "KiB"),
     ):
         ax.set_title(title)
@@ -157,6 +203,7 @@ def plot(rows: list[dict[str, Any]], path: Path) -> None:
     fig.tight_layout()
     fig.savefig(path, dpi=110)
     plt.close(fig)
+    return fig
 
 
 def report(sweep_dir: str | Path, out_dir: str | Path | None = None) -> dict[str, Path]:
@@ -175,9 +222,10 @@ def report(sweep_dir: str | Path, out_dir: str | Path | None = None) -> dict[str
     out.mkdir(parents=True, exist_ok=True)
     paths = {"csv": out / "summary.csv", "markdown": out / "summary.md", "png": out / "summary.png"}
     with open(paths["csv"], "w", newline="") as f:
-        writer = csv.DictWriter(f, fieldnames=list(COLUMNS))
+        names = columns(rows)
+        writer = csv.DictWriter(f, fieldnames=names)
         writer.writeheader()
-        writer.writerows(rows)
+        writer.writerows(_rounded(row, names) for row in rows)
     text = markdown(rows)
     if failed:
         text += f"\n{len(failed)} job(s) without results.json: {', '.join(map(str, failed))}\n"

@@ -1,7 +1,10 @@
 """Export: a calibrated QAT model -> integer model, QDQ ONNX and a native artifact.
 
 - `convert(model)`: integer weights (BN folded), integer simulation as a module.
-- `export_onnx(model, example_input, path)`: QDQ ONNX that onnxruntime runs with integer kernels.
+- `export_onnx(model, example_input, path)`: QDQ ONNX that onnxruntime runs with integer kernels;
+  inputs named after the forward's arguments, outputs ``logits``, schemes in its metadata.
+- `OnnxModel(path)(x) -> torch.Tensor`: run that file in onnxruntime (CPU).
+- `write_model_card(dir, model, paths)`: the export directory's ``README.md``.
 - `save_quantized(model, dir)` / `load_quantized(dir, model)`: safetensors + encodings JSON +
   layer report. The artifact holds tensors, not code: `load_quantized` takes the architecture
   (a fresh float model, quantized again with the saved config, or a QAT model) and returns a
@@ -11,12 +14,15 @@
 from qat_lightning.export._files import ExportError
 from qat_lightning.export.artifact import encodings, load_quantized, save_quantized
 from qat_lightning.export.convert import NotCalibratedError, check_calibrated, convert, is_converted
+from qat_lightning.export.model_card import write_model_card
 from qat_lightning.export.onnx import export_onnx
 from qat_lightning.export.report import layer_report
+from qat_lightning.export.runtime import OnnxModel
 
 __all__ = [
     "ExportError",
     "NotCalibratedError",
+    "OnnxModel",
     "check_calibrated",
     "convert",
     "encodings",
@@ -25,4 +31,5 @@ __all__ = [
     "layer_report",
     "load_quantized",
     "save_quantized",
+    "write_model_card",
 ]

@@ -12,6 +12,10 @@ quantized once, by its producer, so onnxruntime's graph optimizer fuses
 int8 codes to INT4 and the exporter's constant folder (onnxscript) turns the cast into a packed
 4-bit initializer. If onnxruntime cannot load that model, the export falls back to int8
 containers and warns.
+
+Inputs are named after the ``forward``'s arguments, outputs ``logits`` (or the model's own
+names); the schemes, the qat_lightning version and the caller's ``metadata`` (e.g. metrics)
+go in the model's ``metadata_props`` (see `qat_lightning.export.onnx_io`).
 """
 
 from __future__ import annotations
@@ -22,6 +26,7 @@ import warnings
 from collections.abc import Iterator, Sequence
 from contextlib import contextmanager
 from pathlib import Path
+from typing import Any
 
 import onnx
 import torch
@@ -30,6 +35,9 @@ from torch import nn
 from qat_lightning.export._files import ExportError, atomic_paths
 from qat_lightning.export.convert import convert, is_converted
 from qat_lightning.export.modules import IntegerEmbedding, IntegerLayer
+from qat_lightning.export.onnx_io import input_names as signature_names
+from qat_lightning.export.onnx_io import metadata_props
+from qat_lightning.export.onnx_io import output_names as returned_names
 from qat_lightning.export.qdq import KEEP_NODE, ONNX_INT4, ONNX_UINT4, packs_to_int4
 from qat_lightning.export.report import layer_report
 
@@ -141,6 +149,11 @@ def _trace(
     return proto
 
 
+def _with_metadata(proto: onnx.ModelProto, props: dict[str, str]) -> onnx.ModelProto:
+    onnx.helper.set_model_props(proto, {**{p.key: p.value for p in proto.metadata_props}, **props})
+    return proto
+
+
 def _ort_loads(path: Path) -> Exception | None:
     import onnxruntime as ort
 
@@ -174,6 +187,7 @@ def export_onnx(
     int4: bool = True,
     input_names: Sequence[str] | None = None,
     output_names: Sequence[str] | None = None,
+    metadata: dict[str, Any] | None = None,
 ) -> Path:
     """Write ``model`` as a QDQ ONNX model that onnxruntime runs with integer kernels.
 
@@ -185,7 +199,12 @@ def export_onnx(
         dynamic_batch: make dimension 0 of every input dynamic.
         int4: store 4-bit (and narrower) weights as INT4 initializers; falls back to int8 with
             a warning if onnxruntime cannot load the INT4 model.
-        input_names / output_names: graph input and output names.
+        input_names / output_names: graph input and output names; default: the parameter
+            names of ``model.forward``, and ``logits`` for one output tensor (the keys of a
+            dict, the fields of a namedtuple, ``output_<i>`` for a tuple).
+        metadata: more ``metadata_props`` entries, each value stored as JSON, e.g.
+            ``{"metrics": {"val_acc": 0.97}}``; ``qat_lightning.version`` and
+            ``qat_lightning.schemes`` are always written.
 
     Returns:
         The path written.
@@ -194,6 +213,7 @@ def export_onnx(
         NotCalibratedError: the QAT model is not calibrated.
         ExportError: the directory is not writable or the exporter failed (nothing is left
             half-written).
+        ValueError: a ``metadata`` key or value cannot be stored.
 
     Example:
         >>> export_onnx(qat_model, torch.randn(1, 3, 224, 224), "model_int8.onnx")
@@ -201,6 +221,9 @@ def export_onnx(
     path = Path(path)
     args = tuple(example_input) if isinstance(example_input, (list, tuple)) else (example_input,)
     converted, args = _prepared(model, args)
+    props = metadata_props(converted, metadata)
+    if input_names is None:
+        input_names = signature_names(converted, len(args))
     opset = DEFAULT_OPSET if opset is None else opset
     use_int4 = int4 and _has_int4(converted)
     if use_int4 and opset < 21:
@@ -218,10 +241,13 @@ def export_onnx(
         )
     with atomic_paths([path], "export_onnx") as (temp,):
         try:
+            if output_names is None:
+                with torch.no_grad():
+                    output_names = returned_names(converted(*args), taken=input_names)
             proto = _trace(
                 converted, args, opset, use_int4, dynamic_batch, input_names, output_names
             )
-            onnx.save_model(proto, temp)
+            onnx.save_model(_with_metadata(proto, props), temp)
             error = _ort_loads(temp) if use_int4 else None
             if error is not None:
                 message = (
@@ -233,7 +259,7 @@ def export_onnx(
                 proto = _trace(
                     converted, args, opset, False, dynamic_batch, input_names, output_names
                 )
-                onnx.save_model(proto, temp)
+                onnx.save_model(_with_metadata(proto, props), temp)
         except ExportError:
             raise
         except Exception as error:

@@ -80,7 +80,9 @@ def test_report_summarises_a_real_sweep(sweep):
         rows = list(csv.DictReader(f))
     assert [int(r["params_bits"]) for r in rows] == [4, 8]
     results = job_results(sweep_dir)
-    assert [float(r["onnx_accuracy"]) for r in rows] == [r["onnx_accuracy"] for r in results]
+    assert [float(r["onnx_accuracy"]) for r in rows] == [
+        round(r["onnx_accuracy"], 4) for r in results
+    ]
     markdown = (sweep_dir / "summary.md").read_text()
     assert markdown.splitlines()[0].startswith("| job | model | data | inputs_bits | params_bits")
     assert [line.split(" | ")[4] for line in markdown.splitlines()[2:4]] == ["4", "8"]

@@ -30,4 +30,4 @@ def test_ddp_ranks_hold_identical_encodings_and_export_once(tmp_path):
         assert torch.equal(rank0[name][0], rank1[name][0]), name
         assert torch.equal(rank0[name][1], rank1[name][1]), name
     exported = sorted(p.name for p in (tmp_path / "export").iterdir())
-    assert exported == ["model_int.onnx", "native"]
+    assert exported == ["README.md", "model_int.onnx", "native"]

@@ -6,6 +6,7 @@ import os
 
 import numpy as np
 import onnx
+import onnxruntime as ort
 import pytest
 import torch
 from export_helpers import (
@@ -288,3 +289,97 @@ def test_transposed_conv_concat_and_multiply(tmp_path) -> None:
         expected = converted(x).numpy()
     within, _ = agreement(ort_run(path, x), expected, output_lsb(converted))
     assert within >= 0.99, within
+
+
+class _TwoHeads(nn.Module):
+    """Two inputs, a dict of two outputs."""
+
+    def __init__(self) -> None:
+        super().__init__()
+        self.image_head = QuantLinear.from_float(nn.Linear(8, 3), U8, W8)
+        self.token_head = QuantLinear.from_float(nn.Linear(5, 2), U8, W8)
+
+    def forward(self, image: torch.Tensor, features: torch.Tensor) -> dict[str, torch.Tensor]:
+        return {"scores": self.image_head(image), "aux": self.token_head(features)}
+
+
+def _two_heads() -> _TwoHeads:
+    torch.manual_seed(0)
+    return calibrate(_TwoHeads(), [(torch.randn(16, 8), torch.randn(16, 5))])
+
+
+class _Pixels(nn.Module):
+    def __init__(self) -> None:
+        super().__init__()
+        self.fc = QuantLinear.from_float(nn.Linear(8, 4), U8, W8)
+
+    def forward(self, pixels: torch.Tensor) -> torch.Tensor:
+        return self.fc(pixels)
+
+
+class _InputCalledLogits(_Pixels):
+    def forward(self, logits: torch.Tensor) -> torch.Tensor:
+        return self.fc(logits)
+
+
+@pytest.mark.parametrize(
+    "net, names",
+    [(_Pixels, (["pixels"], ["logits"])), (_InputCalledLogits, (["logits"], ["logits_output"]))],
+    ids=["pixels", "input called logits"],
+)
+def test_inputs_are_named_after_forward_and_the_output_is_logits(net, names, tmp_path) -> None:
+    model = calibrate(net(), [torch.randn(16, 8)])
+    graph = onnx.load(str(export_onnx(model, torch.randn(2, 8), tmp_path / "m.onnx"))).graph
+    assert ([i.name for i in graph.input], [o.name for o in graph.output]) == names
+
+
+def test_several_inputs_and_dict_outputs_keep_the_models_names(tmp_path) -> None:
+    model = _two_heads()
+    path = export_onnx(model, (torch.randn(2, 8), torch.randn(2, 5)), tmp_path / "m.onnx")
+    graph = onnx.load(str(path)).graph
+    assert [i.name for i in graph.input] == ["image", "features"]
+    assert [o.name for o in graph.output] == ["scores", "aux"]
+    image, features = torch.randn(7, 8), torch.randn(7, 5)
+    # The graph as written (onnxruntime's fused QGemm may round a few values differently).
+    options = ort.SessionOptions()
+    options.graph_optimization_level = ort.GraphOptimizationLevel.ORT_DISABLE_ALL
+    session = ort.InferenceSession(str(path), options, providers=["CPUExecutionProvider"])
+    feed = {"image": image.numpy(), "features": features.numpy()}
+    got = dict(zip(["scores", "aux"], session.run(["scores", "aux"], feed), strict=True))
+    with torch.no_grad():
+        expected = convert(model)(image, features)
+    for name in ("scores", "aux"):  # each name is bound to its own output
+        np.testing.assert_array_equal(got[name], expected[name].numpy(), err_msg=name)
+
+
+def test_metadata_records_version_schemes_and_the_given_metrics(tmp_path) -> None:
+    import json
+
+    import qat_lightning
+
+    model = small_cnn(params=W8.replace(bits=4))
+    path = export_onnx(
+        model,
+        torch.randn(2, 3, 16, 16),
+        tmp_path / "m.onnx",
+        metadata={"metrics": {"val_acc": 0.9}},
+    )
+    props = {p.key: p.value for p in onnx.load(str(path)).metadata_props}
+    assert props["qat_lightning.version"] == qat_lightning.__version__
+    assert json.loads(props["metrics"]) == {"val_acc": 0.9}
+    schemes = json.loads(props["qat_lightning.schemes"])
+    (weights,) = schemes["params"]
+    assert weights["scheme"]["bits"] == 4 and weights["scheme"]["granularity"] == "per_channel"
+    assert weights["layers"] == ["0", "1", "4"]
+    (activations,) = schemes["activations"]
+    assert activations["scheme"]["bits"] == 8 and not activations["scheme"]["signed"]
+
+
+@pytest.mark.parametrize(
+    "metadata, match",
+    [({"qat_lightning.version": "9"}, "qat_lightning.version"), ({"metrics": object()}, "metrics")],
+)
+def test_metadata_that_cannot_be_stored_is_a_clear_error(metadata, match, tmp_path) -> None:
+    with pytest.raises(ValueError, match=rf"export_onnx\(metadata=.*{match}"):
+        export_onnx(small_cnn(), torch.randn(2, 3, 16, 16), tmp_path / "m.onnx", metadata=metadata)
+    assert not (tmp_path / "m.onnx").exists()
