@@ -169,9 +169,7 @@ def test_config_errors_name_the_field():
 def test_a_pattern_matching_nothing_is_a_warning():
     model = torchvision.models.resnet18(weights=None)
     with pytest.warns(UserWarning) as caught:
-        report = quantize_model(
-            model, skip=["classifier"], overrides={"layer9.*": {"params": {}}}
-        )
+        report = quantize_model(model, skip=["classifier"], overrides={"layer9.*": {"params": {}}})
     assert "override pattern 'layer9.*' matches no module" in report.warnings
     assert "skip pattern 'classifier' matches no module" in report.warnings
     messages = [str(w.message) for w in caught]
