@@ -11,9 +11,12 @@ When things happen, and why there:
   of the module instance (and restores it at teardown).
 - **Calibrate** at ``on_train_start`` on the first ``calibration_batches`` batches of the train
   loader: observers on, fake quant off, no gradient, BN buffers restored after each batch. No
-  optimizer step happens, so nothing in the model changes except the observers.
+  optimizer step happens, so nothing in the model changes except the observers. Whether a
+  model is calibrated is read from its quantizers' ``initialized`` buffers, never kept here:
+  one callback on a second model calibrates it, a resumed checkpoint is not recalibrated.
 - **Schedule** BN freeze, observer freeze and quant delay at epoch or step milestones.
-- **Export** at ``on_fit_end`` on global rank 0.
+- **Export** at ``on_fit_end`` on global rank 0 (``export_dir`` is checked writable at fit
+  start), then one summary line: last validation metrics, export paths and sizes.
 """
 
 from __future__ import annotations
@@ -267,9 +270,9 @@ class QATCallback(EvaluationHooks, Callback):
 
     def _check_schedule_not_past(self, trainer: pl.Trainer, pl_module: pl.LightningModule) -> None:
         calibrated = is_calibrated(pl_module)
-        done = {  # whether the model shows the milestone applied (or QAT has not begun)
-            "freeze_bn_at": not calibrated or bn_frozen(pl_module) is not False,
-            "freeze_observers_at": not calibrated or not observers_running(pl_module),
+        done = {  # whether the model (a resumed one) shows the milestone applied already
+            "freeze_bn_at": calibrated and bn_frozen(pl_module) is not False,
+            "freeze_observers_at": calibrated and not observers_running(pl_module),
             "quant_delay": calibrated,
         }
         for name, done_already in done.items():

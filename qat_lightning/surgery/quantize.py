@@ -370,7 +370,7 @@ class _Surgery:
             message = f"{kind} pattern {pattern!r} matches no module"
             self.report.warnings.append(message)
             warnings.warn(
-                f"quantize_model: {message} (names are model.named_modules() names)", stacklevel=3
+                f"quantize_model: {message} (names are model.named_modules() names)", stacklevel=4
             )
         if not self.report.traced:
             self.report.warnings.append(
