@@ -138,7 +138,7 @@ class QATCallback(EvaluationHooks, Callback):
             )
         if isinstance(skip, str):
             skip = (skip,)
-        if not isinstance(skip, (list, tuple)) or not all(isinstance(p, str) for p in skip):
+        if not isinstance(skip, Sequence) or not all(isinstance(p, str) for p in skip):
             raise ValueError(
                 f"QATCallback(skip={skip!r}) is invalid: allowed a list of glob strings"
             )

@@ -215,3 +215,15 @@ def test_fit_end_prints_one_summary_line(make_trainer, tmp_path, caplog):
 def test_scheme_objects_are_taken_as_given():
     scheme = QuantScheme(bits=6)  # per tensor: an explicit scheme is not merged
     assert QATCallback(params=scheme).config.params == scheme
+
+
+def test_hydra_lists_and_dicts_are_accepted():
+    from omegaconf import OmegaConf
+
+    qat = QATCallback(
+        skip=OmegaConf.create(["fc"]),
+        params=OmegaConf.create({"bits": 4}),
+        overrides=OmegaConf.create({"net.0": {"params": {"bits": 8}}}),
+    )
+    assert qat.config.skip == ("fc",) and qat.config.params == DEFAULT_PARAMS.replace(bits=4)
+    assert qat.config.schemes_for("net.0")[1] == DEFAULT_PARAMS
