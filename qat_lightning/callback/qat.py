@@ -21,7 +21,6 @@ When things happen, and why there:
 
 from __future__ import annotations
 
-import os
 import time
 from collections.abc import Sequence
 from pathlib import Path
@@ -32,9 +31,9 @@ import torch
 from lightning.pytorch.callbacks import Callback
 from lightning.pytorch.utilities import CombinedLoader
 from lightning.pytorch.utilities.rank_zero import rank_zero_info, rank_zero_warn
-from torch import nn
 from typing_extensions import override
 
+from qat_lightning.callback import arguments
 from qat_lightning.callback.calibration import (
     InputCapture,
     is_quantized,
@@ -56,21 +55,14 @@ from qat_lightning.callback.progress import (
     refuse_multiprocessing,
 )
 from qat_lightning.callback.reporting import check_writable, log_dir, log_report, summary
-from qat_lightning.callback.schedule import Milestone
-from qat_lightning.nn import QuantModule
+from qat_lightning.callback.schedule import Milestone, apply_schedule
 from qat_lightning.quant import QuantScheme
-from qat_lightning.surgery import QuantConfig, quantize_model
+from qat_lightning.surgery import quantize_model
 from qat_lightning.surgery.config import DEFAULT_INPUTS, DEFAULT_PARAMS
 
 EXPORT_FORMATS = ("onnx", "native")
 # Observers cheap enough to keep running on every QAT step; the others freeze after calibration.
 _TRACKING_OBSERVERS = ("minmax", "moving_minmax")
-
-
-def _positive_int(name: str, value: Any) -> int:
-    if isinstance(value, bool) or not isinstance(value, int) or value < 1:
-        raise ValueError(f"QATCallback({name}={value!r}) is invalid: allowed an integer >= 1")
-    return value
 
 
 class QATCallback(EvaluationHooks, Callback):
@@ -131,58 +123,19 @@ class QATCallback(EvaluationHooks, Callback):
         fuse: bool = True,
         integer_eval: bool = True,
     ) -> None:
-        if inputs is None and params is None:
-            raise ValueError(
-                "QATCallback(inputs=None, params=None) is invalid: that quantizes nothing; "
-                "allowed a scheme (or dict) for at least one of them"
-            )
-        if isinstance(skip, str):
-            skip = (skip,)
-        if not isinstance(skip, Sequence) or not all(isinstance(p, str) for p in skip):
-            raise ValueError(
-                f"QATCallback(skip={skip!r}) is invalid: allowed a list of glob strings"
-            )
-        if overrides is not None and not hasattr(overrides, "items"):
-            raise ValueError(
-                f"QATCallback(overrides={overrides!r}) is invalid: allowed a dict of "
-                "glob -> {'inputs': ..., 'params': ...} or None"
-            )
-        self.config = QuantConfig.from_any(
-            {
-                "inputs": inputs,
-                "params": params,
-                "overrides": overrides or {},
-                "skip": tuple(skip),
-                "fuse": fuse,
-            }
+        self.config = arguments.quant_config(inputs, params, overrides, skip, fuse)
+        self.calibration_batches = arguments.positive_int(
+            "calibration_batches", calibration_batches
         )
-        self.calibration_batches = _positive_int("calibration_batches", calibration_batches)
         self.freeze_bn_at = Milestone.parse("freeze_bn_at", freeze_bn_at)
         self.freeze_observers_at = Milestone.parse("freeze_observers_at", freeze_observers_at)
         self.quant_delay = Milestone.parse("quant_delay", quant_delay)
-        if isinstance(export_formats, str):
-            export_formats = (export_formats,)
-        bad = [f for f in export_formats if f not in EXPORT_FORMATS]
-        if bad:
-            raise ValueError(
-                f"QATCallback(export_formats={list(export_formats)!r}) is invalid: "
-                f"{bad[0]!r} is not one of {EXPORT_FORMATS}"
-            )
-        self.export_formats = tuple(export_formats)
-        if export_dir is not None and not isinstance(export_dir, (str, os.PathLike)):
-            raise ValueError(
-                f"QATCallback(export_dir={export_dir!r}) is invalid: allowed a path (str or "
-                "os.PathLike) or None"
-            )
-        self.export_dir = Path(export_dir) if export_dir is not None else None
-        if example_input is not None and not torch.is_tensor(example_input):
-            raise ValueError(
-                f"QATCallback(example_input=<{type(example_input).__name__}>) is invalid: "
-                "allowed a torch.Tensor or None"
-            )
+        self.export_formats = arguments.export_formats(export_formats, EXPORT_FORMATS)
+        self.export_dir = arguments.export_dir(export_dir)
+        arguments.example_input(example_input)
         self.example_input = example_input
         self._captured_input = False  # example_input came from a batch, not from the user
-        self.log_every_n_steps = _positive_int("log_every_n_steps", log_every_n_steps)
+        self.log_every_n_steps = arguments.positive_int("log_every_n_steps", log_every_n_steps)
         if not isinstance(integer_eval, bool):
             raise ValueError(
                 f"QATCallback(integer_eval={integer_eval!r}) is invalid: allowed True or False"
@@ -348,34 +301,13 @@ class QATCallback(EvaluationHooks, Callback):
     def _apply_schedule(self, trainer: pl.Trainer, pl_module: pl.LightningModule) -> None:
         if not self._qat_running:
             return  # nothing was calibrated (empty loader): the model stays float
-        epoch, step = trainer.current_epoch, trainer.global_step
-        freeze_bn = self.freeze_bn_at is not None and self.freeze_bn_at.reached(epoch, step)
-        if freeze_bn and "bn" not in self._announced:
-            for module in pl_module.modules():
-                if hasattr(module, "freeze_bn_stats"):
-                    module.freeze_bn_stats()
-            self._announced.add("bn")
-            rank_zero_info(
-                f"QATCallback: BatchNorm statistics frozen at epoch {epoch}, step {step}"
-            )
-        if freeze_bn:  # standalone BNs: Lightning puts the model back in train mode
-            modules = list(pl_module.modules())
-            fused = {id(getattr(m, "bn", None)) for m in modules if isinstance(m, QuantModule)}
-            for module in modules:
-                if isinstance(module, nn.modules.batchnorm._BatchNorm) and id(module) not in fused:
-                    module.eval()
-        if (
-            self.freeze_observers_at is not None
-            and "observers" not in self._announced
-            and self.freeze_observers_at.reached(epoch, step)
-        ):
-            for _, quantizer in named_quantizers(pl_module):
-                quantizer.enable_observer(False)
-            self._announced.add("observers")
-            rank_zero_info(f"QATCallback: observers frozen at epoch {epoch}, step {step}")
-        quant_on = self.quant_delay is None or self.quant_delay.reached(epoch, step)
-        for _, quantizer in named_quantizers(pl_module):
-            quantizer.enable_fake_quant(quant_on)
+        apply_schedule(
+            pl_module,
+            trainer.current_epoch,
+            trainer.global_step,
+            (self.freeze_bn_at, self.freeze_observers_at, self.quant_delay),
+            self._announced,
+        )
 
     @override
     def on_train_epoch_start(self, trainer: pl.Trainer, pl_module: pl.LightningModule) -> None:
