@@ -7,7 +7,6 @@ from pathlib import Path
 from typing import Any
 
 import torch
-from lightning.pytorch.utilities.rank_zero import rank_zero_info
 from torch import nn
 
 
@@ -15,7 +14,8 @@ class QATExportError(RuntimeError):
     """The fit finished (its checkpoints are written) but the integer export failed."""
 
 
-def _size(path: Path) -> int:
+def export_size(path: Path) -> int:
+    """Bytes of a file, or of every file in a directory."""
     if path.is_dir():
         return sum(p.stat().st_size for p in path.rglob("*") if p.is_file())
     return path.stat().st_size
@@ -28,9 +28,14 @@ def export_trained(
     formats: Sequence[str],
     config: Any = None,
     metrics: dict[str, Any] | None = None,
+    written: dict[str, Path] | None = None,
 ) -> dict[str, Path]:
     """Export ``model`` in each of ``formats`` to ``out_dir``, with a model card
     (``README.md``, showing ``metrics`` when given); returns ``{format: path}``.
+
+    Args:
+        written: a dict filled with ``{format: path}`` as each format is written, so that the
+            caller knows what exists when a later format fails.
 
     Raises:
         QATExportError: naming the format that failed and why. Files already written by the
@@ -39,7 +44,7 @@ def export_trained(
     from qat_lightning.export import export_onnx, save_quantized, write_model_card
 
     out_dir = Path(out_dir)
-    paths: dict[str, Path] = {}
+    paths: dict[str, Path] = {} if written is None else written
     was_training = model.training
     model.eval()
     try:
@@ -64,13 +69,14 @@ def export_trained(
                 elif fmt == "native":
                     paths[fmt] = Path(save_quantized(model, out_dir / "native", config=config))
             except Exception as error:
+                done = f" ({', '.join(paths)} written)" if paths else ""
                 raise QATExportError(
                     f"QATCallback: exporting {fmt!r} to {out_dir} failed: {error}. The fit's "
-                    "checkpoints are intact."
+                    f"checkpoints are intact{done}."
                 ) from error
         if paths:
             try:
-                card = write_model_card(out_dir, model, paths, metrics)
+                write_model_card(out_dir, model, paths, metrics)
             except Exception as error:
                 raise QATExportError(
                     f"QATCallback: writing the model card {out_dir / 'README.md'} failed: "
@@ -78,8 +84,4 @@ def export_trained(
                 ) from error
     finally:
         model.train(was_training)
-    for fmt, path in paths.items():
-        rank_zero_info(f"QATCallback: exported {fmt}: {path} ({_size(path) / 1024:.1f} KiB)")
-    if paths:
-        rank_zero_info(f"QATCallback: model card: {card}")
     return paths

@@ -11,9 +11,12 @@ When things happen, and why there:
   of the module instance (and restores it at teardown).
 - **Calibrate** at ``on_train_start`` on the first ``calibration_batches`` batches of the train
   loader: observers on, fake quant off, no gradient, BN buffers restored after each batch. No
-  optimizer step happens, so nothing in the model changes except the observers.
+  optimizer step happens, so nothing in the model changes except the observers. Whether a
+  model is calibrated is read from its quantizers' ``initialized`` buffers, never kept here:
+  one callback on a second model calibrates it, a resumed checkpoint is not recalibrated.
 - **Schedule** BN freeze, observer freeze and quant delay at epoch or step milestones.
-- **Export** at ``on_fit_end`` on global rank 0.
+- **Export** at ``on_fit_end`` on global rank 0 (``export_dir`` is checked writable at fit
+  start), then one summary line: last validation metrics, export paths and sizes.
 """
 
 from __future__ import annotations
@@ -28,9 +31,9 @@ import torch
 from lightning.pytorch.callbacks import Callback
 from lightning.pytorch.utilities import CombinedLoader
 from lightning.pytorch.utilities.rank_zero import rank_zero_info, rank_zero_warn
-from torch import nn
 from typing_extensions import override
 
+from qat_lightning.callback import arguments
 from qat_lightning.callback.calibration import (
     InputCapture,
     is_quantized,
@@ -40,40 +43,61 @@ from qat_lightning.callback.calibration import (
 )
 from qat_lightning.callback.distributed import sync_observers
 from qat_lightning.callback.evaluation import EvaluationHooks
+from qat_lightning.callback.exporting import QATExportError, export_trained
 from qat_lightning.callback.health import HealthProbe, named_quantizers
-from qat_lightning.callback.schedule import Milestone
-from qat_lightning.nn import QuantModule
+from qat_lightning.callback.progress import (
+    bn_frozen,
+    check_milestone_in_run,
+    check_same_config,
+    fake_quant_ran,
+    is_calibrated,
+    observers_running,
+    refuse_multiprocessing,
+)
+from qat_lightning.callback.reporting import (
+    check_writable,
+    log_dir,
+    log_report,
+    summary,
+    validation_metrics,
+)
+from qat_lightning.callback.schedule import Milestone, apply_schedule
 from qat_lightning.quant import QuantScheme
-from qat_lightning.surgery import QuantConfig, quantize_model
+from qat_lightning.surgery import quantize_model
+from qat_lightning.surgery.config import DEFAULT_INPUTS, DEFAULT_PARAMS
 
 EXPORT_FORMATS = ("onnx", "native")
 # Observers cheap enough to keep running on every QAT step; the others freeze after calibration.
 _TRACKING_OBSERVERS = ("minmax", "moving_minmax")
 
 
-def _positive_int(name: str, value: Any) -> int:
-    if isinstance(value, bool) or not isinstance(value, int) or value < 1:
-        raise ValueError(f"QATCallback({name}={value!r}) is invalid: allowed an integer >= 1")
-    return value
-
-
 class QATCallback(EvaluationHooks, Callback):
     """Quantization-aware training for an unchanged LightningModule.
 
     Args:
-        inputs: scheme for activations (a `QuantScheme` or a dict of its fields); ``None``
-            keeps activations float. Default: 8-bit affine unsigned, moving min/max.
-        params: scheme for weights. Default: 8-bit symmetric per-channel, min/max.
+        inputs: scheme for activations: a `QuantScheme`, or a dict of its fields applied field
+            by field over the default (``{"bits": 4}``: 4-bit affine unsigned, moving
+            min/max); ``None`` keeps activations float (weight-only quantization, through
+            training, integer eval, `convert`, ONNX and the native artifact). Default
+            (`DEFAULT_INPUTS`): 8-bit affine unsigned, moving min/max.
+        params: scheme for weights, likewise (``{"bits": 4}``: 4-bit symmetric per-channel,
+            min/max); ``None`` keeps weights float (activation-only). Default
+            (`DEFAULT_PARAMS`): 8-bit symmetric per-channel, min/max. ``inputs`` and
+            ``params`` both None is an error.
         calibration_batches: training batches observed before QAT starts (>= 1).
-        freeze_bn_at: when BatchNorm statistics freeze, e.g. ``{"epoch": 3}`` or
-            ``{"step": 500}``; ``None``: never.
+        freeze_bn_at: when BatchNorm statistics freeze, e.g. ``{"epoch": 3}`` (at the start
+            of epoch 3) or ``{"step": 500}`` (before optimizer step 500); a bare int is an
+            epoch; ``None``: never. A milestone at or past the run's end (``max_epochs`` /
+            ``max_steps``) is an error at fit start.
         freeze_observers_at: when observers freeze (encodings stop moving); ``None``: never.
         quant_delay: train in float until then, observers still running; ``None``: no delay.
+            A fit that stops before it (EarlyStopping) exports nothing: `QATExportError`.
         overrides: per-name scheme overrides for `quantize_model`, e.g.
-            ``{"fc": {"params": {"bits": 8}}}``.
+            ``{"fc": {"params": {"bits": 8}}}``; each dict merges field by field over the
+            scheme the layer would have without it. A pattern matching nothing warns.
         skip: glob patterns of module names left float, e.g. ``["fc", "*.downsample.*"]``.
         export_dir: where ``on_fit_end`` writes the integer model; default
-            ``<trainer.log_dir>/qat_export``.
+            ``<trainer.log_dir>/qat_export``. Checked for writing at fit start.
         export_formats: any of ``"onnx"`` and ``"native"`` (safetensors + encodings JSON).
         example_input: input for the ONNX export; default: captured from the first batch.
         log_every_n_steps: how often per-layer scale, zero point, clip rate and SQNR are logged.
@@ -90,8 +114,8 @@ class QATCallback(EvaluationHooks, Callback):
 
     def __init__(
         self,
-        inputs: QuantScheme | dict[str, Any] | None = None,
-        params: QuantScheme | dict[str, Any] | None = None,
+        inputs: QuantScheme | dict[str, Any] | None = DEFAULT_INPUTS,
+        params: QuantScheme | dict[str, Any] | None = DEFAULT_PARAMS,
         calibration_batches: int = 8,
         freeze_bn_at: int | dict[str, int] | None = None,
         freeze_observers_at: int | dict[str, int] | None = None,
@@ -105,49 +129,28 @@ class QATCallback(EvaluationHooks, Callback):
         fuse: bool = True,
         integer_eval: bool = True,
     ) -> None:
-        if inputs is None:
-            inputs = QuantScheme(symmetric=False, signed=False, observer="moving_minmax")
-        if params is None:
-            params = QuantScheme(granularity="per_channel")
-        self.config = QuantConfig.from_any(
-            {
-                "inputs": inputs,
-                "params": params,
-                "overrides": overrides or {},
-                "skip": tuple(skip),
-                "fuse": fuse,
-            }
+        self.config = arguments.quant_config(inputs, params, overrides, skip, fuse)
+        self.calibration_batches = arguments.positive_int(
+            "calibration_batches", calibration_batches
         )
-        self.calibration_batches = _positive_int("calibration_batches", calibration_batches)
         self.freeze_bn_at = Milestone.parse("freeze_bn_at", freeze_bn_at)
         self.freeze_observers_at = Milestone.parse("freeze_observers_at", freeze_observers_at)
         self.quant_delay = Milestone.parse("quant_delay", quant_delay)
-        if isinstance(export_formats, str):
-            export_formats = (export_formats,)
-        bad = [f for f in export_formats if f not in EXPORT_FORMATS]
-        if bad:
-            raise ValueError(
-                f"QATCallback(export_formats={list(export_formats)!r}) is invalid: "
-                f"{bad[0]!r} is not one of {EXPORT_FORMATS}"
-            )
-        self.export_formats = tuple(export_formats)
-        self.export_dir = Path(export_dir) if export_dir is not None else None
-        if example_input is not None and not torch.is_tensor(example_input):
-            raise ValueError(
-                f"QATCallback(example_input=<{type(example_input).__name__}>) is invalid: "
-                "allowed a torch.Tensor or None"
-            )
+        self.export_formats = arguments.export_formats(export_formats, EXPORT_FORMATS)
+        self.export_dir = arguments.export_dir(export_dir)
+        arguments.example_input(example_input)
         self.example_input = example_input
-        self.log_every_n_steps = _positive_int("log_every_n_steps", log_every_n_steps)
+        self._captured_input = False  # example_input came from a batch, not from the user
+        self.log_every_n_steps = arguments.positive_int("log_every_n_steps", log_every_n_steps)
         if not isinstance(integer_eval, bool):
             raise ValueError(
                 f"QATCallback(integer_eval={integer_eval!r}) is invalid: allowed True or False"
             )
         self.integer_eval = integer_eval
-        # Progress that a checkpoint must carry (see state_dict).
-        self.calibrated = False
-        self.bn_frozen = False
-        self.observers_frozen = False
+        # Progress is the model's (see `calibrated`); these only say what was logged already.
+        self._announced: set[str] = set()
+        self._model: pl.LightningModule | None = None
+        self._qat_running = False
         self.report = None
         self.export_paths: dict[str, Path] = {}
         self._export_target: str | None = None  # "" = the LightningModule, else a child name
@@ -156,10 +159,23 @@ class QATCallback(EvaluationHooks, Callback):
         self._last_logged_step = -1
         EvaluationHooks.__init__(self)
 
+    @property
+    def calibrated(self) -> bool:
+        """Whether the model this callback last saw is calibrated (read from its quantizers'
+        ``initialized`` buffers: a fresh model is not, a resumed checkpoint is)."""
+        return self._model is not None and is_calibrated(self._model)
+
     # -- swap ---------------------------------------------------------------------------------
     @override
     def setup(self, trainer: pl.Trainer, pl_module: pl.LightningModule, stage: str) -> None:
+        refuse_multiprocessing(trainer)
+        if self._model is not pl_module:
+            self._model = pl_module
+            self._announced.clear()
+            if self._captured_input:  # captured from another model's batches
+                self.example_input, self._export_target, self._captured_input = None, None, False
         if is_quantized(pl_module):
+            check_same_config(pl_module, self.config)
             return
         # Chain onto this instance's configure_model: Lightning calls it after every setup hook
         # and before restore / optimizers / DDP. No functools.wraps: Lightning must see it as
@@ -193,23 +209,30 @@ class QATCallback(EvaluationHooks, Callback):
     # -- fit start: report, schedule checks, calibration ------------------------------------
     @override
     def on_fit_start(self, trainer: pl.Trainer, pl_module: pl.LightningModule) -> None:
-        log_dir = _log_dir(trainer)  # a collective under DDP: every rank must ask
+        logs = log_dir(trainer)  # a collective under DDP: every rank must ask
+        if self.export_formats and trainer.is_global_zero:
+            check_writable(self.export_dir or logs / "qat_export", self.export_dir)
         if self.report is not None and trainer.is_global_zero:
-            _log_report(trainer, self.report, log_dir)
+            log_report(trainer, self.report, logs)
 
     @override
     def on_train_start(self, trainer: pl.Trainer, pl_module: pl.LightningModule) -> None:
-        self._check_schedule_not_past(trainer)
-        if not self.calibrated:
+        for name in ("freeze_bn_at", "freeze_observers_at", "quant_delay"):
+            milestone = getattr(self, name)
+            if milestone is not None:
+                check_milestone_in_run(name, milestone, trainer)
+        self._check_schedule_not_past(trainer, pl_module)
+        if not is_calibrated(pl_module):
             self._calibrate(trainer, pl_module)
-            self.calibrated = True
+        self._qat_running = is_calibrated(pl_module)  # read once per fit: a device sync each
         self._apply_schedule(trainer, pl_module)
 
-    def _check_schedule_not_past(self, trainer: pl.Trainer) -> None:
-        done = {
-            "freeze_bn_at": self.bn_frozen,
-            "freeze_observers_at": self.observers_frozen,
-            "quant_delay": self.calibrated,
+    def _check_schedule_not_past(self, trainer: pl.Trainer, pl_module: pl.LightningModule) -> None:
+        calibrated = is_calibrated(pl_module)
+        done = {  # whether the model (a resumed one) shows the milestone applied already
+            "freeze_bn_at": calibrated and bn_frozen(pl_module) is not False,
+            "freeze_observers_at": calibrated and not observers_running(pl_module),
+            "quant_delay": calibrated,
         }
         for name, done_already in done.items():
             milestone: Milestone | None = getattr(self, name)
@@ -251,6 +274,13 @@ class QATCallback(EvaluationHooks, Callback):
                 restore_buffers(pl_module, frozen_buffers)
         if capture is not None:
             self.example_input, self._export_target = capture.finish()
+            self._captured_input = self.example_input is not None
+        if seen == 0:
+            rank_zero_warn(
+                "QATCallback: the train loader gave no batches, so nothing was calibrated: "
+                "the model trains in float and is not exported"
+            )
+            return
         if seen < self.calibration_batches:
             rank_zero_warn(
                 f"QATCallback(calibration_batches={self.calibration_batches}) is more than the "
@@ -275,33 +305,15 @@ class QATCallback(EvaluationHooks, Callback):
 
     # -- schedule --------------------------------------------------------------------------
     def _apply_schedule(self, trainer: pl.Trainer, pl_module: pl.LightningModule) -> None:
-        epoch, step = trainer.current_epoch, trainer.global_step
-        if self.freeze_bn_at and not self.bn_frozen and self.freeze_bn_at.reached(epoch, step):
-            for module in pl_module.modules():
-                if hasattr(module, "freeze_bn_stats"):
-                    module.freeze_bn_stats()
-            self.bn_frozen = True
-            rank_zero_info(
-                f"QATCallback: BatchNorm statistics frozen at epoch {epoch}, step {step}"
-            )
-        if self.bn_frozen:  # standalone BNs: Lightning puts the model back in train mode
-            modules = list(pl_module.modules())
-            fused = {id(getattr(m, "bn", None)) for m in modules if isinstance(m, QuantModule)}
-            for module in modules:
-                if isinstance(module, nn.modules.batchnorm._BatchNorm) and id(module) not in fused:
-                    module.eval()
-        if (
-            self.freeze_observers_at
-            and not self.observers_frozen
-            and self.freeze_observers_at.reached(epoch, step)
-        ):
-            for _, quantizer in named_quantizers(pl_module):
-                quantizer.enable_observer(False)
-            self.observers_frozen = True
-            rank_zero_info(f"QATCallback: observers frozen at epoch {epoch}, step {step}")
-        quant_on = self.quant_delay is None or self.quant_delay.reached(epoch, step)
-        for _, quantizer in named_quantizers(pl_module):
-            quantizer.enable_fake_quant(quant_on)
+        if not self._qat_running:
+            return  # nothing was calibrated (empty loader): the model stays float
+        apply_schedule(
+            pl_module,
+            trainer.current_epoch,
+            trainer.global_step,
+            (self.freeze_bn_at, self.freeze_observers_at, self.quant_delay),
+            self._announced,
+        )
 
     @override
     def on_train_epoch_start(self, trainer: pl.Trainer, pl_module: pl.LightningModule) -> None:
@@ -337,57 +349,57 @@ class QATCallback(EvaluationHooks, Callback):
     # -- export ------------------------------------------------------------------------------
     @override
     def on_fit_end(self, trainer: pl.Trainer, pl_module: pl.LightningModule) -> None:
-        out_dir = self.export_dir or _log_dir(trainer) / "qat_export"  # every rank asks
-        if not trainer.is_global_zero or not self.calibrated or not self.export_formats:
+        out_dir = self.export_dir or log_dir(trainer) / "qat_export"  # every rank asks
+        if not trainer.is_global_zero or not self.export_formats:
             return
-        from qat_lightning.callback.exporting import export_trained
-
+        if not is_calibrated(pl_module):
+            rank_zero_warn(
+                "QATCallback: no training batch ran (limit_train_batches=0, an empty train "
+                "loader, or a fit that stopped first): the model was never calibrated and is "
+                f"not exported to {out_dir}"
+            )
+            return
+        if not fake_quant_ran(pl_module):
+            raise QATExportError(
+                f"QATCallback: not exporting to {out_dir}: fake quantization never ran, the "
+                f"fit stopped at epoch {trainer.current_epoch}, step {trainer.global_step}, "
+                f"before quant_delay={self.quant_delay}; the model trained in float only. "
+                "Lower quant_delay or train longer"
+            )
         target = (
             pl_module if not self._export_target else pl_module.get_submodule(self._export_target)
         )
-        self.export_paths = export_trained(
-            target, self.example_input, out_dir, self.export_formats, self.config
+        self.export_paths = {}  # filled as each format is written, kept if a later one fails
+        export_trained(
+            target,
+            self.example_input,
+            out_dir,
+            self.export_formats,
+            self.config,
+            metrics=validation_metrics(trainer) or None,
+            written=self.export_paths,
         )
+        rank_zero_info(summary(trainer, self.export_paths, self.integer_eval))
 
     # -- checkpointed progress -----------------------------------------------------------------
     @override
     def state_dict(self) -> dict[str, Any]:
+        # calibrated / bn_frozen / observers_frozen are the model's (its quantizer buffers);
+        # they are still written so that older code reading this state finds them.
+        model = self._model
         return {
             "calibrated": self.calibrated,
-            "bn_frozen": self.bn_frozen,
-            "observers_frozen": self.observers_frozen,
+            "bn_frozen": bool(model is not None and bn_frozen(model)),
+            "observers_frozen": bool(model is not None and not observers_running(model)),
             "export_target": self._export_target,
             "example_input": None if self.example_input is None else self.example_input.cpu(),
         }
 
     @override
     def load_state_dict(self, state_dict: dict[str, Any]) -> None:
-        self.calibrated = bool(state_dict.get("calibrated", False))
-        self.bn_frozen = bool(state_dict.get("bn_frozen", False))
-        self.observers_frozen = bool(state_dict.get("observers_frozen", False))
+        # Old and new states load alike; the progress flags in them are ignored (the
+        # checkpoint's model state holds that progress).
         self._export_target = state_dict.get("export_target", self._export_target)
         if self.example_input is None and state_dict.get("example_input") is not None:
             self.example_input = state_dict["example_input"]
-
-
-# -- helpers ------------------------------------------------------------------------------------
-def _log_dir(trainer: pl.Trainer) -> Path:
-    """The trainer's log dir. Under DDP, `trainer.log_dir` broadcasts: call it on every rank."""
-    return Path(trainer.log_dir or trainer.default_root_dir)
-
-
-def _log_report(trainer: pl.Trainer, report: Any, log_dir: Path) -> None:
-    """The quantization report, as text in the log dir and as a table where a logger has one."""
-    text = str(report)
-    log_dir.mkdir(parents=True, exist_ok=True)
-    (log_dir / "qat_report.txt").write_text(text + "\n")
-    rows = report.to_dict().get("layers", [])
-    for logger in trainer.loggers:
-        experiment = getattr(logger, "experiment", None)
-        if hasattr(logger, "log_text") and rows:  # wandb
-            columns = list(rows[0].keys())
-            logger.log_text(
-                key="qat/report", columns=columns, data=[[str(r[c]) for c in columns] for r in rows]
-            )
-        elif hasattr(experiment, "add_text"):  # tensorboard
-            experiment.add_text("qat/report", "```\n" + text + "\n```")
+            self._captured_input = True

@@ -19,15 +19,53 @@ import warnings
 from collections.abc import Iterator
 
 import torch
+import torch.nn.functional as F
 from torch import fx, nn
 
-from qat_lightning.export.modules import IntegerEmbedding, IntegerLayer
+from qat_lightning.export.modules import (
+    IntegerEmbedding,
+    IntegerLayer,
+    WeightOnlyLayer,
+    weightless_twin,
+)
 from qat_lightning.export.ops import QuantizedOp
+from qat_lightning.export.qdq import on_grid_for_onnx, qdq_or_identity
 from qat_lightning.nn.base import QuantModule
 from qat_lightning.quant import Quantizer
 
 # The ops that keep values on their input's grid: the same list surgery prunes by.
 from qat_lightning.surgery.graph import GRID_FUNCTIONS, GRID_METHODS, GRID_MODULES
+
+
+class ActivationOnlyOp(QuantizedOp):
+    """A Linear / Conv / fused layer with float weights and quantized activations
+    (``params=None``): fake-quantized input and output around the float op on the (BN-folded)
+    float weight, in eager mode and in ONNX (``Q/DQ`` around a float Gemm / Conv)."""
+
+    def __init__(self, module: QuantModule, borrowed: list[Quantizer | None]) -> None:
+        weight, bias = module.weight_and_bias()
+        super().__init__(module, borrowed)
+        self.op = weightless_twin(module)
+        self.kind = "linear" if isinstance(module, nn.Linear) else "conv"
+        self.relu = bool(getattr(module, "_relu", False))
+        self.register_buffer("float_weight", weight.detach().clone())
+        self.register_buffer("float_bias", None if bias is None else bias.detach().clone())
+
+    def forward(self, x: torch.Tensor) -> torch.Tensor:
+        own = self.module.input_quantizers[0]
+        if own is not None:
+            x = own(x)
+        elif torch.onnx.is_in_onnx_export():
+            x = on_grid_for_onnx(self.borrowed_encodings[0], x)
+        if self.kind == "linear":
+            y = F.linear(x, self.float_weight, self.float_bias)
+        else:
+            y = self.op._conv_forward(x, self.float_weight, self.float_bias)
+        y = F.relu(y) if self.relu else y
+        return qdq_or_identity(self.module.output_quantizers[0], y)
+
+    def extra_repr(self) -> str:
+        return "float weight, quantized activations"
 
 
 class NotCalibratedError(RuntimeError):
@@ -216,6 +254,14 @@ def _convert_module(name: str, module: QuantModule, borrowed: list[Quantizer | N
         encoding = own if _active(own) else borrowed[0]
         if encoding.scale.dim() == 0:
             return IntegerLayer.from_quant(module, borrowed[0])
+    float_activations = not any(has_input) and not _active(module.output_quantizers[0])
+    if mac and _active(weight_q) and float_activations:  # weight-only: inputs=None
+        return WeightOnlyLayer.from_quant(module)
+    from qat_lightning.nn.conv_transpose import _QuantConvTransposeNd
+
+    plain_mac = mac and not isinstance(module, _QuantConvTransposeNd)
+    if plain_mac and weight_q is None and all(has_input):  # activation-only: params=None
+        return ActivationOnlyOp(module, borrowed)
     op = QuantizedOp(module, borrowed)
     reason = None
     if not all(has_input):

@@ -291,6 +291,57 @@ class IntegerLayer(_IntegerWeights):
         return f"{self.kind}: {op}, W{self.weight_scheme.bits}{bias}{', relu' if self.relu else ''}"
 
 
+class WeightOnlyLayer(IntegerLayer):
+    """A weight-only quantized layer (``inputs=None``): integer weight codes, float input,
+    float bias, float output. Eager: ``op(x, dequantize(codes), bias)``; ONNX:
+    ``DequantizeLinear`` of the integer weight initializer feeding the float Gemm / Conv."""
+
+    @classmethod
+    def from_quant(cls, source: QuantModule, borrowed: Quantizer | None = None) -> WeightOnlyLayer:
+        """Convert ``source``, a layer with a quantized weight and no activation encodings."""
+        from qat_lightning.nn.conv_transpose import _QuantConvTransposeNd
+        from qat_lightning.nn.linear import QuantLinear
+
+        kind = (
+            LINEAR
+            if isinstance(source, QuantLinear)
+            else CONV_TRANSPOSE
+            if isinstance(source, _QuantConvTransposeNd)
+            else CONV
+        )
+        weight, bias = source.weight_and_bias()
+        w_quantizer = source.param_quantizers["weight"]
+        scheme = w_quantizer.scheme.replace(learnable=False)
+        relu = bool(getattr(source, "_relu", False))
+        layer = cls(weightless_twin(source), kind, scheme, tuple(weight.shape), relu)
+        q_w = w_quantizer.quantize(weight.detach().float())
+        codes = pack_int4(q_w.codes) if packs_to_int4(scheme) else q_w.codes
+        layer.register_buffer("weight_codes", codes)
+        layer.register_buffer("weight_scale", q_w.scale.clone())
+        layer.register_buffer("weight_zero_point", q_w.zero_point.clone())
+        layer.register_buffer("bias_codes", None)
+        layer.register_buffer("float_bias", None if bias is None else bias.detach().clone())
+        return layer.to(weight.device)
+
+    def forward(self, x: torch.Tensor, *extra: Any) -> torch.Tensor:
+        if torch.onnx.is_in_onnx_export():
+            weight = self.onnx_weight()
+        else:
+            weight = self.weight_qtensor().dequantize().to(x.dtype)
+        y = self._mac(x, weight, self.float_bias, extra)
+        return F.relu(y) if self.relu else y
+
+    def prepare_onnx(self, int4: bool) -> None:
+        _IntegerWeights.prepare_onnx(self, int4)
+
+    def extra_repr(self) -> str:
+        op = self.op.extra_repr().replace(", bias=False", "")
+        relu = ", relu" if self.relu else ""
+        return (
+            f"{self.kind}: {op}, W{self.weight_scheme.bits} weight-only (float activations){relu}"
+        )
+
+
 class IntegerEmbedding(_IntegerWeights):
     """An embedding table stored as integer codes; rows are looked up by integer indices."""
 

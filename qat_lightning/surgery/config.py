@@ -15,9 +15,12 @@ from typing import Any
 
 from qat_lightning.quant import QuantScheme
 
-# The defaults of the design: A8 affine unsigned activations, W8 symmetric per-channel weights.
-DEFAULT_INPUTS = QuantScheme(bits=8, symmetric=False, signed=False)
+# The defaults of the design, one source of truth for every role: activations 8-bit affine
+# unsigned with moving min/max ranges, weights 8-bit symmetric per-channel min/max. A dict given
+# for a role is applied field by field over that role's default.
+DEFAULT_INPUTS = QuantScheme(bits=8, symmetric=False, signed=False, observer="moving_minmax")
 DEFAULT_PARAMS = QuantScheme(bits=8, symmetric=True, granularity="per_channel")
+ROLE_DEFAULTS = {"inputs": DEFAULT_INPUTS, "params": DEFAULT_PARAMS}
 OVERRIDE_KEYS = ("inputs", "params")
 
 
@@ -39,14 +42,28 @@ def _plain(value: Any) -> Any:
 
 
 def merge_scheme(
-    base: QuantScheme | None, change: QuantScheme | Mapping[str, Any] | None
+    base: QuantScheme | None, change: QuantScheme | Mapping[str, Any] | None, role: str
 ) -> QuantScheme | None:
-    """``change`` applied field by field over ``base`` (a scheme or None replaces it)."""
+    """``change`` applied field by field over ``base`` (a scheme or None replaces it).
+
+    Over a ``base`` of None (that role float), a dict applies over the role's default
+    (`ROLE_DEFAULTS`), so ``{"bits": 4}`` always means "the default scheme, at 4 bits".
+    """
     if change is None or isinstance(change, QuantScheme):
         return change
-    fields = (base or QuantScheme()).to_dict()
-    fields.update(change)
+    if not (isinstance(change, Mapping) or hasattr(change, "items")):
+        raise ValueError(
+            f"{role}={change!r} is invalid: allowed a QuantScheme, a dict of its fields or None"
+        )
+    fields = (base or ROLE_DEFAULTS[role]).to_dict()
+    fields.update(_plain(change))
     return QuantScheme.from_any(fields)
+
+
+def resolve_scheme(role: str, value: Any) -> QuantScheme | None:
+    """The scheme of ``role`` (``"inputs"`` or ``"params"``): a `QuantScheme` as given, a dict
+    merged field by field over the role's default, None for float."""
+    return merge_scheme(ROLE_DEFAULTS[role], _plain(value), role)
 
 
 @dataclass(frozen=True)
@@ -54,12 +71,16 @@ class QuantConfig:
     """What `quantize_model` does to a model.
 
     Args:
-        inputs: the activation scheme (every quantized module's inputs and output); ``None``
-            keeps activations float. Default: 8-bit affine unsigned.
-        params: the weight scheme; ``None`` keeps weights float. Default: 8-bit symmetric
-            per-channel.
-        overrides: glob on module names -> ``{"inputs": {...}, "params": {...}}``, merged field
-            by field over the defaults (a value ``None`` makes that side float). When several
+        inputs: the activation scheme (every quantized module's inputs and output): a
+            `QuantScheme`, or a dict of its fields applied over the default; ``None`` keeps
+            activations float (weight-only quantization). Default (`DEFAULT_INPUTS`): 8-bit
+            affine unsigned, moving min/max.
+        params: the weight scheme, likewise; ``None`` keeps weights float (activation-only).
+            Default (`DEFAULT_PARAMS`): 8-bit symmetric per-channel, min/max. ``inputs`` and
+            ``params`` both None is an error unless an override quantizes something.
+        overrides: glob on module names -> ``{"inputs": {...}, "params": {...}}``, each dict
+            merged field by field over the scheme the module has without it (over the role's
+            default where that is None); a value ``None`` makes that side float. When several
             patterns match a module they apply in the mapping's order, later ones winning.
         skip: globs of module names left float (the match is reported as ``skipped``).
         fuse: fuse Conv/Linear + BatchNorm (+ ReLU) into one quantized module.
@@ -78,9 +99,9 @@ class QuantConfig:
     def __post_init__(self) -> None:
         for side in OVERRIDE_KEYS:
             try:
-                scheme = QuantScheme.from_any(_plain(getattr(self, side)))
-            except TypeError as err:
-                raise ValueError(f"QuantConfig.{side}: {err}; or None") from err
+                scheme = resolve_scheme(side, getattr(self, side))
+            except (TypeError, ValueError) as err:
+                raise ValueError(f"QuantConfig.{side}: {err}") from err
             object.__setattr__(self, side, scheme)
         skip = _plain(self.skip)
         skip = [skip] if isinstance(skip, str) else skip
@@ -90,6 +111,12 @@ class QuantConfig:
         if not isinstance(self.fuse, bool):
             raise ValueError(f"QuantConfig.fuse={self.fuse!r} is invalid: allowed True or False")
         object.__setattr__(self, "overrides", self._checked_overrides(_plain(self.overrides)))
+        something = any(v is not None for c in self.overrides.values() for v in c.values())
+        if self.inputs is None and self.params is None and not something:
+            raise ValueError(
+                "QuantConfig(inputs=None, params=None) is invalid: it quantizes nothing; "
+                "allowed a scheme for at least one of them (or an override that sets one)"
+            )
 
     def _checked_overrides(self, overrides: Any) -> dict[str, dict[str, Any]]:
         if not isinstance(overrides, dict):
@@ -118,7 +145,7 @@ class QuantConfig:
                         "QuantScheme fields, a QuantScheme or None"
                     )
                 try:  # validate now, against the defaults, so a typo fails before any surgery
-                    merge_scheme(getattr(self, side), value)
+                    merge_scheme(getattr(self, side), value, side)
                 except ValueError as err:
                     raise ValueError(f"{where}[{side!r}]: {err}") from err
             checked[pattern] = dict(change)
@@ -154,9 +181,9 @@ class QuantConfig:
         for pattern, change in self.overrides.items():
             if matches(pattern, name):
                 if "inputs" in change:
-                    inputs = merge_scheme(inputs, change["inputs"])
+                    inputs = merge_scheme(inputs, change["inputs"], "inputs")
                 if "params" in change:
-                    params = merge_scheme(params, change["params"])
+                    params = merge_scheme(params, change["params"], "params")
         return inputs, params
 
     def unmatched_patterns(self, names: Iterable[str]) -> list[str]:

@@ -16,6 +16,7 @@ Everything not quantized that has parameters or compute is listed in the report 
 
 from __future__ import annotations
 
+import warnings
 from typing import Any
 
 import torch
@@ -87,7 +88,7 @@ def quantize_model(
 class _Surgery:
     def __init__(self, model: nn.Module, config: QuantConfig) -> None:
         self.model, self.config = model, config
-        self.report = QuantizationReport()
+        self.report = QuantizationReport(inputs=config.inputs, params=config.params)
         self.order = {name: i for i, (name, _) in enumerate(model.named_modules())}
         self.names = list(self.order)
         # Original modules that have their row already, kept alive: a replaced module's id
@@ -313,6 +314,10 @@ class _Surgery:
             self._row(name, module, "float", note=f"{qtype.__name__}.from_float failed: {err}")
             self.report.warnings.append(f"{name!r} left float: {err}")
             return
+        if not any(q is not None for q in qmodule.quantizers()):
+            note = "nothing to quantize: inputs scheme None and no quantized parameter"
+            self._row(name, module, "float", note=note)
+            return
         row = self._row(
             name,
             module,
@@ -361,7 +366,12 @@ class _Surgery:
         for module, row in self.made.values():
             row.input_quantizers = sum(q is not None for q in module.input_quantizers)
         for pattern in self.config.unmatched_patterns(self.names):
-            self.report.warnings.append(f"pattern {pattern!r} matches no module")
+            kind = "skip" if pattern in self.config.skip else "override"
+            message = f"{kind} pattern {pattern!r} matches no module"
+            self.report.warnings.append(message)
+            warnings.warn(
+                f"quantize_model: {message} (names are model.named_modules() names)", stacklevel=4
+            )
         if not self.report.traced:
             self.report.warnings.append(
                 f"{removed} input quantizers removed; modules called from untraced code keep "

@@ -27,6 +27,22 @@ def describe_scheme(scheme: QuantScheme | None) -> str:
     return label
 
 
+def scheme_text(scheme: QuantScheme | None) -> str:
+    """Every field that matters, in one line: ``8-bit affine unsigned per_tensor
+    moving_minmax``; ``float`` for None."""
+    if scheme is None:
+        return "float (not quantized)"
+    kind = "symmetric" if scheme.symmetric else "affine"
+    sign = "signed" if scheme.signed else "unsigned"
+    extras = [
+        f"{scheme.representation} Q.{scheme.frac_bits}" if scheme.frac_bits is not None else "",
+        "narrow range" if scheme.narrow_range else "",
+        "learnable (LSQ)" if scheme.learnable else "",
+    ]
+    words = [f"{scheme.bits}-bit", kind, sign, scheme.granularity, scheme.observer, *extras]
+    return " ".join(w for w in words if w)
+
+
 @dataclass
 class LayerRow:
     """One layer (or one functional op) of the model.
@@ -78,6 +94,8 @@ class QuantizationReport:
         renamed: old -> new module prefixes of state_dict keys that moved (a fused BatchNorm
             ``bn1`` now lives at ``conv1.bn``), to load a float checkpoint after surgery.
         traced: whether the whole model traced with torch.fx.
+        inputs: the resolved activation scheme of the config (defaults merged in), or None.
+        params: the resolved weight scheme of the config, or None.
     """
 
     rows: list[LayerRow] = field(default_factory=list)
@@ -85,6 +103,8 @@ class QuantizationReport:
     rewritten: list[str] = field(default_factory=list)
     renamed: dict[str, str] = field(default_factory=dict)
     traced: bool = True
+    inputs: QuantScheme | None = None
+    params: QuantScheme | None = None
 
     @property
     def counts(self) -> dict[str, int]:
@@ -100,6 +120,11 @@ class QuantizationReport:
         raise KeyError(f"no row named {name!r} in the report")
 
     @property
+    def schemes(self) -> dict[str, QuantScheme | None]:
+        """The resolved ``inputs`` / ``params`` schemes the model was quantized with."""
+        return {"inputs": self.inputs, "params": self.params}
+
+    @property
     def kept_input_quantizers(self) -> list[str]:
         """Names of the modules that still quantize an input themselves (float producers)."""
         return [r.name for r in self.rows if r.input_quantizers]
@@ -113,6 +138,8 @@ class QuantizationReport:
             "rewritten": list(self.rewritten),
             "renamed": dict(self.renamed),
             "traced": self.traced,
+            "inputs": None if self.inputs is None else self.inputs.to_dict(),
+            "params": None if self.params is None else self.params.to_dict(),
         }
 
     def __str__(self) -> str:
@@ -138,6 +165,7 @@ class QuantizationReport:
             for line in table
         ]
         lines.insert(1, "-" * len(lines[0]))
+        lines[:0] = [f"{role}: {scheme_text(s)}" for role, s in self.schemes.items()]
         counts = ", ".join(f"{n} {status}" for status, n in self.counts.items())
         lines.append(f"{len(self.rows)} layers: {counts}")
         lines += [f"warning: {w}" for w in self.warnings]

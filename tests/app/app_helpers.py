@@ -16,6 +16,7 @@ CONF = Path(__file__).resolve().parents[2] / "conf"
 # A few batches per phase: the whole path (float, calibration, QAT, export, onnxruntime).
 TINY = [
     "qat_epochs=1",
+    "quant.freeze_bn_at=null",  # epoch:1 (the default) is past a 1-epoch QAT phase
     "trainer.limit_train_batches=2",
     "trainer.limit_val_batches=1",
     "trainer.log_every_n_steps=1",

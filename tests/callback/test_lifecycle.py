@@ -180,10 +180,11 @@ def test_schedule_in_the_past_is_an_error(make_trainer, tmp_path):
 
 
 def test_export_failure_keeps_checkpoints_and_says_why(make_trainer, tmp_path):
-    blocked = tmp_path / "not_a_dir"
-    blocked.write_text("a file where the export directory should be")
     ckpt = ModelCheckpoint(dirpath=tmp_path / "ckpt", save_last=True)
-    qat = QATCallback(calibration_batches=1, export_dir=blocked / "export")
+    # an example input the model cannot take: the ONNX trace fails after training
+    qat = QATCallback(
+        calibration_batches=1, export_dir=tmp_path / "export", example_input=torch.randn(2, 5)
+    )
     with pytest.raises(QATExportError, match="checkpoints are intact"):
         make_trainer(
             max_epochs=1, limit_val_batches=0, enable_checkpointing=True, callbacks=[qat, ckpt]

@@ -246,13 +246,18 @@ def test_quantizing_twice_is_refused():
 def test_report_str_and_to_dict(resnet):
     _, _, report = resnet
     text = str(report)
-    assert text.splitlines()[0].split()[:4] == ["name", "before", "after", "status"]
+    lines = text.splitlines()
+    # the resolved schemes head the table: the defaults, every field that matters
+    assert lines[0] == "inputs: 8-bit affine unsigned per_tensor moving_minmax"
+    assert lines[1] == "params: 8-bit symmetric signed per_channel minmax"
+    assert lines[2].split()[:4] == ["name", "before", "after", "status"]
     assert "layer1.0.add" in text and "QuantConvBnReLU2d" in text
     assert f"{len(report.rows)} layers: " in text
     data = json.loads(json.dumps(report.to_dict()))
     assert data["counts"] == report.counts
     row = next(r for r in data["rows"] if r["name"] == "fc")
     assert row["params"]["granularity"] == "per_channel" and row["inputs"]["signed"] is False
+    assert data["inputs"]["observer"] == "moving_minmax" and data["params"]["symmetric"]
 
 
 @pytest.mark.parametrize(

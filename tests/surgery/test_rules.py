@@ -12,6 +12,7 @@ from torch import nn
 from qat_lightning.nn import QuantCat, QuantConvBnReLU2d, QuantModule
 from qat_lightning.quant import QuantScheme
 from qat_lightning.surgery import QuantConfig, quantize_model
+from qat_lightning.surgery.config import DEFAULT_INPUTS, DEFAULT_PARAMS
 
 
 def weight_bits(module: nn.Module) -> int | None:
@@ -167,9 +168,13 @@ def test_config_errors_name_the_field():
 
 def test_a_pattern_matching_nothing_is_a_warning():
     model = torchvision.models.resnet18(weights=None)
-    report = quantize_model(model, skip=["classifier"], overrides={"layer9.*": {"params": {}}})
-    assert "pattern 'layer9.*' matches no module" in report.warnings
-    assert "pattern 'classifier' matches no module" in report.warnings
+    with pytest.warns(UserWarning) as caught:
+        report = quantize_model(model, skip=["classifier"], overrides={"layer9.*": {"params": {}}})
+    assert "override pattern 'layer9.*' matches no module" in report.warnings
+    assert "skip pattern 'classifier' matches no module" in report.warnings
+    messages = [str(w.message) for w in caught]
+    assert any("override pattern 'layer9.*' matches no module" in m for m in messages)
+    assert any("skip pattern 'classifier' matches no module" in m for m in messages)
 
 
 def test_config_from_any_merges_fields_over_the_defaults():
@@ -177,15 +182,48 @@ def test_config_from_any_merges_fields_over_the_defaults():
         {"params": {"bits": 4}, "skip": "fc", "overrides": {"layer4": {"params": {"bits": 8}}}}
     )
     assert config.skip == ("fc",)
-    assert config.params == QuantScheme(bits=4)
+    # a partial dict keeps the role's documented default for every other field
+    assert config.params == DEFAULT_PARAMS.replace(bits=4)
+    assert config.params.per_channel and config.params.symmetric
     inputs, params = config.schemes_for("layer4.1.conv2")  # a container pattern covers its inside
-    assert params == QuantScheme(bits=8) and inputs == config.inputs
+    assert params == DEFAULT_PARAMS.replace(bits=8) and inputs == config.inputs
     assert config.schemes_for("layer3.0.conv1")[1].bits == 4
     assert QuantConfig.from_any(config, fuse=False).fuse is False
     hydra = OmegaConf.create({"params": {"bits": 4}, "skip": ["fc"], "overrides": {"a": {}}})
     assert QuantConfig.from_any(hydra) == QuantConfig(
-        params=QuantScheme(bits=4), skip=("fc",), overrides={"a": {}}
+        params=DEFAULT_PARAMS.replace(bits=4), skip=("fc",), overrides={"a": {}}
     )
+
+
+def test_partial_scheme_dicts_merge_over_the_role_defaults():
+    acts = QuantConfig(inputs={"bits": 4}).inputs
+    assert acts == QuantScheme(bits=4, symmetric=False, signed=False, observer="moving_minmax")
+    assert QuantConfig().inputs == DEFAULT_INPUTS and DEFAULT_INPUTS.observer == "moving_minmax"
+    config = QuantConfig(
+        inputs=None,
+        params={"bits": 6, "observer": "mse"},
+        overrides={"fc": {"inputs": {"bits": 4}, "params": {"symmetric": False}}},
+    )
+    inputs, params = config.schemes_for("fc")
+    # over a float role, an override dict applies over that role's default
+    assert inputs == DEFAULT_INPUTS.replace(bits=4)
+    # over a set role, it applies over the resolved scheme (bits 6, mse, per channel kept)
+    assert params == DEFAULT_PARAMS.replace(bits=6, observer="mse", symmetric=False)
+    assert config.schemes_for("conv1") == (None, DEFAULT_PARAMS.replace(bits=6, observer="mse"))
+    model = SmallNet()
+    quantize_model(model, params={"bits": 4}, inputs={"bits": 4})
+    conv = next(m for m in model.modules() if isinstance(m, QuantModule))
+    assert conv.param_quantizers["weight"].scheme.per_channel
+    assert conv.param_quantizers["weight"].scheme.bits == 4
+    out = conv.output_quantizers[0].scheme
+    assert (out.bits, out.signed, out.symmetric, out.observer) == (4, False, False, "moving_minmax")
+
+
+def test_both_roles_none_quantize_nothing_and_are_an_error():
+    with pytest.raises(ValueError, match=r"inputs=None, params=None.*quantizes nothing"):
+        QuantConfig(inputs=None, params=None)
+    only_fc = QuantConfig(inputs=None, params=None, overrides={"fc": {"params": {"bits": 4}}})
+    assert only_fc.schemes_for("fc")[1] == DEFAULT_PARAMS.replace(bits=4)
 
 
 @pytest.mark.slow
