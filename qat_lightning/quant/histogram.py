@@ -30,10 +30,14 @@ def rebin(hist: torch.Tensor, old_max: float, new_max: float) -> torch.Tensor:
     return at.diff(dim=-1)
 
 
-def add_to_histogram(hist: torch.Tensor, hist_max: torch.Tensor, x: torch.Tensor) -> None:
-    """Count the finite values of ``x`` into ``hist`` (2, bins) over ``[0, hist_max]``, in
-    place, growing the range first if ``x`` goes beyond it."""
-    values = x[torch.isfinite(x)].flatten()
+def add_to_histogram(
+    hist: torch.Tensor, sums: torch.Tensor, hist_max: torch.Tensor, x: torch.Tensor
+) -> None:
+    """Count the finite values of ``x`` into ``hist`` (2, bins) over ``[0, hist_max]`` and
+    add them (as magnitudes) to ``sums``, in place, growing the range first if ``x`` goes
+    beyond it. ``sums / hist`` is each bin's mean, which the error searches use instead of the
+    bin's centre: exact where a bin holds one distinct value."""
+    values = x[torch.isfinite(x)].flatten().double()
     if values.numel() == 0:
         return
     bins = hist.shape[-1]
@@ -41,10 +45,13 @@ def add_to_histogram(hist: torch.Tensor, hist_max: torch.Tensor, x: torch.Tensor
     new_max = max(old_max, float(values.abs().max()), 1e-12)
     if new_max > old_max and old_max > 0:
         hist.copy_(rebin(hist, old_max, new_max))
+        sums.copy_(rebin(sums, old_max, new_max))
     hist_max.fill_(new_max)
-    negative = values < 0
-    hist[0] += torch.histc(-values[negative], bins, 0.0, new_max).to(hist.dtype)
-    hist[1] += torch.histc(values[~negative], bins, 0.0, new_max).to(hist.dtype)
+    row = (values >= 0).long()
+    magnitude = values.abs()
+    index = (magnitude * (bins / new_max)).floor().long().clamp(0, bins - 1) + row * bins
+    hist.view(-1).index_add_(0, index.to(hist.device), torch.ones_like(magnitude).to(hist))
+    sums.view(-1).index_add_(0, index.to(sums.device), magnitude.to(sums))
 
 
 def signed_view(hist: torch.Tensor, hist_max: float) -> tuple[torch.Tensor, torch.Tensor]:
@@ -53,6 +60,14 @@ def signed_view(hist: torch.Tensor, hist_max: float) -> tuple[torch.Tensor, torc
     counts = torch.cat([hist[0].flip(0), hist[1]]).double().cpu()
     edges = torch.linspace(-hist_max, hist_max, 2 * bins + 1, dtype=torch.float64)
     return counts, edges
+
+
+def bin_means(hist: torch.Tensor, sums: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
+    """``(values, counts)`` of the non-empty bins: each bin's mean value, in ascending order."""
+    counts = torch.cat([hist[0].flip(0), hist[1]]).double().cpu()
+    signed_sums = torch.cat([-sums[0].flip(0), sums[1]]).double().cpu()
+    keep = counts > 0
+    return signed_sums[keep] / counts[keep], counts[keep]
 
 
 def magnitude_view(
@@ -83,7 +98,8 @@ def range_errors(
     mx: torch.Tensor,
     scheme: QuantScheme,
 ) -> torch.Tensor:
-    """Summed squared quantization error of the histogram under each candidate ``[mn, mx]``."""
+    """Summed squared quantization error of the values ``centers`` (each ``counts`` times)
+    under each candidate range ``[mn[k], mx[k]]``."""
     rows = scheme.replace(granularity="per_channel", axis=0, learnable=False, observer="minmax")
     scale, zero_point = encodings_from_range(mn, mx, rows)
     values = centers.float().expand(len(mn), -1)

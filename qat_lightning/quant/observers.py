@@ -22,6 +22,7 @@ from qat_lightning.quant.functional import encodings_from_range, fake_quantize
 from qat_lightning.quant.histogram import (
     add_to_histogram,
     best_kl_bins,
+    bin_means,
     magnitude_view,
     quantile,
     range_errors,
@@ -276,11 +277,12 @@ class HistogramObserver(Observer):
     def __init__(self, scheme: QuantScheme) -> None:
         super().__init__(scheme)
         self.register_buffer("histogram", torch.zeros(2, self.bins, dtype=torch.float64))
+        self.register_buffer("histogram_sum", torch.zeros(2, self.bins, dtype=torch.float64))
         self.register_buffer("histogram_max", torch.zeros((), dtype=torch.float64))
 
     def _observe(self, x: torch.Tensor) -> None:
         super()._observe(x)  # the running min/max: the range never goes beyond them
-        add_to_histogram(self.histogram, self.histogram_max, x)
+        add_to_histogram(self.histogram, self.histogram_sum, self.histogram_max, x)
 
     def calculate_range(self):
         mn, mx = super().calculate_range()
@@ -294,15 +296,13 @@ class HistogramObserver(Observer):
         raise NotImplementedError  # abstract: each subclass defines its statistic
 
     def _errors_of(self):
-        """``(centers, counts)`` of the non-empty bins, values in ascending order."""
-        counts, edges = signed_view(self.histogram, float(self.histogram_max))
-        centers = (edges[:-1] + edges[1:]) / 2
-        keep = counts > 0
-        return centers[keep], counts[keep]
+        """``(values, counts)`` of the non-empty bins (each bin's mean value), ascending."""
+        return bin_means(self.histogram, self.histogram_sum)
 
     def reset(self) -> None:
         super().reset()
         self.histogram.zero_()
+        self.histogram_sum.zero_()
         self.histogram_max.zero_()
 
 

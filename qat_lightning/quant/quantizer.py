@@ -148,7 +148,7 @@ class Quantizer(nn.Module):
             self.update_encodings()
             self.enable_observer(False).enable_fake_quant(True)
         if self.saw_only_zeros:
-            warn_only_zeros([(self.label or "", self)])
+            warn_only_zeros([("", self)])
 
     # -- the three views of a tensor ---------------------------------------------------------
     def forward(self, x: torch.Tensor) -> torch.Tensor:
