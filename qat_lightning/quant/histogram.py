@@ -37,21 +37,24 @@ def add_to_histogram(
     add them (as magnitudes) to ``sums``, in place, growing the range first if ``x`` goes
     beyond it. ``sums / hist`` is each bin's mean, which the error searches use instead of the
     bin's centre: exact where a bin holds one distinct value."""
-    values = x[torch.isfinite(x)].flatten().double()
+    values = x.detach().flatten()
+    if not torch.isfinite(values).all():
+        values = values[torch.isfinite(values)]
     if values.numel() == 0:
         return
     bins = hist.shape[-1]
+    magnitude = values.abs()
     old_max = float(hist_max)
-    new_max = max(old_max, float(values.abs().max()), 1e-12)
+    new_max = max(old_max, float(magnitude.max()), 1e-12)
     if new_max > old_max and old_max > 0:
         hist.copy_(rebin(hist, old_max, new_max))
         sums.copy_(rebin(sums, old_max, new_max))
     hist_max.fill_(new_max)
-    row = (values >= 0).long()
-    magnitude = values.abs()
-    index = (magnitude * (bins / new_max)).floor().long().clamp(0, bins - 1) + row * bins
-    hist.view(-1).index_add_(0, index.to(hist.device), torch.ones_like(magnitude).to(hist))
-    sums.view(-1).index_add_(0, index.to(sums.device), magnitude.to(sums))
+    # Bin of each value (magnitudes are >= 0, so truncation is floor); positives in row 1.
+    index = (magnitude * (bins / new_max)).long().clamp_(max=bins - 1)
+    index += (values >= 0).long() * bins
+    hist.view(-1).add_(torch.bincount(index, minlength=2 * bins).to(hist))
+    sums.view(-1).add_(torch.bincount(index, weights=magnitude, minlength=2 * bins).to(sums))
 
 
 def signed_view(hist: torch.Tensor, hist_max: float) -> tuple[torch.Tensor, torch.Tensor]:
