@@ -30,6 +30,12 @@ from qat_lightning.quant.scheme import QuantScheme
 class Quantizer(nn.Module):
     """Observes a tensor, holds its encoding, and fake-quantizes it.
 
+    Misuse is reported, not absorbed: fake quantization (or `quantize`) before any
+    calibration warns once; `compute_encodings` on all-zero data warns; a per-channel tensor
+    with another channel count than before, or an encoding that would resize a learnable
+    scale, raises. Messages name the quantizer by its ``label`` (set by `label_quantizers`)
+    and its scheme.
+
     Args:
         scheme: what to do.
         num_channels: channels along ``scheme.axis`` for a per-channel scheme. Required for a
