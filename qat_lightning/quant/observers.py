@@ -1,9 +1,16 @@
 """Observers: they watch tensors and say which range ``[min, max]`` to quantize.
 
 Every statistic lives in a buffer, so a checkpoint taken mid-calibration resumes exactly.
-Per-channel buffers are sized on the first observation (or on loading a state dict).
-Non-finite values (NaN, +-Inf) are ignored; an observer that has seen nothing finite reports
-``[0, 0]``, which the encoding turns into the smallest positive scale, never a NaN.
+Per-channel buffers are sized on the first observation (or on loading a state dict); a later
+tensor with another channel count is an error, never a silent restart.
+Non-finite values (NaN, +-Inf) are ignored, and a batch (or a channel) with nothing finite,
+or an empty tensor, leaves the statistics as they were; an observer that has seen nothing
+finite reports ``[0, 0]``, which the encoding turns into the smallest positive scale.
+
+Per-tensor ``percentile``, ``mse``, ``histogram`` and ``entropy`` pool every calibration batch
+into one histogram and compute their range from it. Per-channel ``percentile`` and ``mse``
+(weights: the same tensor in every batch) compute each batch's range exactly and keep the
+mean over batches; ``batch_percentile`` asks for that per-batch mean explicitly.
 """
 
 from __future__ import annotations
@@ -12,10 +19,27 @@ import torch
 from torch import nn
 
 from qat_lightning.quant.functional import encodings_from_range, fake_quantize
+from qat_lightning.quant.histogram import (
+    add_to_histogram,
+    best_kl_bins,
+    bin_means,
+    magnitude_view,
+    quantile,
+    range_errors,
+    rebin,
+    search_ratio,
+    search_ratio_pair,
+    signed_view,
+)
 from qat_lightning.quant.scheme import QuantScheme
 
 # Tensors larger than this are strided down before sorting-based statistics.
 _MAX_SAMPLES = 1 << 20
+_rebin = rebin  # the name callback.distributed imports
+
+
+class ChannelCountError(ValueError):
+    """A per-channel observer saw a tensor with another channel count than before."""
 
 
 def _per_channel_rows(x: torch.Tensor, axis: int) -> torch.Tensor:
@@ -36,7 +60,8 @@ def _zero_nonfinite(x: torch.Tensor) -> torch.Tensor:
 
 
 class Observer(nn.Module):
-    """Base class. Subclasses implement `_observe` and `calculate_range`."""
+    """Base class: the running min and max. Subclasses change `_observe` and
+    `calculate_range`."""
 
     def __init__(self, scheme: QuantScheme) -> None:
         super().__init__()
@@ -47,44 +72,69 @@ class Observer(nn.Module):
 
     @property
     def has_data(self) -> bool:
-        return bool(self.min_val.numel() > 0 and torch.isfinite(self.min_val).all())
+        """Something finite was observed (in at least one channel)."""
+        return bool(self.min_val.numel() > 0 and torch.isfinite(self.min_val).any())
 
     @torch.no_grad()
     def forward(self, x: torch.Tensor) -> torch.Tensor:
-        self._observe(x.detach().float())
+        self._check_channels(x)
+        if x.numel() > 0:
+            self._observe(x.detach().float())
         return x
 
-    def _batch_minmax(self, x: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
-        """Min and max of one batch, per channel if the scheme says so, non-finite ignored."""
+    def _check_channels(self, x: torch.Tensor) -> None:
+        if not self.scheme.per_channel:
+            return
+        axis = self.scheme.axis
+        if not -x.dim() <= axis < x.dim():
+            raise ChannelCountError(
+                f"a per_channel observer (axis={axis}) got a tensor of shape {tuple(x.shape)}, "
+                f"which has no axis {axis}"
+            )
+        seen = self.min_val.numel()
+        if seen and x.shape[axis] != seen:
+            raise ChannelCountError(
+                f"a per_channel observer (axis={axis}) saw {seen} channels (statistics of "
+                f"shape {tuple(self.min_val.shape)}), now a tensor of shape {tuple(x.shape)} "
+                f"with {x.shape[axis]}: one quantizer must see one channel count"
+            )
+
+    def _batch_minmax(self, x: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor] | None:
+        """Min and max of one batch, per channel if the scheme says so, non-finite ignored
+        (a channel with nothing finite gets ``[inf, -inf]``; None if nothing is finite)."""
         # One finiteness check (one host sync) per batch: ``max - min`` is finite exactly when
         # both are (an overflowing difference only takes the slow path, with the same result).
         if self.scheme.per_channel:
             rows = _per_channel_rows(x, self.scheme.axis)
             mn, mx = _rows_aminmax(rows)
             if not torch.isfinite(mx - mn).all():
-                mn, mx = _rows_aminmax(_zero_nonfinite(rows))
+                finite = torch.isfinite(rows)
+                mn = torch.where(finite, rows, float("inf")).amin(dim=1)
+                mx = torch.where(finite, rows, float("-inf")).amax(dim=1)
             return mn, mx
-        if x.numel() == 0:
-            return torch.zeros(()), torch.zeros(())
         mn, mx = torch.aminmax(x)
         if not torch.isfinite(mx - mn):
             finite = x[torch.isfinite(x)]
             if finite.numel() == 0:
-                return torch.zeros((), device=x.device), torch.zeros((), device=x.device)
+                return None
             mn, mx = torch.aminmax(finite)
         return mn, mx
 
     def _merge(self, name: str, new: torch.Tensor, reduce) -> None:
+        """``reduce(old, new)`` where both are finite, ``new`` where only it is, else ``old``."""
         old = getattr(self, name)
-        if old.shape != new.shape:
+        if old.shape != new.shape:  # the first observation sizes per-channel statistics
             setattr(self, name, new.clone())
-        else:
-            old.copy_(torch.where(torch.isfinite(old), reduce(old, new), new))
+            return
+        merged = torch.where(torch.isfinite(old), reduce(old, new), new)
+        old.copy_(torch.where(torch.isfinite(new), merged, old))
 
     def _observe(self, x: torch.Tensor) -> None:
-        mn, mx = self._batch_minmax(x)
-        self._merge("min_val", mn, torch.minimum)
-        self._merge("max_val", mx, torch.maximum)
+        batch = self._batch_minmax(x)
+        if batch is None:
+            return
+        self._merge("min_val", batch[0], torch.minimum)
+        self._merge("max_val", batch[1], torch.maximum)
 
     def calculate_range(self) -> tuple[torch.Tensor, torch.Tensor]:
         """The range to quantize, ``[0, 0]`` where nothing finite was seen."""
@@ -115,16 +165,19 @@ class MovingMinMaxObserver(Observer):
     """An exponential moving average of each batch's min and max (the first batch sets them)."""
 
     def _observe(self, x: torch.Tensor) -> None:
-        mn, mx = self._batch_minmax(x)
+        batch = self._batch_minmax(x)
+        if batch is None:
+            return
         c = self.scheme.averaging_constant
 
         def ema(old, new):
             return old + c * (new - old)
 
-        self._merge("min_val", mn, ema)
-        self._merge("max_val", mx, ema)
+        self._merge("min_val", batch[0], ema)
+        self._merge("max_val", batch[1], ema)
 
 
+# -- per-batch statistics (per-channel percentile and mse; batch_percentile) ---------------------
 class _BatchStatisticObserver(Observer):
     """Computes a clipping range per batch and keeps the mean over batches."""
 
@@ -142,15 +195,19 @@ class _BatchStatisticObserver(Observer):
         return rows
 
     def _observe(self, x: torch.Tensor) -> None:
-        if x.numel() == 0:
-            return
         rows = self._rows(x)
         finite = torch.isfinite(rows)
+        seen = finite.any(dim=1)
+        if not seen.any():
+            return  # nothing finite: this batch says nothing about the range
         if not finite.all():
-            # Replace non-finite samples by each row's median, which moves no percentile far.
+            # Replace non-finite samples by each row's median, which moves no percentile far;
+            # a row with nothing finite keeps its previous statistics (masked below).
             med = torch.nanmedian(torch.where(finite, rows, float("nan")), dim=1, keepdim=True)
             rows = torch.where(finite, rows, torch.nan_to_num(med.values, nan=0.0))
         mn, mx = self._batch_range(rows)
+        mn = torch.where(seen, mn, float("nan"))
+        mx = torch.where(seen, mx, float("nan"))
         if not self.scheme.per_channel:
             mn, mx = mn.reshape(()), mx.reshape(())
         n = self.batches.float()
@@ -166,8 +223,9 @@ class _BatchStatisticObserver(Observer):
         self.batches.zero_()
 
 
-class PercentileObserver(_BatchStatisticObserver):
-    """Clip at a percentile: of ``|x|`` for symmetric schemes, of each tail for affine ones."""
+class BatchPercentileObserver(_BatchStatisticObserver):
+    """Clip each batch at a percentile (of ``|x|`` for symmetric schemes, of each tail for
+    affine ones) and keep the mean over batches."""
 
     def _batch_range(self, rows):
         p = self.scheme.percentile / 100.0
@@ -180,10 +238,9 @@ class PercentileObserver(_BatchStatisticObserver):
         return rows.kthvalue(k_lo, dim=1).values, rows.kthvalue(k_hi, dim=1).values
 
 
-class MSEObserver(_BatchStatisticObserver):
-    """Search shrunk ranges ``alpha * [min, max]`` for the one with least quantization MSE."""
-
-    candidates = torch.linspace(0.2, 1.0, 41)
+class BatchMSEObserver(_BatchStatisticObserver):
+    """Per batch, the shrunk range ``ratio * [min, max]`` with least quantization MSE on the
+    batch itself (a coarse grid over (0, 1], then finer grids around the best ratio)."""
 
     def _batch_range(self, rows):
         mn, mx = _rows_aminmax(rows)
@@ -193,99 +250,140 @@ class MSEObserver(_BatchStatisticObserver):
         scheme = self.scheme.replace(
             granularity="per_channel", axis=0, learnable=False, observer="minmax"
         )
+        lo, hi = torch.zeros_like(mn), torch.ones_like(mn)
+        best = torch.ones_like(mn)
         best_err = torch.full_like(mn, float("inf"))
-        best_mn, best_mx = mn.clone(), mx.clone()
-        for alpha in self.candidates.tolist():
-            scale, zp = encodings_from_range(mn * alpha, mx * alpha, scheme)
-            err = (fake_quantize(rows, scale, zp, scheme) - rows).pow(2).mean(dim=1)
-            better = err < best_err
-            best_err = torch.where(better, err, best_err)
-            best_mn = torch.where(better, mn * alpha, best_mn)
-            best_mx = torch.where(better, mx * alpha, best_mx)
-        return best_mn, best_mx
+        points = 17
+        for _ in range(3):  # each round 8x finer, around each channel's best ratio
+            for k in range(points):
+                ratio = (lo + (hi - lo) * k / (points - 1)).clamp(min=1e-4)
+                scale, zp = encodings_from_range(mn * ratio, mx * ratio, scheme)
+                err = (fake_quantize(rows, scale, zp, scheme) - rows).pow(2).mean(dim=1)
+                better = err < best_err
+                best_err = torch.where(better, err, best_err)
+                best = torch.where(better, ratio, best)
+            step = (hi - lo) / (points - 1)
+            lo, hi = (best - step).clamp(min=0.0), (best + step).clamp(max=1.0)
+        return mn * best, mx * best
 
 
-class EntropyObserver(Observer):
-    """TensorRT-style calibration: the clip of ``|x|`` whose quantized histogram has least KL
-    divergence from the observed one. The histogram grows with the range it has seen."""
+# -- pooled histogram (per-tensor percentile, mse, histogram, entropy) ----------------------------
+class HistogramObserver(Observer):
+    """The running min/max plus one histogram of every calibration value (see
+    `qat_lightning.quant.histogram`); subclasses choose the range from the histogram."""
 
     bins = 2048
 
     def __init__(self, scheme: QuantScheme) -> None:
         super().__init__(scheme)
-        self.register_buffer("histogram", torch.zeros(self.bins, dtype=torch.float64))
+        self.register_buffer("histogram", torch.zeros(2, self.bins, dtype=torch.float64))
+        self.register_buffer("histogram_sum", torch.zeros(2, self.bins, dtype=torch.float64))
         self.register_buffer("histogram_max", torch.zeros((), dtype=torch.float64))
 
     def _observe(self, x: torch.Tensor) -> None:
-        super()._observe(x)  # the running min/max keep the sign of the range
-        values = x[torch.isfinite(x)].abs().flatten()
-        if values.numel() == 0:
-            return
-        old_max = float(self.histogram_max)
-        new_max = max(old_max, float(values.max()), 1e-12)
-        if new_max > old_max and old_max > 0:
-            self.histogram.copy_(_rebin(self.histogram, old_max, new_max))
-        self.histogram_max.fill_(new_max)
-        self.histogram += torch.histc(values, self.bins, 0.0, new_max).double()
+        super()._observe(x)  # the running min/max: the range never goes beyond them
+        add_to_histogram(self.histogram, self.histogram_sum, self.histogram_max, x)
 
     def calculate_range(self):
         mn, mx = super().calculate_range()
         if self.histogram.sum() == 0:
             return mn, mx
-        levels = 2 ** (self.scheme.bits - 1) if self.scheme.signed else 2**self.scheme.bits
-        levels = min(levels, self.bins)
-        clip = _best_kl_clip(self.histogram, levels) * float(self.histogram_max) / self.bins
-        return torch.clamp(mn, min=-clip), torch.clamp(mx, max=clip)
+        lo, hi = self._histogram_range(float(self.histogram_max))
+        lo_t, hi_t = torch.tensor(lo, dtype=mn.dtype), torch.tensor(hi, dtype=mx.dtype)
+        return torch.clamp(lo_t, min=mn).to(mn.device), torch.clamp(hi_t, max=mx).to(mx.device)
+
+    def _histogram_range(self, hist_max: float) -> tuple[float, float]:
+        raise NotImplementedError  # abstract: each subclass defines its statistic
+
+    def _errors_of(self):
+        """``(values, counts)`` of the non-empty bins (each bin's mean value), ascending."""
+        return bin_means(self.histogram, self.histogram_sum)
 
     def reset(self) -> None:
         super().reset()
         self.histogram.zero_()
+        self.histogram_sum.zero_()
         self.histogram_max.zero_()
 
 
-def _rebin(hist: torch.Tensor, old_max: float, new_max: float) -> torch.Tensor:
-    """Spread a histogram over [0, old_max] onto the same bin count over [0, new_max]."""
-    bins = hist.numel()
-    cdf = torch.cat([hist.new_zeros(1), hist.cumsum(0)])
-    edges = torch.arange(bins + 1, dtype=torch.float64, device=hist.device) * (new_max / old_max)
-    idx = edges.floor().clamp(max=bins - 1).long()
-    frac = (edges - idx).clamp(max=1.0)
-    at = cdf[idx] + frac * (cdf[idx + 1] - cdf[idx])
-    at = torch.where(edges >= bins, cdf[-1], at)
-    return at.diff()
+class PercentileObserver(HistogramObserver):
+    """Clip at a percentile of all calibration data: of ``|x|`` for symmetric schemes, of
+    each tail for affine ones."""
+
+    def _histogram_range(self, hist_max):
+        p = self.scheme.percentile / 100.0
+        if self.scheme.symmetric:
+            amax = quantile(*magnitude_view(self.histogram, hist_max, self.scheme.signed), p)
+            return -amax, amax
+        counts, edges = signed_view(self.histogram, hist_max)
+        return quantile(counts, edges, 1.0 - p), quantile(counts, edges, p)
 
 
-def _best_kl_clip(hist: torch.Tensor, levels: int) -> float:
-    """The bin index (as a float edge) that minimizes KL(reference || quantized)."""
-    hist = hist.detach().cpu()
-    bins = hist.numel()
-    starts = range(levels, bins + 1, max(1, (bins - levels) // 128))
-    best, best_i = float("inf"), bins
-    for i in starts:
-        ref = hist[:i].clone()
-        ref[-1] += hist[i:].sum()
-        chunk = torch.div(torch.arange(i) * levels, i, rounding_mode="floor")
-        nonzero = (hist[:i] > 0).double()
-        sums = torch.zeros(levels, dtype=torch.float64).index_add_(0, chunk, hist[:i])
-        counts = torch.zeros(levels, dtype=torch.float64).index_add_(0, chunk, nonzero)
-        q = torch.where(nonzero > 0, sums[chunk] / counts[chunk].clamp(min=1), 0.0)
-        p = ref / ref.sum()
-        q = q / q.sum().clamp(min=1e-12)
-        support = p > 0
-        kl = float((p[support] * (p[support] / q[support].clamp(min=1e-12)).log()).sum())
-        if kl < best:
-            best, best_i = kl, i
-    return float(best_i)
+class MSEObserver(HistogramObserver):
+    """The shrunk range ``ratio * [min, max]`` with least quantization MSE over all
+    calibration data, found by a coarse-to-fine search of the ratio."""
+
+    def _histogram_range(self, hist_max):
+        mn, mx = (float(t) for t in Observer.calculate_range(self))
+        if self.scheme.symmetric:
+            mx = max(-mn, mx) if self.scheme.signed else mx
+            mn = -mx
+        centers, counts = self._errors_of()
+
+        def errors(ratios):
+            return range_errors(centers, counts, mn * ratios, mx * ratios, self.scheme)
+
+        ratio = search_ratio(errors)
+        return mn * ratio, mx * ratio
+
+
+class L2HistogramObserver(MSEObserver):
+    """Least quantization MSE over all calibration data, as torch.ao's HistogramObserver:
+    for affine schemes the low and the high end shrink independently; for symmetric ones it
+    is `MSEObserver`."""
+
+    def _histogram_range(self, hist_max):
+        if self.scheme.symmetric:
+            return super()._histogram_range(hist_max)
+        mn, mx = (float(t) for t in Observer.calculate_range(self))
+        centers, counts = self._errors_of()
+
+        def errors(lo, hi):
+            return range_errors(centers, counts, mn * lo, mx * hi, self.scheme)
+
+        lo, hi = search_ratio_pair(errors)
+        return mn * lo, mx * hi
+
+
+class EntropyObserver(HistogramObserver):
+    """TensorRT-style calibration: the clip of ``|x|`` whose quantized histogram has least KL
+    divergence from the observed one."""
+
+    def _histogram_range(self, hist_max):
+        levels = 2 ** (self.scheme.bits - 1) if self.scheme.signed else 2**self.scheme.bits
+        counts, _ = magnitude_view(self.histogram, hist_max, True)
+        clip = best_kl_bins(counts, min(levels, self.bins)) * hist_max / self.bins
+        return -clip, clip
 
 
 OBSERVER_TYPES: dict[str, type[Observer]] = {
     "minmax": MinMaxObserver,
     "moving_minmax": MovingMinMaxObserver,
     "percentile": PercentileObserver,
+    "batch_percentile": BatchPercentileObserver,
     "mse": MSEObserver,
+    "histogram": L2HistogramObserver,
     "entropy": EntropyObserver,
+}
+# Per-channel statistics are per batch (a histogram per channel would cost bins x channels).
+PER_CHANNEL_TYPES: dict[str, type[Observer]] = {
+    "percentile": BatchPercentileObserver,
+    "mse": BatchMSEObserver,
 }
 
 
 def make_observer(scheme: QuantScheme) -> Observer:
+    """The observer ``scheme.observer`` names, in its per-tensor or per-channel form."""
+    if scheme.per_channel and scheme.observer in PER_CHANNEL_TYPES:
+        return PER_CHANNEL_TYPES[scheme.observer](scheme)
     return OBSERVER_TYPES[scheme.observer](scheme)

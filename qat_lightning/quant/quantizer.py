@@ -8,7 +8,8 @@ moves this state but keeps its dtypes (float32 scale, int32 zero point), so it c
 
 from __future__ import annotations
 
-from collections.abc import Iterator
+import warnings
+from collections.abc import Iterable, Iterator
 from contextlib import contextmanager
 
 import torch
@@ -21,13 +22,19 @@ from qat_lightning.quant.functional import (
     encodings_from_range,
     fake_quantize,
 )
-from qat_lightning.quant.observers import make_observer
+from qat_lightning.quant.observers import ChannelCountError, make_observer
 from qat_lightning.quant.qtensor import QTensor
 from qat_lightning.quant.scheme import QuantScheme
 
 
 class Quantizer(nn.Module):
     """Observes a tensor, holds its encoding, and fake-quantizes it.
+
+    Misuse is reported, not absorbed: fake quantization (or `quantize`) before any
+    calibration warns once; `compute_encodings` on all-zero data warns; a per-channel tensor
+    with another channel count than before, or an encoding that would resize a learnable
+    scale, raises. Messages name the quantizer by its ``label`` (set by `label_quantizers`)
+    and its scheme.
 
     Args:
         scheme: what to do.
@@ -66,6 +73,9 @@ class Quantizer(nn.Module):
         # 1 once the encoding was set from data (or is fixed, as for fixed point).
         self.register_buffer("initialized", torch.zeros((), dtype=torch.uint8))
         self._calibrating = False  # inside compute_encodings(): observe even in eval mode
+        self._init_checked = False  # seen initialized, or warned that it is not (once)
+        # What messages call this quantizer: its qualified name once `label_quantizers` ran.
+        self.label: str | None = None
         if scheme.representation == "fixed_point":
             self._set_encoding(
                 *encodings_from_range(torch.zeros(shape), torch.zeros(shape), scheme)
@@ -103,8 +113,29 @@ class Quantizer(nn.Module):
             current = getattr(self, name)
             value = value.to(device=current.device, dtype=current.dtype)
             if current.shape != value.shape:
+                if self.scheme.learnable:  # the optimizer holds this parameter: never resize
+                    raise ValueError(
+                        f"{self.describe()}: its learnable {name} has shape "
+                        f"{tuple(current.shape)} and cannot take an encoding of shape "
+                        f"{tuple(value.shape)}: num_channels must match the tensor's channels "
+                        f"along axis {self.scheme.axis}"
+                    )
                 current.data = torch.empty_like(value)
             current.data.copy_(value)
+
+    @property
+    def saw_only_zeros(self) -> bool:
+        """Calibrated on data whose range is ``[0, 0]`` everywhere (its scale is the smallest
+        positive one, which rounds any real input to the ends of the code range)."""
+        if self.scheme.representation == "fixed_point" or not self.observer.has_data:
+            return False
+        mn, mx = self.observer.calculate_range()
+        return bool((mn == 0).all() and (mx == 0).all())
+
+    def describe(self) -> str:
+        """How messages name this quantizer: its label (qualified name) and its scheme."""
+        where = f" {self.label!r}" if self.label else ""
+        return f"Quantizer{where} ({self.extra_repr()})"
 
     @contextmanager
     def compute_encodings(self) -> Iterator[Quantizer]:
@@ -122,6 +153,8 @@ class Quantizer(nn.Module):
             self._calibrating = False
             self.update_encodings()
             self.enable_observer(False).enable_fake_quant(True)
+        if self.saw_only_zeros:
+            warn_only_zeros([("", self)])
 
     # -- the three views of a tensor ---------------------------------------------------------
     def forward(self, x: torch.Tensor) -> torch.Tensor:
@@ -133,19 +166,39 @@ class Quantizer(nn.Module):
         # Each flag is read once: on a GPU every read is a device-to-host sync.
         fake_quant_enabled = bool(self.fake_quant_enabled)
         if (self.training or self._calibrating) and self.observer_enabled:
-            self.observer(x)
+            try:
+                self.observer(x)
+            except ChannelCountError as error:
+                raise ChannelCountError(f"{self.describe()}: {error}") from error
             if fake_quant_enabled and not self.scheme.learnable:
                 self.update_encodings()
         if not fake_quant_enabled:
             return x
+        if not self._init_checked:
+            self._check_initialized()
         if self.scheme.learnable:
             with torch.no_grad():  # LSQ may push a step size through zero; keep it positive
                 self.scale.clamp_(min=EPS)
         return fake_quantize(x, self.scale, self.zero_point, self.scheme)
 
+    def _check_initialized(self) -> None:
+        """Warn (once) if this quantizer quantizes before it has an encoding. Read once per
+        quantizer, not per forward: on a GPU each read is a device-to-host sync."""
+        self._init_checked = True
+        if self.initialized:
+            return
+        warnings.warn(
+            f"{self.describe()} quantizes before any calibration, with scale "
+            f"{self.scale.detach().flatten()[:1].tolist()} and zero point 0: calibrate it "
+            "first (`with quantizer.compute_encodings(): ...`) or train it with the observer on",
+            stacklevel=3,
+        )
+
     @torch.no_grad()
     def quantize(self, x: torch.Tensor) -> QTensor:
         """Integer codes of ``x`` under the current encoding (bit-exact with `forward`)."""
+        if not self._init_checked:
+            self._check_initialized()
         scale, zero_point = self.encoding()
         s, z = scale, zero_point
         if self.scheme.per_channel and scale.dim() > 0:
@@ -184,7 +237,13 @@ class Quantizer(nn.Module):
         for name in ("scale", "zero_point"):
             incoming = state_dict.get(prefix + name)
             current = getattr(self, name)
-            if incoming is not None and incoming.shape != current.shape:
+            # Buffers sized lazily take the checkpoint's shape; a learnable scale is a
+            # parameter the optimizer holds, so a mismatch stays torch's size-mismatch error.
+            if (
+                incoming is not None
+                and incoming.shape != current.shape
+                and not self.scheme.learnable
+            ):
                 current.data = torch.empty_like(
                     incoming, dtype=current.dtype, device=current.device
                 )
@@ -196,3 +255,32 @@ class Quantizer(nn.Module):
         rep = f"Q{s.bits - s.frac_bits}.{s.frac_bits}" if s.frac_bits is not None else "int"
         flags = ("" if s.signed else "unsigned, ") + ("learnable, " if s.learnable else "")
         return f"{s.bits}-bit {kind} {rep}, {flags}{s.granularity}, observer={s.observer}"
+
+
+def label_quantizers(model: nn.Module) -> None:
+    """Give every `Quantizer` in ``model`` its qualified name as the label its messages use."""
+    for name, module in model.named_modules():
+        if isinstance(module, Quantizer):
+            module.label = name
+
+
+def warn_only_zeros(named: Iterable[tuple[str, Quantizer]]) -> list[str]:
+    """Warn once, in one line, about the quantizers calibrated on all-zero data.
+
+    Args:
+        named: ``(name, quantizer)`` pairs, e.g. ``model.named_modules()`` filtered to
+            quantizers (a quantizer's own label is used where ``name`` is empty).
+
+    Returns:
+        The names warned about (empty if none).
+    """
+    names = [name or q.describe() for name, q in named if q.saw_only_zeros]
+    if names:
+        shown = ", ".join(names[:5]) + (f" and {len(names) - 5} more" if len(names) > 5 else "")
+        warnings.warn(
+            f"{len(names)} quantizer(s) calibrated on all-zero data ({shown}): their range is "
+            "[0, 0] and their scale the smallest positive one; calibrate on representative "
+            "data or skip these layers",
+            stacklevel=2,
+        )
+    return names

@@ -11,10 +11,18 @@ from dataclasses import dataclass
 from typing import Any
 
 GRANULARITIES = ("per_tensor", "per_channel")
-OBSERVERS = ("minmax", "moving_minmax", "percentile", "mse", "entropy")
+OBSERVERS = (
+    "minmax",
+    "moving_minmax",
+    "percentile",
+    "batch_percentile",
+    "mse",
+    "histogram",
+    "entropy",
+)
 REPRESENTATIONS = ("int", "fixed_point")
 # Observers that build a histogram of the whole tensor; they have no per-channel form.
-HISTOGRAM_OBSERVERS = ("entropy",)
+HISTOGRAM_OBSERVERS = ("histogram", "entropy")
 
 
 def _fail(field: str, value: Any, allowed: str) -> None:
@@ -36,8 +44,12 @@ class QuantScheme:
         granularity: ``"per_tensor"`` or ``"per_channel"`` (one encoding per slice along ``axis``).
         axis: the channel axis for ``per_channel``.
         observer: how calibration sets the range: ``minmax``, ``moving_minmax`` (EMA),
-            ``percentile``, ``mse`` (search over clipping ranges) or ``entropy`` (KL divergence
-            on a histogram, as TensorRT).
+            ``percentile`` (of all calibration data), ``batch_percentile`` (the mean of each
+            batch's percentile), ``mse`` (the clip ratio with least quantization MSE),
+            ``histogram`` (least MSE, both ends clipped independently, as torch.ao's
+            HistogramObserver; per-tensor only) or ``entropy`` (KL divergence, as TensorRT;
+            per-tensor only). Per-channel ``percentile`` and ``mse`` use each batch's exact
+            statistic, averaged over batches.
         averaging_constant: EMA factor of ``moving_minmax``, in (0, 1].
         percentile: the percentile of ``percentile``, in (50, 100].
         learnable: the scale is a parameter trained with LSQ (Esser et al. 2020).
@@ -83,7 +95,8 @@ class QuantScheme:
             _fail(
                 "observer",
                 self.observer,
-                "a per_channel scheme uses minmax, moving_minmax, percentile or mse",
+                "a per_channel scheme uses minmax, moving_minmax, percentile, batch_percentile "
+                "or mse",
             )
         if not isinstance(self.averaging_constant, (int, float)) or not (
             0.0 < self.averaging_constant <= 1.0

@@ -2,6 +2,8 @@
 worked out (min/max, EMA, percentile 100), or compared (clipping beats min/max on heavy tails).
 """
 
+import warnings
+
 import pytest
 import torch
 
@@ -62,24 +64,60 @@ def test_survives_nan_inf_and_zeros(observer, symmetric, granularity):
     cases = {
         "nan_inf_mixed": [_with_nonfinite(x)],
         "all_zero": [torch.zeros(3, 4, 5)],
-        "all_nan": [torch.full((3, 4, 5), float("nan"))],
-        "all_inf": [torch.full((3, 4, 5), float("inf"))],
         "zero_then_nan": [torch.zeros(3, 4, 5), _with_nonfinite(x)],
+        "nan_between": [x, torch.full((3, 4, 5), float("nan")), x],
     }
     for name, batches in cases.items():
-        q = _calibrate(scheme, *batches)
+        with warnings.catch_warnings():
+            warnings.simplefilter("ignore")  # all-zero data warns (tested in test_quantizer)
+            q = _calibrate(scheme, *batches)
         try:
             _assert_sane(q, channels)
         except AssertionError as error:
             raise AssertionError(f"{name}: {error}") from error
 
 
+@pytest.mark.parametrize(("observer", "symmetric", "granularity"), CASES)
+@pytest.mark.parametrize("fill", [float("nan"), float("inf"), float("-inf")])
+def test_a_non_finite_only_batch_leaves_the_range_where_it_was(
+    observer, symmetric, granularity, fill
+):
+    # Issue 12 item 10: an all-NaN batch used to be merged as the range [0, 0] (moving
+    # averages shrank, scales moved by 15 %). It says nothing about the range: skip it.
+    scheme = _scheme(observer, symmetric, granularity)
+    torch.manual_seed(4)
+    x = torch.randn(3, 4, 5) + 1.0
+    ref = _calibrate(scheme, x, x)
+    skipped = _calibrate(scheme, x, torch.full((3, 4, 5), fill), x)
+    for ours, theirs in zip(skipped.encoding(), ref.encoding(), strict=True):
+        assert torch.equal(ours, theirs)
+    alone = _calibrate(scheme, torch.full((3, 4, 5), fill))
+    assert not alone.observer.has_data and not alone.is_initialized
+
+
+@pytest.mark.parametrize(("observer", "symmetric", "granularity"), CASES)
+def test_an_empty_tensor_is_skipped(observer, symmetric, granularity):
+    scheme = _scheme(observer, symmetric, granularity)
+    torch.manual_seed(5)
+    x = torch.randn(3, 4, 5)
+    ref = _calibrate(scheme, x)
+    with_empty = _calibrate(scheme, torch.empty(0, 4), x, torch.empty(0, 4, 5))
+    for ours, theirs in zip(with_empty.encoding(), ref.encoding(), strict=True):
+        assert torch.equal(ours, theirs)
+
+
+def test_a_per_channel_channel_with_nothing_finite_keeps_its_range():
+    scheme = QuantScheme(observer="moving_minmax", granularity="per_channel", axis=1)
+    q = _calibrate(scheme, torch.tensor([[2.0, -1.0]]), torch.tensor([[float("nan"), 1.0]]))
+    assert q.observer.min_val[0] == 2.0 and q.observer.max_val[0] == 2.0
+
+
 @pytest.mark.parametrize("observer", ["minmax", "moving_minmax"])
 @pytest.mark.parametrize("symmetric", [True, False])
 @pytest.mark.parametrize("granularity", ["per_tensor", "per_channel"])
 def test_minmax_ignores_nonfinite_values(observer, symmetric, granularity):
-    # The encoding from data with NaN/Inf mixed in is the encoding of its finite part. (A
-    # per-channel row stands non-finite values as 0, which the range includes anyway.)
+    # The encoding from data with NaN/Inf mixed in is the encoding of its finite part (the
+    # clean reference stands them as 0, which every encoding's range includes anyway).
     scheme = _scheme(observer, symmetric, granularity)
     torch.manual_seed(1)
     x = torch.randn(3, 4, 5) + 0.5
@@ -105,9 +143,9 @@ def test_percentile_100_equals_minmax(symmetric, granularity):
         assert torch.equal(ours, theirs)
 
 
-def test_batch_statistic_observers_average_over_batches():
-    # Percentile (and mse) keep the mean of the per-batch ranges, not the extreme one.
-    obs = make_observer(QuantScheme(observer="percentile", percentile=100, symmetric=False))
+def test_batch_percentile_averages_over_batches():
+    # batch_percentile keeps the mean of the per-batch ranges, not the extreme one.
+    obs = make_observer(QuantScheme(observer="batch_percentile", percentile=100, symmetric=False))
     obs(torch.tensor([-1.0, 2.0]))
     obs(torch.tensor([-3.0, 4.0]))
     assert float(obs.min_val) == -2.0 and float(obs.max_val) == 3.0

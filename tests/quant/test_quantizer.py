@@ -2,12 +2,14 @@
 
 import copy
 import io
+import warnings
 
 import pytest
 import torch
 
 from qat_lightning.quant import Quantizer, QuantScheme
 from qat_lightning.quant.functional import EPS
+from qat_lightning.quant.quantizer import label_quantizers, warn_only_zeros
 
 CHANNELS = 4  # along axis 1 of the (3, 4, 5) test tensors
 
@@ -21,6 +23,8 @@ CHECKPOINTED = {
     "percentile": QuantScheme(observer="percentile", percentile=99.0),
     "per_channel_mse": QuantScheme(granularity="per_channel", axis=1, observer="mse", bits=4),
     "entropy": QuantScheme(observer="entropy", bits=6),
+    "histogram_affine": QuantScheme(observer="histogram", symmetric=False, bits=4),
+    "batch_percentile": QuantScheme(observer="batch_percentile", percentile=99.0),
     "learnable_affine": QuantScheme(learnable=True, symmetric=False, bits=4),
     "learnable_per_channel": QuantScheme(learnable=True, granularity="per_channel", axis=1),
     "fixed_point": QuantScheme(representation="fixed_point", frac_bits=5),
@@ -268,3 +272,67 @@ def test_eval_mode_never_moves_encodings_but_compute_encodings_observes():
     quantizer.train()
     quantizer(torch.full((10,), 50.0))  # training with the observer on: it moves
     assert quantizer.scale > scale
+
+
+# -- misuse ends in one clear message (issue 12 item 10) -------------------------------------------
+def _labelled(scheme: QuantScheme, **kwargs) -> Quantizer:
+    holder = torch.nn.ModuleDict({"act": Quantizer(scheme, **kwargs)})
+    label_quantizers(holder)
+    return holder["act"]
+
+
+def test_a_channel_count_change_inside_compute_encodings_names_quantizer_and_shapes():
+    q = _labelled(QuantScheme(granularity="per_channel", axis=1))
+    error = r"'act'.*\(4,\).*\(3, 8, 5\) with 8"
+    with pytest.raises(ValueError, match=error), q.compute_encodings():
+        q(torch.randn(3, 4, 5))
+        q(torch.randn(3, 8, 5))  # used to restart the statistics, dropping the first batch
+
+
+def test_a_learnable_per_channel_scale_is_never_resized():
+    q = _labelled(QuantScheme(granularity="per_channel", axis=1, learnable=True), num_channels=4)
+    scale = q.scale
+    error = r"'act'.*learnable scale.*\(4,\).*\(8,\)"
+    with pytest.raises(ValueError, match=error), q.compute_encodings():
+        q(torch.randn(3, 8, 5))
+    assert q.scale is scale and q.scale.shape == (4,)
+
+
+def test_quantizing_before_calibration_warns_once():
+    q = Quantizer(QuantScheme()).eval()
+    with pytest.warns(UserWarning, match="before any calibration"):
+        q(torch.randn(8))
+    with warnings.catch_warnings():
+        warnings.simplefilter("error")
+        q(torch.randn(8))
+        q.quantize(torch.randn(8))
+
+
+def test_a_calibrated_quantizer_never_warns():
+    q = Quantizer(QuantScheme())
+    with warnings.catch_warnings():
+        warnings.simplefilter("error")
+        with q.compute_encodings():
+            q(torch.randn(8))
+        q(torch.randn(8))
+        q.quantize(torch.randn(8))
+
+
+def test_all_zero_calibration_warns_naming_the_quantizer():
+    q = _labelled(QuantScheme())
+    with pytest.warns(UserWarning, match=r"all-zero data.*'act'"), q.compute_encodings():
+        q(torch.zeros(8))
+    assert float(q.scale) == EPS  # the encoding itself is as before: the smallest scale
+
+
+def test_all_zero_helper_lists_every_such_quantizer_in_one_warning():
+    named = []
+    for name, data in (("a", torch.zeros(4)), ("b", torch.randn(4)), ("c", torch.zeros(4))):
+        q = Quantizer(QuantScheme())
+        q.observer(data)
+        q.update_encodings()
+        named.append((name, q))
+    with pytest.warns(UserWarning) as record:
+        assert warn_only_zeros(named) == ["a", "c"]
+    assert len(record) == 1 and "2 quantizer(s)" in str(record[0].message)
+    assert "a, c" in str(record[0].message)

@@ -32,20 +32,24 @@ def test_axis_not_int(axis):
     _rejects("axis", axis, "integer channel axis", granularity="per_channel", axis=axis)
 
 
-@pytest.mark.parametrize("observer", ["max", "histogram", "", None])
+@pytest.mark.parametrize("observer", ["max", "kl", "", None])
 def test_observer_unknown(observer):
     _rejects(
-        "observer", observer, "minmax.*moving_minmax.*percentile.*mse.*entropy", observer=observer
+        "observer",
+        observer,
+        "minmax.*moving_minmax.*percentile.*batch_percentile.*mse.*histogram.*entropy",
+        observer=observer,
     )
 
 
-def test_entropy_observer_has_no_per_channel_form():
+@pytest.mark.parametrize("observer", ["entropy", "histogram"])
+def test_histogram_observers_have_no_per_channel_form(observer):
     _rejects(
         "observer",
-        "entropy",
-        "per_channel scheme uses minmax, moving_minmax, percentile or mse",
+        observer,
+        "per_channel scheme uses minmax, moving_minmax, percentile, batch_percentile or mse",
         granularity="per_channel",
-        observer="entropy",
+        observer=observer,
     )
     assert QuantScheme(observer="entropy").observer == "entropy"  # per-tensor is fine
 
