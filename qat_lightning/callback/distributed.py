@@ -11,12 +11,12 @@ import torch
 import torch.distributed as dist
 from torch import nn
 
+from qat_lightning.quant.histogram import rebin
 from qat_lightning.quant.observers import (
-    EntropyObserver,
+    HistogramObserver,
     MinMaxObserver,
     MovingMinMaxObserver,
     Observer,
-    _rebin,
 )
 
 
@@ -31,7 +31,7 @@ def sync_observer(observer: Observer) -> None:
     if not (dist.is_available() and dist.is_initialized()) or dist.get_world_size() == 1:
         return
     # A rank that saw nothing holds +-inf, which MIN/MAX ignore and a mean must not.
-    if isinstance(observer, (MinMaxObserver, EntropyObserver)):
+    if isinstance(observer, (MinMaxObserver, HistogramObserver)):
         _all_reduce(observer.min_val, dist.ReduceOp.MIN)
         _all_reduce(observer.max_val, dist.ReduceOp.MAX)
     else:
@@ -43,13 +43,15 @@ def sync_observer(observer: Observer) -> None:
             buf.copy_(torch.where(count > 0, total / count.clamp(min=1), buf))
         if not isinstance(observer, MovingMinMaxObserver) and hasattr(observer, "batches"):
             _all_reduce(observer.batches, dist.ReduceOp.MAX)
-    if isinstance(observer, EntropyObserver):
+    if isinstance(observer, HistogramObserver):  # pooled percentile, mse, histogram, entropy
         local_max = float(observer.histogram_max)
         global_max = _all_reduce(observer.histogram_max.clone(), dist.ReduceOp.MAX)
-        if 0 < local_max < float(global_max):
-            observer.histogram.copy_(_rebin(observer.histogram, local_max, float(global_max)))
+        for name in ("histogram", "histogram_sum"):  # counts, and the values' sums per bin
+            buf = getattr(observer, name)
+            if 0 < local_max < float(global_max):
+                buf.copy_(rebin(buf, local_max, float(global_max)))
+            _all_reduce(buf, dist.ReduceOp.SUM)
         observer.histogram_max.copy_(global_max)
-        _all_reduce(observer.histogram, dist.ReduceOp.SUM)
 
 
 def sync_observers(model: nn.Module) -> None:

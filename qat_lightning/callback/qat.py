@@ -63,6 +63,7 @@ from qat_lightning.callback.reporting import (
 )
 from qat_lightning.callback.schedule import Milestone, apply_schedule
 from qat_lightning.quant import QuantScheme
+from qat_lightning.quant.quantizer import warn_only_zeros
 from qat_lightning.surgery import quantize_model
 from qat_lightning.surgery.config import DEFAULT_INPUTS, DEFAULT_PARAMS
 
@@ -298,6 +299,8 @@ class QATCallback(EvaluationHooks, Callback):
             if distributed and "param_quantizers" not in name:
                 tracking = False
             quantizer.enable_observer(tracking and not quantizer.scheme.learnable)
+        if trainer.is_global_zero:
+            warn_only_zeros(named_quantizers(pl_module))
         rank_zero_info(
             f"QATCallback: calibrated {len(quantizers)} quantizers on {seen} batches in "
             f"{time.perf_counter() - start:.1f} s; QAT starts"

@@ -185,6 +185,25 @@ def test_no_training_batches_warn_and_export_nothing(make_trainer, tmp_path):
     assert qat.export_paths == {}
 
 
+class _DeadFirstLayer(ImageClassifier):
+    """The first conv's weights are zero: its output (and the ReLU after it) is all zeros."""
+
+    def configure_model(self):
+        with torch.no_grad():
+            self.net[0].weight.zero_()
+            self.net[0].bias.zero_()
+            self.net[1].bias.fill_(-10.0)  # BN shifts far below zero: the ReLU gives zeros
+
+
+def test_calibration_on_all_zero_data_warns_naming_the_quantizers(make_trainer, tmp_path):
+    qat = QATCallback(calibration_batches=2, export_formats=())
+    with pytest.warns(UserWarning, match=r"calibrated on all-zero data \(net\.") as record:
+        make_trainer(max_epochs=1, limit_train_batches=2, limit_val_batches=0, callbacks=[qat]).fit(
+            _DeadFirstLayer()
+        )
+    assert sum("all-zero data" in str(w.message) for w in record) == 1
+
+
 @pytest.mark.parametrize(
     "kwargs, shown",
     [
