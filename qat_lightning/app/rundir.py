@@ -23,7 +23,16 @@ from qat_lightning.app.validation import ConfigError, invalid
 log = logging.getLogger(__name__)
 
 # Keys a resumed run may change: where and how it reports, not what it computes.
-_RESUME_FREE = ("resume", "output_dir", "run_name", "callbacks", "logger", "tags")
+_RESUME_FREE = (
+    "resume",
+    "output_dir",
+    "run_name",
+    "callbacks",
+    "logger",
+    "tags",
+    "fp32_cache",
+    "fp32_cache_dir",
+)
 
 
 def hydra_run() -> dict[str, Any]:

@@ -126,10 +126,18 @@ def _trainer(
     bar = progress_bar(cfg.callbacks.progress_bar, phase)
     if bar is not None:
         callbacks.append(bar)
-    if cfg.callbacks.checkpoint:  # every epoch, so an interrupted run can resume
-        dirpath = run.last_ckpt(phase).parent
+    if cfg.callbacks.checkpoint:
+        # last.ckpt at every epoch end, so an interrupted run can resume. (save_last=True with
+        # save_top_k=0 writes it only when training ends: what a Ctrl-C loses.)
+        last = run.last_ckpt(phase)
         callbacks.append(
-            ModelCheckpoint(dirpath=dirpath, save_top_k=0, save_last=True, every_n_epochs=1)
+            ModelCheckpoint(
+                dirpath=last.parent,
+                filename=last.stem,
+                save_top_k=1,  # no monitor: the newest checkpoint, overwritten each epoch
+                every_n_epochs=1,
+                enable_version_counter=False,
+            )
         )
     if cfg.callbacks.lr_monitor and logger is not None:
         callbacks.append(LearningRateMonitor())
