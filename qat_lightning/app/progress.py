@@ -43,14 +43,20 @@ class EpochLines(ProgressBar):
     def enable(self) -> None:
         self._enabled = True
 
-    def _metrics(self, trainer: pl.Trainer) -> str:
-        parts = []
+    def _metrics(self, trainer: pl.Trainer, epoch_end: bool) -> str:
+        """``name value`` pairs: at an epoch's end its epoch means (``*_epoch`` over the step
+        value of a metric logged both ways); inside an epoch the training metrics so far."""
+        values: dict[str, float] = {}
         for key, value in trainer.callback_metrics.items():
             if key.endswith("_step") or getattr(value, "numel", lambda: 1)() != 1:
                 continue
+            per_epoch = key.endswith("_epoch")
             name = key.removesuffix("_epoch").removeprefix(f"{self.phase}/")
-            parts.append(f"{name} {float(value):.4f}")
-        return "  ".join(sorted(parts))
+            if not epoch_end and (per_epoch or "train" not in name):
+                continue  # last epoch's figures, not this one's
+            if per_epoch or name not in values:
+                values[name] = float(value)
+        return "  ".join(f"{name} {value:.4f}" for name, value in sorted(values.items()))
 
     def _line(self, text: str) -> None:
         if self._enabled and self.trainer.is_global_zero:
@@ -79,12 +85,13 @@ class EpochLines(ProgressBar):
         total = self.total_train_batches
         done = batch_idx + 1
         share = f"{100 * done / total:.0f}% " if total not in (0, float("inf")) else ""
-        self._line(f"{self._epoch(trainer)}: {share}({done} batches) {self._metrics(trainer)}")
+        metrics = self._metrics(trainer, epoch_end=False)
+        self._line(f"{self._epoch(trainer)}: {share}({done} batches) {metrics}")
 
     @override
     def on_train_epoch_end(self, trainer: pl.Trainer, pl_module: pl.LightningModule) -> None:
         seconds = time.monotonic() - self._epoch_start
-        self._line(f"{self._epoch(trainer)}: {self._metrics(trainer)} ({seconds:.1f} s)")
+        self._line(f"{self._epoch(trainer)}: {self._metrics(trainer, True)} ({seconds:.1f} s)")
 
 
 def progress_bar(kind: str, phase: str) -> ProgressBar | None:

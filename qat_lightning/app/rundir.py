@@ -80,7 +80,7 @@ class Run:
 
     def status(self, status: str, **extra: Any) -> dict[str, Any]:
         """What is known now, as ``results.json`` holds it."""
-        checkpoints = {p: str(self.last_ckpt(p)) for p in ("fp32", "qat") if self.last_ckpt(p)}
+        checkpoints = {p: c for p in ("fp32", "qat") if (c := self.last_ckpt(p)).is_file()}
         return {
             "status": status,
             "phase": self.phase,
@@ -88,7 +88,7 @@ class Run:
             "fp32_accuracy": self.fp32_accuracy,
             "fp32_cache": self.fp32_cache,
             **extra,
-            "checkpoints": {p: c for p, c in checkpoints.items() if Path(c).is_file()},
+            "checkpoints": {p: str(c) for p, c in checkpoints.items()},
             "resume": f"qat-train resume={self.out}",
             "resumed": self.resumed,
             "wall_time_s": round(time.perf_counter() - self.start, 2),

@@ -291,6 +291,7 @@ def train(cfg: DictConfig, callbacks: list[pl.Callback] | None = None) -> dict[s
             run.phase = "evaluation"
             results = _results(cfg, run, module, data, qat)
             health = quant_health(module, next(iter(data.test_dataloader()))[0])
+            _write_results(cfg, run, logger, health, results)
     except BaseException as err:
         stopped = isinstance(err, (KeyboardInterrupt, SystemExit))
         error = None if stopped else f"{type(err).__name__}: {_first_line(str(err))}"
@@ -308,18 +309,7 @@ def train(cfg: DictConfig, callbacks: list[pl.Callback] | None = None) -> dict[s
     finally:
         if threading.current_thread() is threading.main_thread():
             signal.signal(signal.SIGINT, sigint)
-        with contextlib.suppress(Exception):
-            finish(logger)
-    finite = [r["sqnr_db"] for r in health if r["sqnr_db"] is not None]
-    results["health"] = {
-        "quantizers": len(health),
-        "min_sqnr_db": min(finite) if finite else None,
-        "max_clip_rate": max((r["clip_rate"] or 0.0) for r in health) if health else None,
-    }
-    results["wall_time_s"] = round(time.perf_counter() - run.start, 2)
-    _write_health(run.out / "quant_health.csv", health)
-    write_json(run.out / "results.json", results)
-    _log_results(cfg, logger, health, results)
+        finish(logger)
     log.info(
         "results: fp32 %s, QAT %.4f, ONNX %s, agreement %s -> %s",
         _fmt(results["fp32_accuracy"]),
@@ -331,7 +321,19 @@ def train(cfg: DictConfig, callbacks: list[pl.Callback] | None = None) -> dict[s
     return results
 
 
-def _log_results(cfg: DictConfig, logger: Any, health: list, results: dict[str, Any]) -> None:
+def _write_results(
+    cfg: DictConfig, run: Run, logger: Any, health: list, results: dict[str, Any]
+) -> None:
+    """Health summary into ``results``; ``results.json``, ``quant_health.csv``, the logger."""
+    finite = [r["sqnr_db"] for r in health if r["sqnr_db"] is not None]
+    results["health"] = {
+        "quantizers": len(health),
+        "min_sqnr_db": min(finite) if finite else None,
+        "max_clip_rate": max((r["clip_rate"] or 0.0) for r in health) if health else None,
+    }
+    results["wall_time_s"] = round(time.perf_counter() - run.start, 2)
+    _write_health(run.out / "quant_health.csv", health)
+    write_json(run.out / "results.json", results)
     if is_wandb(logger):
         log_wandb_extras(logger, health, results, cfg.logger.log_health, cfg.logger.log_model)
     elif logger is not None:

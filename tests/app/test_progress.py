@@ -41,9 +41,11 @@ def test_a_run_outside_a_terminal_prints_one_line_per_epoch(capsys):
     assert [line.split(":")[0] for line in lines] == [f"qat epoch {i}/3" for i in (1, 2, 3)]
     # each line carries the epoch's metrics, from the torchmetrics objects the module logs
     for line in lines:
-        assert "train_acc " in line and "val_acc " in line and "train_loss " in line
-    final_val_acc = float(trainer.callback_metrics["qat/val_acc"])
-    assert f"val_acc {final_val_acc:.4f}" in lines[-1]
+        names = line.split(": ", 1)[1].split()[:-2][::2]  # "name value ... (1.2 s)"
+        assert names == ["train_acc", "train_loss", "val_acc", "val_loss"], line
+    final = trainer.callback_metrics
+    assert f"val_acc {float(final['qat/val_acc']):.4f}" in lines[-1]
+    assert f"train_acc {float(final['qat/train_acc_epoch']):.4f}" in lines[-1]
 
 
 def test_a_terminal_gets_the_tqdm_bar(monkeypatch):
