@@ -24,6 +24,7 @@ import time
 import torch
 from omegaconf import OmegaConf
 from torch import nn
+from torchmetrics.classification import MulticlassAccuracy
 
 from qat_lightning.app.datamodule import ImageDataModule
 from qat_lightning.app.models import ResNetCifar
@@ -59,11 +60,12 @@ def calibrate(model: nn.Module, batches: list[torch.Tensor]) -> None:
 @torch.no_grad()
 def accuracy(model: nn.Module, loader) -> float:
     model.eval()
-    correct = total = 0
+    metric = None
     for x, y in loader:
-        correct += int((model(x).argmax(1) == y).sum())
-        total += len(y)
-    return correct / total
+        logits = model(x)
+        metric = metric or MulticlassAccuracy(logits.shape[1], average="micro")
+        metric.update(logits, y)
+    return float(metric.compute())
 
 
 def main() -> None:

@@ -57,10 +57,11 @@ from peer_models import brevitas_model, float_model, ours_model, torch_ao_model
 from timing import round_robin
 from torch import nn
 from torch.ao import quantization as tq
+from torchmetrics.classification import MulticlassAccuracy
 
 from qat_lightning.app.datamodule import ImageDataModule, ImageDataset
+from qat_lightning.app.evaluation import accuracy, onnx_weight_bytes
 from qat_lightning.app.models import ResNetCifar
-from qat_lightning.app.train import onnx_weight_bytes
 from qat_lightning.export import export_onnx
 from qat_lightning.quant import Quantizer
 
@@ -165,7 +166,7 @@ def train(side: str, model: nn.Module, data: ImageDataModule, args: argparse.Nam
     for epoch in range(args.epochs):
         model.train()
         _freeze(side, model, epoch >= args.freeze_bn_at, epoch >= args.freeze_observers_at)
-        losses, correct, seen = [], 0, 0
+        losses, train_acc = [], None
         for x, y in loader:
             t0 = time.perf_counter()
             optimizer.zero_grad(set_to_none=True)
@@ -175,10 +176,12 @@ def train(side: str, model: nn.Module, data: ImageDataModule, args: argparse.Nam
             optimizer.step()
             steps.append(time.perf_counter() - t0)
             losses.append(loss.item())
-            correct, seen = correct + int((logits.argmax(1) == y).sum()), seen + len(y)
+            train_acc = train_acc or MulticlassAccuracy(logits.shape[1], average="micro")
+            train_acc.update(logits.detach(), y)
         schedule.step()
+        acc = float(train_acc.compute())
         log(f"[{side}] epoch {epoch + 1}/{args.epochs}: loss {statistics.mean(losses):.4f} "
-            f"train acc {correct / seen:.4f} ({time.perf_counter() - start:.0f} s)")  # fmt: skip
+            f"train acc {acc:.4f} ({time.perf_counter() - start:.0f} s)")  # fmt: skip
     _freeze(side, model, False, True)  # evaluation must not move encodings (torch.ao would)
     return {
         "train_s": round(time.perf_counter() - start, 1),
@@ -193,10 +196,6 @@ def predict(fn, loader) -> tuple[np.ndarray, np.ndarray]:
         out.append(np.asarray(fn(x)))
         labels.append(y.numpy())
     return np.concatenate(out), np.concatenate(labels)
-
-
-def accuracy(logits: np.ndarray, labels: np.ndarray) -> float:
-    return float((logits.argmax(1) == labels).mean())
 
 
 def ort_runner(path: Path, threads: int):

@@ -2,8 +2,8 @@
 
 `train(cfg)` runs one job from a composed config; ``qat_lightning.app.main`` is the Hydra entry
 point around it. The configs live in ``conf/`` at the top of the repository (see
-``qat_lightning.app.main``). Names are imported on first use, so that checking a command line
-does not import Lightning.
+``qat_lightning.app.main``). Names are imported on first use, so that importing the package
+imports nothing heavy.
 """
 
 from __future__ import annotations

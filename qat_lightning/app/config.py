@@ -12,30 +12,33 @@ defaults list (``- /schema/model/resnet20@_here_``).
 
 from __future__ import annotations
 
+import dataclasses
+import typing
 from dataclasses import dataclass, field
 from typing import Any
 
 from hydra.core.config_store import ConfigStore
 from omegaconf import MISSING
 
+from qat_lightning.quant.scheme import QuantScheme
+
 
 # -- quantization ------------------------------------------------------------------------------
-@dataclass
-class QuantSchemeConfig:
-    """Mirrors `qat_lightning.quant.QuantScheme` field by field (a test keeps them equal)."""
+def _scheme_schema() -> type:
+    """`QuantScheme`'s fields, types and defaults as a mutable dataclass Hydra can override.
 
-    bits: int = 8
-    symmetric: bool = True
-    signed: bool = True
-    narrow_range: bool = False
-    granularity: str = "per_tensor"
-    axis: int = 0
-    observer: str = "minmax"
-    averaging_constant: float = 0.01
-    percentile: float = 99.99
-    learnable: bool = False
-    representation: str = "int"
-    frac_bits: int | None = None
+    Derived, not written out: a new `QuantScheme` field is a new config key with no change
+    here. (`QuantScheme` itself is frozen, which OmegaConf would turn into a read-only node.)
+    """
+    hints = typing.get_type_hints(QuantScheme)
+    fields = [(f.name, hints[f.name], f.default) for f in dataclasses.fields(QuantScheme)]
+    schema = dataclasses.make_dataclass("QuantSchemeConfig", fields)
+    schema.__module__ = __name__
+    schema.__doc__ = "The fields of `qat_lightning.quant.QuantScheme`, as a Hydra schema."
+    return schema
+
+
+QuantSchemeConfig = _scheme_schema()
 
 
 @dataclass
@@ -161,8 +164,8 @@ class TrainerConfig:
 
 @dataclass
 class CallbacksConfig:
-    progress_bar: str = "tqdm"  # "tqdm", "rich" or "none"
-    checkpoint: bool = True  # fp32.pt after the float phase, last.ckpt of QAT
+    progress_bar: str = "auto"  # "auto" (tqdm in a terminal, else "lines"), "tqdm", "rich", "none"
+    checkpoint: bool = True  # <phase>/last.ckpt every epoch, fp32.pt after the float phase
     lr_monitor: bool = False
     early_stopping_patience: int | None = None  # on <phase>/val_acc
 
@@ -215,6 +218,9 @@ class Config:
     fp32_epochs: int = 6  # float phase before QAT (0: none)
     qat_epochs: int = 2  # 0: PTQ only (calibrate, evaluate, export)
     init_from: str | None = None  # float checkpoint (.ckpt or state_dict .pt) to start from
+    resume: str | None = None  # an interrupted run's directory: continue it there
+    fp32_cache: bool = True  # reuse the float phase of an earlier run with the same fp32 config
+    fp32_cache_dir: str | None = None  # None: <sweep dir>/fp32_cache, else next to the run dir
     output_dir: str | None = None  # None: Hydra's run directory
     run_name: str | None = None  # None: the job's overrides
     optimized_metric: str | None = None  # what main returns to a sweeper, e.g. qat_accuracy

@@ -1,6 +1,6 @@
 """Loggers for ``qat-train`` (``logger=csv|tensorboard|wandb|none``), and what only wandb gets:
 per-layer quantization health as a Table with plots, the exported model as an Artifact, and
-offline mode whenever there is no API key.
+offline mode whenever there is no API key (passed to the run, never set in the environment).
 """
 
 from __future__ import annotations
@@ -31,7 +31,8 @@ def has_wandb_key() -> bool:
 
 def wandb_mode(requested: str | None, save_dir: Path) -> str:
     """``online``, ``offline`` or ``disabled``. Online without a key would prompt or fail, so
-    that falls back to offline, says so in one line, and sets ``WANDB_MODE=offline``."""
+    that falls back to offline and says so in one line. The environment is left alone: a
+    ``WANDB_MODE`` set here would leak into every later job of a multirun."""
     mode = requested or os.environ.get("WANDB_MODE") or "online"
     if mode == "dryrun":
         mode = "offline"
@@ -42,8 +43,6 @@ def wandb_mode(requested: str | None, save_dir: Path) -> str:
             save_dir / "wandb",
         )
         mode = "offline"
-    if mode == "offline":
-        os.environ["WANDB_MODE"] = "offline"
     return mode
 
 
@@ -76,6 +75,8 @@ def build_logger(
             job_type=lcfg.job_type,
             tags=list(lcfg.tags) + list(cfg.tags),
             save_dir=str(save_dir),
+            # wandb.init's own mode: WandbLogger(offline=True) would set WANDB_MODE=dryrun in
+            # os.environ (Lightning 2.x), which a multirun's later jobs would inherit.
             mode=wandb_mode(lcfg.mode, save_dir),
             log_model=False,  # the exported integer model goes up as our own Artifact
         )

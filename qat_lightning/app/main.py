@@ -11,6 +11,10 @@ a ``-m`` sweep) is composed and checked. A user error prints one line and exits 
 
     $ qat-train quant.params.bits=1
     qat-train: error: quant.params.bits=1 is invalid: allowed an integer in 2..16
+
+``qat-train --help`` prints `help_text` (what the tool does, the config groups of ``conf/`` and
+their options; not the internal ``schema/*`` groups); ``--hydra-help`` is Hydra's own.
+``qat-train resume=<run dir>`` continues an interrupted run with that run's own overrides.
 """
 
 from __future__ import annotations
@@ -47,6 +51,52 @@ def config_dir() -> Path:
             "`pip install -e .`, or set QAT_LIGHTNING_CONF to a conf/ directory"
         )
     return candidate.resolve()
+
+
+HELP = """qat-train: quantization-aware training of a PyTorch Lightning model, as a Hydra app.
+
+A run trains the model in float (fp32_epochs; cached and reused by runs with the same float
+config), then with QAT (qat_epochs): QATCallback swaps in quantized layers, calibrates,
+fine-tunes, and exports an integer ONNX model and safetensors weights. It evaluates both on the
+test set and writes results.json, quant_health.csv and checkpoints to the run directory.
+
+Usage:
+  qat-train [group=option] [key=value ...]
+  qat-train quant.params.bits=4 quant.inputs.bits=8 model=resnet20 data=cifar10 data.root=DIR
+  qat-train -m quant.params.bits=2,4,8          one job per value (a multirun sweep)
+  qat-train resume=outputs/DATE/TIME            continue an interrupted run
+  qat-train --cfg job                           print the composed config
+  qat-train --hydra-help                        Hydra's own options
+
+Config groups (group=option):
+"""
+
+
+def help_text(conf: Path) -> str:
+    """``--help``: what the tool does and the option of every group under ``conf``."""
+    lines = [HELP.rstrip("\n")]
+    for group in sorted(p for p in conf.rglob("*") if p.is_dir()):
+        options = sorted(f.stem for f in group.glob("*.yaml"))
+        if options:
+            lines.append(f"  {group.relative_to(conf).as_posix()}: {', '.join(options)}")
+    lines.append("Every key of the composed config can be set with key=value (see --cfg job).")
+    return "\n".join(lines) + "\n"
+
+
+def resume_overrides(argv: list[str]) -> list[str]:
+    """``resume=<dir>`` with the overrides that run was started with put first (the rest of
+    the command line still applies after them)."""
+    import json
+
+    for arg in argv:
+        if arg.startswith(("resume=", "+resume=")):
+            path = Path(arg.partition("=")[2]) / "results.json"
+            if not path.is_file():
+                return argv  # validate says what is wrong with it
+            saved = json.loads(path.read_text()).get("overrides") or []
+            rest = [a.removeprefix("+") if a == arg else a for a in argv]
+            return [o for o in saved if not o.startswith(("resume=", "+resume="))] + rest
+    return argv
 
 
 def fail(message: str) -> None:
@@ -109,6 +159,10 @@ def main() -> None:
         conf = config_dir()
     except ConfigError as err:
         fail(str(err))
+    if any(arg in ("--help", "-h") for arg in sys.argv[1:]):
+        print(help_text(conf), end="")
+        return
+    sys.argv[1:] = resume_overrides(sys.argv[1:])
     register_configs()
     preflight(sys.argv[1:], conf)
     hydra.main(version_base="1.3", config_path=str(conf), config_name="config")(_task)()

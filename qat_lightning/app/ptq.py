@@ -38,6 +38,9 @@ class PTQAccuracy(Callback):
     @override
     @torch.no_grad()
     def on_train_start(self, trainer: pl.Trainer, pl_module: pl.LightningModule) -> None:
+        if trainer.ckpt_path is not None:  # resumed mid-QAT: the model is no longer the PTQ one
+            pl.utilities.rank_zero_info("PTQ accuracy: not measured (resumed from a checkpoint)")
+            return
         modes = {m: m.training for m in pl_module.modules()}
         pl_module.eval()
         correct, total = 0, 0

@@ -2,19 +2,26 @@
 ``compose``).
 
 1. Check the config (`validate`): a bad value stops here, before any data is read.
-2. Float phase: ``init_from`` a float checkpoint and/or ``fp32_epochs`` of training.
+2. Float phase: ``init_from`` a float checkpoint and/or ``fp32_epochs`` of training, through the
+   fp32 cache (`Fp32Cache`): a sweep trains its float model once.
 3. QAT phase: a new Trainer with `QATCallback` (swap, calibrate, fine-tune, export).
-4. Evaluate on the test set: fake-quant accuracy, exported ONNX accuracy in onnxruntime and
+4. Evaluate on the test set: QAT-model accuracy, exported ONNX accuracy in onnxruntime and
    their top-1 agreement; write ``results.json`` (and ``quant_health.csv``) to the run directory.
+
+Both phases save ``checkpoints/<phase>/last.ckpt`` every epoch. ``results.json`` is written when
+the run starts (``"status": "running"``), and again when it ends: ``"completed"``,
+``"interrupted"`` (Ctrl-C) or ``"failed"`` (with the error line). ``resume=<run dir>`` continues
+an unfinished run in its directory: a finished float phase is not trained again, QAT restarts
+from its ``last.ckpt``.
 """
 
 from __future__ import annotations
 
 import contextlib
 import csv
-import json
 import logging
-import os
+import signal
+import threading
 import time
 import warnings
 from collections.abc import Iterator
@@ -22,18 +29,27 @@ from pathlib import Path
 from typing import Any
 
 import lightning.pytorch as pl
-import numpy as np
 import torch
 from omegaconf import DictConfig, OmegaConf
 from torch import nn
-from torch.utils.data import DataLoader
 
 from qat_lightning.app.datamodule import ImageDataModule
+from qat_lightning.app.evaluation import (
+    accuracy,
+    evaluate,
+    nbytes,
+    onnx_weight_bytes,
+    predict,
+    quant_health,
+)
+from qat_lightning.app.fp32_cache import Fp32Cache, fp32_key
 from qat_lightning.app.loggers import build_logger, finish, is_wandb, log_wandb_extras
 from qat_lightning.app.models import build_model
 from qat_lightning.app.module import Classifier
+from qat_lightning.app.progress import progress_bar
 from qat_lightning.app.ptq import PTQAccuracy, ptq_quant_config, ptq_results
-from qat_lightning.app.search import run_search
+from qat_lightning.app.rundir import Run, start_run, write_json
+from qat_lightning.app.search import SearchOutcome, run_search
 from qat_lightning.app.validation import (
     RESULT_METRICS,
     ConfigError,
@@ -42,8 +58,8 @@ from qat_lightning.app.validation import (
     validate,
 )
 from qat_lightning.callback import QATCallback
-from qat_lightning.callback.health import HealthProbe, named_quantizers
-from qat_lightning.nn import fake_quant_eval
+
+__all__ = ["onnx_weight_bytes", "qat_callback", "train"]
 
 log = logging.getLogger(__name__)
 
@@ -65,92 +81,6 @@ def _quiet_warnings() -> Iterator[None]:
         yield
 
 
-def _hydra_run() -> dict[str, Any]:
-    """Output dir, overrides and sweep group of the Hydra job this runs in (empty outside)."""
-    from hydra.core.hydra_config import HydraConfig
-    from hydra.types import RunMode
-
-    if not HydraConfig.initialized():
-        return {}
-    hc = HydraConfig.get()
-    group = None
-    if hc.mode == RunMode.MULTIRUN:
-        group = "_".join(Path(hc.sweep.dir).parts[-2:])
-    return {
-        "output_dir": hc.runtime.output_dir,
-        "overrides": list(hc.overrides.task),
-        "job_name": hc.job.override_dirname or "default",
-        "group": group,
-        "job_num": hc.job.get("num"),
-    }
-
-
-# -- evaluation -----------------------------------------------------------------------------------
-@torch.no_grad()
-def predict(model: nn.Module, loader: DataLoader) -> tuple[np.ndarray, np.ndarray]:
-    """Logits and labels of the whole loader, in eval mode."""
-    model.eval()
-    device = next(model.parameters()).device
-    logits, labels = [], []
-    for x, y in loader:
-        logits.append(model(x.to(device)).float().cpu().numpy())
-        labels.append(y.numpy())
-    return np.concatenate(logits), np.concatenate(labels)
-
-
-def onnx_predict(path: Path, loader: DataLoader) -> np.ndarray:
-    """Logits of the exported model in onnxruntime (CPU)."""
-    import onnxruntime as ort
-
-    session = ort.InferenceSession(str(path), providers=["CPUExecutionProvider"])
-    name = session.get_inputs()[0].name
-    return np.concatenate([session.run(None, {name: x.numpy()})[0] for x, _ in loader])
-
-
-def accuracy(logits: np.ndarray, labels: np.ndarray) -> float:
-    return float((logits.argmax(1) == labels).mean())
-
-
-@torch.no_grad()
-def quant_health(model: nn.Module, x: torch.Tensor) -> list[dict[str, Any]]:
-    """Per quantizer: bits, mean scale and zero point, clip rate and SQNR on the batch ``x``.
-
-    Runs the fake-quant arithmetic (`fake_quant_eval`): the probe reads what reaches each
-    quantizer, and eval mode's integer path calls none of them.
-    """
-    model.eval()
-    probe = HealthProbe(model).attach()
-    with torch.no_grad(), fake_quant_eval():
-        model(x.to(next(model.parameters()).device))
-    metrics = probe.detach()
-    rows = []
-    for name, quantizer in named_quantizers(model):
-        figures = {
-            key: metrics.get(f"quant/{name}/{key}")
-            for key in ("scale", "zero_point", "clip_rate", "sqnr_db")
-        }
-        if figures["scale"] is None:
-            continue
-        kind = "param" if ".param_quantizers." in f".{name}." else "activation"
-        rows.append({"quantizer": name, "kind": kind, "bits": quantizer.scheme.bits, **figures})
-    return rows
-
-
-def _nbytes(path: Path) -> int:
-    if path.is_dir():
-        return sum(p.stat().st_size for p in path.rglob("*") if p.is_file())
-    return path.stat().st_size
-
-
-def onnx_weight_bytes(path: Path) -> int:
-    """Bytes of the ONNX model's initializers (weights, scales, zero points): its size without
-    the graph and the exporter's metadata."""
-    import onnx
-
-    model = onnx.load(str(path), load_external_data=False)
-    return sum(len(t.raw_data) or t.ByteSize() for t in model.graph.initializer)
-
-
 def _load_float(model: nn.Module, path: str) -> None:
     try:
         state = torch.load(path, map_location="cpu", weights_only=True)
@@ -169,25 +99,7 @@ def _load_float(model: nn.Module, path: str) -> None:
         )
 
 
-def evaluate(model: nn.Module, test: DataLoader, qat: QATCallback) -> dict[str, Any]:
-    """Fake-quant accuracy, exported-ONNX accuracy and their top-1 agreement on ``test``."""
-    for _, quantizer in named_quantizers(model):  # evaluation must not move the encodings
-        quantizer.enable_observer(False)
-    qat_logits, labels = predict(model, test)
-    results: dict[str, Any] = {
-        "qat_accuracy": accuracy(qat_logits, labels),
-        "onnx_accuracy": None,
-        "agreement": None,
-        "test_samples": len(labels),
-    }
-    if "onnx" in qat.export_paths:
-        onnx_logits = onnx_predict(qat.export_paths["onnx"], test)
-        results["onnx_accuracy"] = accuracy(onnx_logits, labels)
-        results["agreement"] = float((onnx_logits.argmax(1) == qat_logits.argmax(1)).mean())
-    return results
-
-
-# -- the run --------------------------------------------------------------------------------------
+# -- the phases -----------------------------------------------------------------------------------
 def qat_callback(q: DictConfig, export_dir: Path) -> QATCallback:
     """`QATCallback` from the ``quant`` config node."""
     return QATCallback(
@@ -208,19 +120,27 @@ def qat_callback(q: DictConfig, export_dir: Path) -> QATCallback:
 
 
 def _trainer(
-    cfg: DictConfig, out: Path, logger: Any, epochs: int, callbacks: list, val: bool, phase: str
+    cfg: DictConfig, run: Run, logger: Any, epochs: int, callbacks: list, val: bool, phase: str
 ) -> pl.Trainer:
-    from lightning.pytorch.callbacks import (
-        EarlyStopping,
-        LearningRateMonitor,
-        RichProgressBar,
-        TQDMProgressBar,
-    )
+    from lightning.pytorch.callbacks import EarlyStopping, LearningRateMonitor, ModelCheckpoint
 
-    bar = cfg.callbacks.progress_bar
     callbacks = list(callbacks)
-    if bar != "none":
-        callbacks.append(TQDMProgressBar() if bar == "tqdm" else RichProgressBar())
+    bar = progress_bar(cfg.callbacks.progress_bar, phase)
+    if bar is not None:
+        callbacks.append(bar)
+    if cfg.callbacks.checkpoint:
+        # last.ckpt at every epoch end, so an interrupted run can resume. (save_last=True with
+        # save_top_k=0 writes it only when training ends: what a Ctrl-C loses.)
+        last = run.last_ckpt(phase)
+        callbacks.append(
+            ModelCheckpoint(
+                dirpath=last.parent,
+                filename=last.stem,
+                save_top_k=1,  # no monitor: the newest checkpoint, overwritten each epoch
+                every_n_epochs=1,
+                enable_version_counter=False,
+            )
+        )
     if cfg.callbacks.lr_monitor and logger is not None:
         callbacks.append(LearningRateMonitor())
     if cfg.callbacks.early_stopping_patience and val:
@@ -229,11 +149,11 @@ def _trainer(
     t = cfg.trainer
     return pl.Trainer(
         max_epochs=epochs,
-        default_root_dir=out,
+        default_root_dir=run.out,
         logger=logger if logger is not None else False,
         callbacks=callbacks,
-        enable_checkpointing=any(type(c).__name__ == "ModelCheckpoint" for c in callbacks),
-        enable_progress_bar=bar != "none",
+        enable_checkpointing=bool(cfg.callbacks.checkpoint),
+        enable_progress_bar=bar is not None,
         enable_model_summary=False,
         accelerator=t.accelerator,
         devices=t.devices,
@@ -247,101 +167,161 @@ def _trainer(
     )
 
 
-def train(cfg: DictConfig) -> dict[str, Any]:
+def _fit(trainer: pl.Trainer, module: Classifier, data: Any, run: Run, phase: str) -> None:
+    """``trainer.fit``, from the phase's ``last.ckpt`` when resuming; counts finished epochs."""
+    last = run.last_ckpt(phase)
+    ckpt_path = last if run.resumed and last.is_file() else None
+    if ckpt_path is not None:
+        log.info("%s: resuming from %s", phase, ckpt_path)
+    run.phase = phase
+    try:
+        trainer.fit(module, datamodule=data, ckpt_path=ckpt_path)
+    finally:
+        run.epochs[phase] = trainer.fit_loop.epoch_progress.current.completed
+
+
+def fp32_cache(cfg: DictConfig, run: Run) -> Fp32Cache | None:
+    """The run's fp32 cache entry: in ``fp32_cache_dir``, else the multirun's sweep directory,
+    else next to the run directory; None when ``fp32_cache=false``."""
+    if not cfg.fp32_cache:
+        return None
+    directory = cfg.fp32_cache_dir
+    if directory is None:
+        sweep = run.hydra.get("sweep_dir")
+        directory = Path(sweep) / "fp32_cache" if sweep else run.out.parent / "fp32_cache"
+    return Fp32Cache(Path(directory), fp32_key(cfg))
+
+
+def float_phase(
+    cfg: DictConfig, run: Run, module: Classifier, data: Any, logger: Any, extra: list
+) -> float | None:
+    """``init_from`` and/or ``fp32_epochs`` of float training (or their cached result); the
+    float model's test accuracy (None when QAT starts from random weights)."""
+    model = module.model
+    if cfg.init_from:
+        _load_float(model, cfg.init_from)
+    if cfg.fp32_epochs > 0:
+        finished = run.ckpt_dir / "fp32.pt"
+        cache = fp32_cache(cfg, run)
+        if run.resumed and finished.is_file():
+            model.load_state_dict(torch.load(finished, map_location="cpu", weights_only=True))
+            log.info("fp32: finished before, loaded %s", finished)
+        else:
+            with cache.lock() if cache else contextlib.nullcontext():
+                if cache is not None and cache.load(model):
+                    run.fp32_cache = str(cache.path)
+                else:
+                    log.info("float phase: %d epochs", cfg.fp32_epochs)
+                    val = len(data.val_set) > 0
+                    trainer = _trainer(cfg, run, logger, cfg.fp32_epochs, extra, val, "fp32")
+                    _fit(trainer, module, data, run, "fp32")
+                    if cache is not None:
+                        cache.save(model)
+            if cfg.callbacks.checkpoint:
+                finished.parent.mkdir(parents=True, exist_ok=True)
+                torch.save(model.state_dict(), finished)
+        run.epochs["fp32"] = cfg.fp32_epochs
+    if cfg.init_from or cfg.fp32_epochs > 0:
+        run.fp32_accuracy = accuracy(*predict(model, data.test_dataloader()))
+    return run.fp32_accuracy
+
+
+def qat_phase(
+    cfg: DictConfig, run: Run, module: Classifier, data: Any, logger: Any, extra: list
+) -> tuple[QATCallback, PTQAccuracy, SearchOutcome | None]:
+    """Optionally search per-layer bits, then calibrate, measure the PTQ accuracy, fine-tune
+    with fake quantization (none when ``qat_epochs=0``) and export; the callback holds the
+    paths."""
+    quant = ptq_quant_config(cfg.quant) if cfg.qat_epochs == 0 else cfg.quant
+    search = run_search(cfg.search, module.model, data, qat_callback(quant, run.out).config, logger)
+    quant = search.quant_config(quant) if search is not None else quant
+    qat = qat_callback(quant, run.out / "export")
+    ptq = PTQAccuracy(data.test_dataloader(), stop=cfg.qat_epochs == 0)
+    qat_lr = cfg.optim.qat_lr if cfg.optim.qat_lr is not None else cfg.optim.lr / 10
+    epochs = max(cfg.qat_epochs, 1)  # qat_epochs=0: PTQAccuracy stops before a step
+    module.start_phase("qat", float(qat_lr), epochs)
+    # The same random stream whether the float phase trained, came from the cache or resumed.
+    pl.seed_everything(cfg.seed + 1, workers=True, verbose=False)
+    log.info("QAT phase: %d epochs", cfg.qat_epochs)
+    val = len(data.val_set) > 0
+    # ptq right after qat: it measures right after the calibration, before any step
+    trainer = _trainer(cfg, run, logger, epochs, [qat, ptq, *extra], val, "qat")
+    _fit(trainer, module, data, run, "qat")
+    return qat, ptq, search
+
+
+def _results(cfg: DictConfig, run: Run, module: Classifier, data: Any, qat: QATCallback) -> dict:
+    """Everything ``results.json`` holds after a completed run (health rows aside)."""
+    model = module.model
+    results = run.status("completed", **evaluate(model, data.test_dataloader(), qat))
+    fp32_bytes = sum(t.numel() * t.element_size() for t in model.state_dict().values())
+    results["sizes"] = {
+        "fp32_bytes": fp32_bytes,
+        **{f"{fmt}_bytes": nbytes(Path(p)) for fmt, p in qat.export_paths.items()},
+    }
+    if "onnx" in qat.export_paths:
+        results["sizes"]["onnx_weights_bytes"] = onnx_weight_bytes(qat.export_paths["onnx"])
+    results["export_paths"] = {fmt: str(p) for fmt, p in qat.export_paths.items()}
+    report = qat.report.to_dict() if qat.report is not None else {}
+    results["quantization"] = {
+        "counts": report.get("counts"),
+        "warnings": report.get("warnings", []),
+    }
+    return results
+
+
+def train(cfg: DictConfig, callbacks: list[pl.Callback] | None = None) -> dict[str, Any]:
     """Float phase (optional), QAT, export and evaluation; returns what ``results.json`` holds.
+
+    Args:
+        cfg: the composed config.
+        callbacks: extra Lightning callbacks for both phases' Trainers.
 
     Raises:
         ConfigError: a bad config value (one line), before anything trains.
+        SystemExit: Ctrl-C (Lightning's graceful shutdown); ``results.json`` then says
+            ``"status": "interrupted"``, and any other exception leaves ``"failed"``.
     """
     validate(cfg)
-    start = time.perf_counter()
-    hydra_run = _hydra_run()
-    out = Path(
-        cfg.output_dir or hydra_run.get("output_dir") or time.strftime("outputs/%Y-%m-%d/%H-%M-%S")
-    )
-    out.mkdir(parents=True, exist_ok=True)
-    config = OmegaConf.to_container(cfg, resolve=True)
-    run_name = cfg.run_name or hydra_run.get("job_name") or out.name
+    run = start_run(cfg)
     pl.seed_everything(cfg.seed, workers=True, verbose=False)
-
     data = ImageDataModule(cfg.data)
     data.setup()
     info = data.info
     model = build_model(cfg.model, info.in_channels, info.image_size, info.num_classes)
-    fp32_bytes = sum(t.numel() * t.element_size() for t in model.state_dict().values())
-    module = Classifier(model, cfg.optim, epochs=cfg.fp32_epochs)
-    has_val = len(data.val_set) > 0
-    logger = build_logger(cfg, out, run_name, hydra_run.get("group"), config)
-    ckpt_dir = out / "checkpoints"
+    module = Classifier(model, cfg.optim, epochs=cfg.fp32_epochs, num_classes=info.num_classes)
+    run_name = cfg.run_name or run.hydra.get("job_name") or run.out.name
+    logger = build_logger(cfg, run.out, run_name, run.hydra.get("group"), run.config)
+    extra = list(callbacks or [])
+    sigint = signal.getsignal(signal.SIGINT)  # Lightning ignores Ctrl-C after the first one
     try:
         with _quiet_warnings():
-            fp32_acc = None
-            if cfg.init_from:
-                _load_float(model, cfg.init_from)
-            if cfg.fp32_epochs > 0:
-                log.info("float phase: %d epochs", cfg.fp32_epochs)
-                fp32_trainer = _trainer(cfg, out, logger, cfg.fp32_epochs, [], has_val, "fp32")
-                fp32_trainer.fit(module, datamodule=data)
-                if cfg.callbacks.checkpoint:
-                    ckpt_dir.mkdir(parents=True, exist_ok=True)
-                    torch.save(model.state_dict(), ckpt_dir / "fp32.pt")
-            if cfg.init_from or cfg.fp32_epochs > 0:
-                fp32_acc = accuracy(*predict(model, data.test_dataloader()))
-
-            quant = ptq_quant_config(cfg.quant) if cfg.qat_epochs == 0 else cfg.quant
-            search = run_search(cfg.search, model, data, qat_callback(quant, out).config, logger)
-            quant = search.quant_config(quant) if search is not None else quant
-            qat = qat_callback(quant, out / "export")
-            ptq = PTQAccuracy(data.test_dataloader(), stop=cfg.qat_epochs == 0)
-            callbacks: list = [qat, ptq]  # ptq after qat: it measures right after calibration
-            if cfg.callbacks.checkpoint:
-                from lightning.pytorch.callbacks import ModelCheckpoint
-
-                callbacks.append(ModelCheckpoint(dirpath=ckpt_dir, save_top_k=0, save_last=True))
-            qat_lr = cfg.optim.qat_lr if cfg.optim.qat_lr is not None else cfg.optim.lr / 10
-            epochs = max(cfg.qat_epochs, 1)  # qat_epochs=0: PTQAccuracy stops before a step
-            module.start_phase("qat", float(qat_lr), epochs)
-            log.info("QAT phase: %d epochs", cfg.qat_epochs)
-            qat_trainer = _trainer(cfg, out, logger, epochs, callbacks, has_val, "qat")
-            qat_trainer.fit(module, datamodule=data)
-
-            results = {"fp32_accuracy": fp32_acc, **evaluate(model, data.test_dataloader(), qat)}
+            float_phase(cfg, run, module, data, logger, extra)
+            qat, ptq, search = qat_phase(cfg, run, module, data, logger, extra)
+            run.phase = "evaluation"
+            results = _results(cfg, run, module, data, qat)
             results.update(ptq_results(ptq, results["qat_accuracy"], cfg.qat_epochs))
             if search is not None:
                 results["search"] = search.to_dict()
-            health = quant_health(model, next(iter(data.test_dataloader()))[0])
-        results["sizes"] = {
-            "fp32_bytes": fp32_bytes,
-            **{f"{fmt}_bytes": _nbytes(Path(p)) for fmt, p in qat.export_paths.items()},
-        }
-        if "onnx" in qat.export_paths:
-            results["sizes"]["onnx_weights_bytes"] = onnx_weight_bytes(qat.export_paths["onnx"])
-        results["export_paths"] = {fmt: str(p) for fmt, p in qat.export_paths.items()}
-        report = qat.report.to_dict() if qat.report is not None else {}
-        results["quantization"] = {
-            "counts": report.get("counts"),
-            "warnings": report.get("warnings", []),
-        }
-        finite = [r["sqnr_db"] for r in health if r["sqnr_db"] is not None]
-        results["health"] = {
-            "quantizers": len(health),
-            "min_sqnr_db": min(finite) if finite else None,
-            "max_clip_rate": max((r["clip_rate"] or 0.0) for r in health) if health else None,
-        }
-        results["wall_time_s"] = round(time.perf_counter() - start, 2)
-        results["output_dir"] = str(out)
-        results["overrides"] = hydra_run.get("overrides", [])
-        results["sweep_group"] = hydra_run.get("group")
-        results["job_num"] = hydra_run.get("job_num")
-        results["config"] = config
-        _write_health(out / "quant_health.csv", health)
-        _write_json(out / "results.json", results)
-        if is_wandb(logger):
-            log_wandb_extras(logger, health, results, cfg.logger.log_health, cfg.logger.log_model)
-        elif logger is not None:
-            final = {k: results[k] for k in RESULT_METRICS if results[k] is not None}
-            logger.log_metrics({f"test/{k}": v for k, v in final.items()})
+            health = quant_health(module, next(iter(data.test_dataloader()))[0])
+            _write_results(cfg, run, logger, health, results)
+    except BaseException as err:
+        stopped = isinstance(err, (KeyboardInterrupt, SystemExit))
+        error = None if stopped else f"{type(err).__name__}: {_first_line(str(err))}"
+        write_json(
+            run.out / "results.json",
+            run.status("interrupted" if stopped else "failed", error=error),
+        )
+        log.error(
+            "run %s in %s; continue with: qat-train resume=%s",
+            "interrupted" if stopped else "failed",
+            run.phase,
+            run.out,
+        )
+        raise
     finally:
+        if threading.current_thread() is threading.main_thread():
+            signal.signal(signal.SIGINT, sigint)
         finish(logger)
     log.info(
         "results: fp32 %s, QAT %.4f, ONNX %s, agreement %s -> %s",
@@ -349,19 +329,37 @@ def train(cfg: DictConfig) -> dict[str, Any]:
         results["qat_accuracy"],
         _fmt(results["onnx_accuracy"]),
         _fmt(results["agreement"]),
-        out / "results.json",
+        run.out / "results.json",
     )
     return results
 
 
+def _write_results(
+    cfg: DictConfig, run: Run, logger: Any, health: list, results: dict[str, Any]
+) -> None:
+    """Health summary into ``results``; ``results.json``, ``quant_health.csv``, the logger."""
+    finite = [r["sqnr_db"] for r in health if r["sqnr_db"] is not None]
+    results["health"] = {
+        "quantizers": len(health),
+        "min_sqnr_db": min(finite) if finite else None,
+        "max_clip_rate": max((r["clip_rate"] or 0.0) for r in health) if health else None,
+    }
+    results["wall_time_s"] = round(time.perf_counter() - run.start, 2)
+    _write_health(run.out / "quant_health.csv", health)
+    write_json(run.out / "results.json", results)
+    if is_wandb(logger):
+        log_wandb_extras(logger, health, results, cfg.logger.log_health, cfg.logger.log_model)
+    elif logger is not None:
+        final = {k: results[k] for k in RESULT_METRICS if results[k] is not None}
+        logger.log_metrics({f"test/{k}": v for k, v in final.items()})
+
+
+def _first_line(text: str) -> str:
+    return next((line.strip() for line in text.splitlines() if line.strip()), "")
+
+
 def _fmt(value: float | None) -> str:
     return "n/a" if value is None else f"{value:.4f}"
-
-
-def _write_json(path: Path, payload: dict[str, Any]) -> None:
-    temp = path.with_suffix(".json.tmp")
-    temp.write_text(json.dumps(payload, indent=2, default=str) + "\n")
-    os.replace(temp, path)
 
 
 def _write_health(path: Path, rows: list[dict[str, Any]]) -> None:

@@ -9,7 +9,6 @@ from __future__ import annotations
 
 import dataclasses
 import importlib.util
-import re
 from pathlib import Path
 from typing import Any
 
@@ -18,13 +17,14 @@ from omegaconf.errors import ConfigAttributeError, ConfigKeyError, OmegaConfBase
 
 from qat_lightning.app.data import DATASETS, check_data
 from qat_lightning.app.models import MODELS
+from qat_lightning.callback.schedule import Milestone
 from qat_lightning.quant import QuantScheme
 from qat_lightning.surgery import QuantConfig
 
 RESULT_METRICS = ("fp32_accuracy", "qat_accuracy", "onnx_accuracy", "agreement")
 OPTIMIZERS = ("adam", "adamw", "sgd")
 SCHEDULERS = ("none", "cosine")
-PROGRESS_BARS = ("tqdm", "rich", "none")
+PROGRESS_BARS = ("auto", "tqdm", "rich", "lines", "none")
 LOGGERS = ("csv", "tensorboard", "wandb", "none")
 WANDB_MODES = ("online", "offline", "disabled")
 EXPORT_FORMATS = ("onnx", "native")
@@ -32,6 +32,13 @@ EXPORT_FORMATS = ("onnx", "native")
 PLUGIN_HINTS = {
     "hydra/launcher": 'install the launchers with: pip install "qat_lightning[launchers]"',
     "hydra/sweeper": 'install the Optuna sweeper with: pip install "qat_lightning[optuna]"',
+}
+
+
+# Keys people try from other Lightning apps, and what this one has instead.
+KEY_HINTS = {
+    key: "a run has two phases: set fp32_epochs=N (float, 0: none) and qat_epochs=N (QAT)"
+    for key in ("trainer.max_epochs", "trainer.min_epochs", "trainer.max_steps")
 }
 
 
@@ -56,14 +63,20 @@ def invalid(key: str, value: Any, allowed: str) -> ConfigError:
 
 
 def milestone(value: str | None, key: str) -> dict[str, int] | None:
-    """``"epoch:3"`` / ``"step:500"`` / ``"3"`` as QATCallback's ``{"epoch": 3}``; None stays."""
+    """``"epoch:3"`` / ``"step:500"`` / ``"3"`` as QATCallback's ``{"epoch": 3}``; None stays.
+
+    The config writes a milestone as one string; `Milestone.parse` (what `QATCallback` runs)
+    decides what is valid.
+    """
     if value is None:
         return None
     unit, _, n = str(value).rpartition(":")
-    unit = unit or "epoch"
-    if unit not in ("epoch", "step") or not n.isdigit():
-        raise invalid(key, value, "null, epoch:N or step:N with N >= 0")
-    return {unit: int(n)}
+    as_dict = {unit or "epoch": int(n) if n.isdigit() else n}
+    try:
+        Milestone.parse(key, as_dict)
+    except ValueError as err:
+        raise invalid(key, value, "null, epoch:N or step:N with N >= 0") from err
+    return as_dict
 
 
 def quant_overrides(node: Any) -> dict[str, Any]:
@@ -98,6 +111,9 @@ def check_keys(node: DictConfig, path: str = "") -> None:
         for key in node:
             if key not in allowed:
                 where = path or "the config"
+                full = f"{path + '.' if path else ''}{key}"
+                if full in KEY_HINTS:
+                    raise ConfigError(f"{full} is not a key of {where}: {KEY_HINTS[full]}")
                 raise ConfigError(
                     f"{path + '.' if path else ''}{key} is not a key of {where}: allowed "
                     f"{', '.join(allowed)}"
@@ -130,30 +146,38 @@ def _fraction(cfg: DictConfig, key: str, low_open: bool) -> None:
         raise invalid(key, value, f"a number in {'(' if low_open else '['}0, 1)")
 
 
-_SCHEME_ERROR = re.compile(r"^QuantScheme\.(\w+)=.* is invalid: allowed (.*)$")
-
-
 def quant_scheme(cfg: DictConfig, side: str) -> QuantScheme:
-    """``quant.<side>`` as a `QuantScheme`, its errors renamed to the config key."""
+    """``quant.<side>`` as a `QuantScheme` (its own checks), its errors named by config key."""
     fields = OmegaConf.to_container(cfg.quant[side], resolve=True)
     try:
         return QuantScheme(**fields)
     except ValueError as err:
-        match = _SCHEME_ERROR.match(str(err))
-        if match is None:
-            raise ConfigError(f"quant.{side}: {err}") from err
-        name, allowed = match.groups()
-        raise invalid(f"quant.{side}.{name}", fields.get(name), allowed) from err
+        text = str(err)
+        for name, value in fields.items():  # QuantScheme says "QuantScheme.<field>=<repr> ..."
+            prefix = f"QuantScheme.{name}={value!r}"
+            if text.startswith(prefix):
+                text = f"quant.{side}.{name}={cli_value(value)}{text[len(prefix) :]}"
+                break
+        else:
+            text = f"quant.{side}: {text}"
+        raise ConfigError(text) from err
 
 
 def _check_quant(cfg: DictConfig) -> None:
     schemes = {side: quant_scheme(cfg, side) for side in ("inputs", "params")}
     _int_at_least(cfg, "quant.calibration_batches", 1)
     _int_at_least(cfg, "quant.log_every_n_steps", 1)
-    # QATCallback's Milestone.parse checks the same; repeated here so that a config check
-    # does not import Lightning (a CLI typo should fail in a second).
     for name in ("freeze_bn_at", "freeze_observers_at", "quant_delay"):
-        milestone(cfg.quant[name], f"quant.{name}")
+        parsed = milestone(cfg.quant[name], f"quant.{name}")
+        # qat_epochs=0 (PTQ) has no schedule; an epoch milestone past the QAT phase would
+        # never happen (QATCallback refuses it at fit start, after the float phase: say it now)
+        if parsed and "epoch" in parsed and 0 < cfg.qat_epochs <= parsed["epoch"]:
+            raise invalid(
+                f"quant.{name}",
+                cfg.quant[name],
+                f"epoch:N with N < qat_epochs={cfg.qat_epochs} (QAT epochs count from 0), "
+                "step:N, or null",
+            )
     for fmt in cfg.quant.export_formats:
         if fmt not in EXPORT_FORMATS:
             raise invalid("quant.export_formats", list(cfg.quant.export_formats), "onnx, native")
@@ -249,6 +273,8 @@ def _check_training(cfg: DictConfig) -> None:
     _int_at_least(cfg, "callbacks.early_stopping_patience", 1, optional=True)
     if cfg.init_from is not None and not Path(cfg.init_from).is_file():
         raise invalid("init_from", cfg.init_from, "null or an existing checkpoint file")
+    if cfg.resume is not None and not (Path(cfg.resume) / "results.json").is_file():
+        raise invalid("resume", cfg.resume, "null or a qat-train run directory (with results.json)")
     if cfg.optimized_metric is not None:
         _choice(cfg, "optimized_metric", RESULT_METRICS)
 
@@ -308,6 +334,8 @@ def describe_error(err: BaseException) -> str:
     if isinstance(cause, OmegaConfBaseException) and getattr(cause, "full_key", None):
         key, msg = cause.full_key, _first_line(cause.msg or str(cause))
         if isinstance(cause, (ConfigAttributeError, ConfigKeyError)) and " not in " in msg:
+            if key in KEY_HINTS:
+                return f"{key} is not a key of {key.rpartition('.')[0]}: {KEY_HINTS[key]}"
             schema = cause.object_type
             parent = key.rpartition(".")[0] or "the config"
             if not dataclasses.is_dataclass(schema):  # a free-form dict such as quant.overrides

@@ -13,7 +13,7 @@ from omegaconf import OmegaConf
 
 from qat_lightning.app.config import QuantSchemeConfig
 from qat_lightning.app.loggers import wandb_mode
-from qat_lightning.app.main import config_dir, job_overrides
+from qat_lightning.app.main import config_dir, help_text, job_overrides, resume_overrides
 from qat_lightning.app.train import qat_callback
 from qat_lightning.app.validation import (
     ConfigError,
@@ -38,10 +38,15 @@ def error_line(overrides: list[str]) -> str:
     raise AssertionError(f"{overrides} passed the checks")
 
 
-def test_scheme_config_mirrors_quant_scheme():
+def test_scheme_config_is_derived_from_quant_scheme():
     ours = {f.name: f.default for f in dataclasses.fields(QuantSchemeConfig)}
     theirs = {f.name: f.default for f in dataclasses.fields(QuantScheme)}
     assert ours == theirs
+    # every QuantScheme field is a key of quant.params, typed: a wrong type fails at compose
+    assert set(compose_config([]).quant.params) == set(theirs)
+    assert error_line(["quant.params.learnable=maybe"]).startswith(
+        "quant.params.learnable=maybe is invalid"
+    )
 
 
 @pytest.mark.parametrize("side", ["inputs", "params"])
@@ -139,12 +144,23 @@ def test_hparams_search_is_an_optuna_sweep_over_lr_and_bits():
             ["+quant.overrides.fc={params:{bits:1}}"],
             "quant.overrides['fc']['params']: QuantScheme.bits=1 is invalid",
         ),
+        (["quant.params.frac_bits=3"], "quant.params.frac_bits=3 is invalid: allowed None unless"),
+        (["quant.quant_delay=step:-1"], "quant.quant_delay=step:-1 is invalid: allowed null,"),
+        # a Lightning habit: the two phases have their own epoch counts
+        (["trainer.max_epochs=1"], "trainer.max_epochs is not a key of trainer: a run has two"),
+        (["+trainer.max_epochs=1"], "trainer.max_epochs is not a key of trainer: a run has two"),
+        (["resume=/no/such/run"], "resume=/no/such/run is invalid: allowed null or a qat-train"),
+        (["callbacks.progress_bar=bars"], "callbacks.progress_bar=bars is invalid: allowed one"),
+        # the default freeze_bn_at=epoch:1 never happens in a 1-epoch QAT phase
+        (["qat_epochs=1"], "quant.freeze_bn_at=epoch:1 is invalid: allowed epoch:N with N < qat"),
     ],
 )
 def test_a_bad_value_is_one_line_naming_key_value_and_allowed(overrides, expected):
     line = error_line(overrides)
     assert line.startswith(expected)
     assert "\n" not in line
+    if "max_epochs" in expected:
+        assert "fp32_epochs" in line and "qat_epochs" in line
 
 
 def test_overrides_from_the_command_line_become_module_names():
@@ -170,6 +186,21 @@ def test_milestones_accept_epoch_and_step():
     assert milestone(cfg.quant.quant_delay, "k") == {"epoch": 2}
 
 
+def test_help_says_what_the_tool_does_and_lists_only_user_groups():
+    text = help_text(CONF)
+    assert text.startswith("qat-train: quantization-aware training")
+    assert "  quant/params: fixed_q4_4, int2, int4, int8, lsq4\n" in text
+    assert "  model: cnn, mobilenet_v2, resnet18, resnet20, transformer\n" in text
+    assert "schema" not in text and "resume=" in text
+
+
+def test_resume_puts_the_runs_own_overrides_first(tmp_path):
+    (tmp_path / "results.json").write_text('{"overrides": ["quant.params.bits=4", "seed=3"]}')
+    argv = [f"resume={tmp_path}", "callbacks.progress_bar=none"]
+    assert resume_overrides(argv) == ["quant.params.bits=4", "seed=3", *argv]
+    assert resume_overrides(["seed=1"]) == ["seed=1"]
+
+
 def test_conf_dir_is_the_repository_conf(monkeypatch, tmp_path):
     assert config_dir() == CONF
     monkeypatch.setenv("QAT_LIGHTNING_CONF", str(tmp_path))
@@ -192,7 +223,8 @@ def test_wandb_without_a_key_goes_offline_with_one_notice(monkeypatch, tmp_path,
         assert wandb_mode(None, tmp_path) == "offline"
     import os
 
-    assert os.environ["WANDB_MODE"] == "offline"
+    # the environment is untouched: a multirun's next job must not inherit offline mode
+    assert "WANDB_MODE" not in os.environ
     notices = [r.getMessage() for r in caplog.records if "wandb" in r.getMessage()]
     assert len(notices) == 1 and "offline" in notices[0] and "\n" not in notices[0]
 

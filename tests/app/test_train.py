@@ -4,6 +4,7 @@ from __future__ import annotations
 
 import csv
 import json
+import re
 from pathlib import Path
 
 import onnx
@@ -15,20 +16,23 @@ from qat_lightning.app.train import train
 
 @pytest.fixture(scope="module")
 def default_run(tmp_path_factory):
+    """Two whole float epochs on digits (21 batches each) and one QAT epoch: enough to learn
+    the task, so accuracy can be asserted well above chance (0.1)."""
     out = tmp_path_factory.mktemp("default_run")
-    results = train(compose_config([*TINY, "fp32_epochs=1", f"output_dir={out}"]))
+    overrides = [*TINY, "trainer.limit_train_batches=null", "fp32_epochs=2", "fp32_cache=false"]
+    results = train(compose_config([*overrides, f"output_dir={out}"]))
     return out, results
 
 
-def test_default_config_exports_and_writes_results(default_run):
+def test_default_config_learns_exports_and_writes_results(default_run):
     out, results = default_run
     on_disk = json.loads((out / "results.json").read_text())
     assert on_disk == json.loads(json.dumps(results, default=str))
-    for key in ("fp32_accuracy", "qat_accuracy", "onnx_accuracy", "agreement"):
-        assert 0.0 <= results[key] <= 1.0, key
-    # The exported integer model is what was trained: top-1 agrees on (nearly) every sample.
-    assert results["agreement"] >= 0.9
-    assert abs(results["onnx_accuracy"] - results["qat_accuracy"]) <= 0.1
+    assert on_disk["status"] == "completed" and on_disk["epochs"] == {"fp32": 2, "qat": 1}
+    assert results["fp32_accuracy"] >= 0.6 and results["qat_accuracy"] >= 0.6  # chance: 0.1
+    # The exported integer model is what was trained: README promises exact agreement.
+    assert results["agreement"] == 1.0
+    assert results["onnx_accuracy"] == results["qat_accuracy"]
     onnx_path = Path(results["export_paths"]["onnx"])
     assert onnx_path.parent.parent == out and onnx_path.is_file()
     ops = {node.op_type for node in onnx.load(str(onnx_path)).graph.node}
@@ -45,13 +49,23 @@ def test_default_config_exports_and_writes_results(default_run):
 def test_run_directory_holds_checkpoints_logs_and_health(default_run):
     out, results = default_run
     assert (out / "checkpoints" / "fp32.pt").is_file()
-    assert (out / "checkpoints" / "last.ckpt").is_file()
+    for phase in ("fp32", "qat"):
+        assert (out / "checkpoints" / phase / "last.ckpt").is_file()
+        assert results["checkpoints"][phase] == str(out / "checkpoints" / phase / "last.ckpt")
     metrics = (out / "logs" / "metrics.csv").read_text().splitlines()[0]
     assert "fp32/train_loss" in metrics and "qat/train_loss" in metrics
+    assert "qat/val_acc" in metrics and "fp32/train_acc_epoch" in metrics
     with open(out / "quant_health.csv") as f:
         rows = list(csv.DictReader(f))
     assert len(rows) == results["health"]["quantizers"] > 0
     assert {"quantizer", "bits", "scale", "clip_rate", "sqnr_db"} <= set(rows[0])
+    # quantizers are named from the LightningModule, as quant.overrides and quant.skip name
+    # layers (model.<layer>), and as the quantization report's table names them
+    table = (out / "logs" / "qat_report.txt").read_text().splitlines()[2:-1]
+    layers = {line.split()[0] for line in table}
+    for row in rows:
+        layer = re.sub(r"\.(input|output|param)_quantizers\..*$", "", row["quantizer"])
+        assert layer.startswith("model.") and layer in layers, row["quantizer"]
 
 
 @pytest.mark.slow

@@ -31,6 +31,12 @@ def run(script: str, *args: str) -> str:
     return result.stdout
 
 
+def is_count(accuracy: float, n: int) -> bool:
+    """An accuracy over ``n`` samples: k / n for an integer k in 0..n."""
+    k = accuracy * n
+    return 0 <= round(k) <= n and abs(k - round(k)) < 1e-6
+
+
 def last_json_line(stdout: str) -> dict:
     return json.loads([line for line in stdout.splitlines() if line.startswith("{")][-1])
 
@@ -85,13 +91,22 @@ def test_peer_qat_reports_every_side(tmp_path, brevitas):
     )
     sides = {"qat_lightning", "torch_ao"} | ({"brevitas"} if brevitas else set())
     assert set(figures["sides"]) == sides, figures["errors"]
-    assert 0.0 <= figures["fp32_accuracy"] <= 1.0
+    n = figures["setup"]["test_samples"]
+    assert n > 0 and is_count(figures["fp32_accuracy"], n)
     for side, result in figures["sides"].items():
-        assert 0.0 <= result["fake_quant_accuracy"] <= 1.0, side
-        assert 0.0 <= result["exported_accuracy"] <= 1.0, side
-        assert result["exported_bytes"] > 0, side
+        assert is_count(result["fake_quant_accuracy"], n), side
+        assert is_count(result["exported_accuracy"], n), side
+        # a sample whose top-1 agrees is right or wrong in both: accuracies differ by at most
+        # the share of samples that disagree
+        gap = abs(result["exported_accuracy"] - result["fake_quant_accuracy"])
+        assert gap <= 1 - result["agreement"] + 1e-9, side
+        weights = result["exported_weight_bytes"]  # None: torch_ao's state_dict has no graph
+        assert result["exported_bytes"] > 0 and (weights is None) == (side == "torch_ao"), side
     # our integer ONNX model predicts what the fake-quant model predicts
     assert figures["sides"]["qat_lightning"]["agreement"] >= 0.9
+    # int8 weights: about a quarter of the float model's bytes
+    ours = figures["sides"]["qat_lightning"]
+    assert ours["exported_weight_bytes"] < figures["fp32_bytes"] / 2
     assert set(figures["step_ratio_over_float"]) == {"float"} | sides
     assert set(figures["latency_ms"]) == {"batch_1", "batch_32"}
     assert all(set(ms) == {"float"} | sides for ms in figures["latency_ms"].values())
@@ -109,5 +124,6 @@ def test_calibration_ablation_reports_each_observer(tmp_path):
     args = ["--fp32", str(fp32), "--data-root", str(CIFAR), "--max-test", "64"]
     figures = last_json_line(run("calibration_ablation.py", *args, "--calibration-batches", "1"))
     assert [r["observer"] for r in figures["rows"]] == ["fp32", "minmax", "percentile", "mse"]
-    assert all(0.0 <= r["accuracy"] <= 1.0 for r in figures["rows"])
     assert figures["test_samples"] == 64
+    assert all(is_count(r["accuracy"], 64) for r in figures["rows"])
+    assert all(r["seconds"] >= 0 for r in figures["rows"][1:])
