@@ -297,7 +297,8 @@ def convert(model: nn.Module) -> nn.Module:
     and returns the dequantized output: the integer simulation of the QAT model.
 
     Args:
-        model: the QAT model (quantized by ``quantize_model`` and calibrated).
+        model: the QAT model (quantized by ``quantize_model`` and calibrated), or its
+            ``torch.compile`` wrapper (the result is then the converted eager model).
 
     Returns:
         The converted model, in eval mode. The input model is not changed.
@@ -309,6 +310,8 @@ def convert(model: nn.Module) -> nn.Module:
         >>> int_model = convert(qat_model)
         >>> y = int_model(x)   # == the integer simulation of qat_model
     """
+    if isinstance(model, torch._dynamo.eval_frame.OptimizedModule):
+        model = model._orig_mod  # torch.compile's wrapper: convert the module it compiles
     check_calibrated(model)
     converted = copy.deepcopy(model).eval()
     if isinstance(converted, QuantModule):

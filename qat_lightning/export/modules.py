@@ -37,7 +37,7 @@ from qat_lightning.export.qdq import (
     unpack_int4,
     zero_point_is_qmin,
 )
-from qat_lightning.nn.base import QuantModule, accumulate_to_qtensor
+from qat_lightning.nn.base import QuantModule, accumulate_to_qtensor, exact_arithmetic
 from qat_lightning.nn.linear import quantize_bias
 from qat_lightning.quant import QTensor, Quantizer, QuantScheme
 
@@ -229,6 +229,10 @@ class IntegerLayer(_IntegerWeights):
     def forward(self, x: torch.Tensor, *extra: Any) -> torch.Tensor:
         if torch.onnx.is_in_onnx_export():
             return self._onnx_forward(x, extra)
+        with exact_arithmetic(x.device):
+            return self._integer_forward(x, extra)
+
+    def _integer_forward(self, x: torch.Tensor, extra: tuple[Any, ...]) -> torch.Tensor:
         q_in = self.input_encoding(0).quantize(x)
         acc_scale = self.accumulator_scale()
         bias = None if self.bias_codes is None else self.bias_codes.double()

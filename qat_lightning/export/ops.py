@@ -15,7 +15,7 @@ from torch import nn
 
 from qat_lightning.export.modules import _Converted, freeze
 from qat_lightning.export.qdq import on_grid_for_onnx
-from qat_lightning.nn.base import QuantModule
+from qat_lightning.nn.base import QuantModule, exact_arithmetic
 from qat_lightning.quant import QTensor, Quantizer
 
 
@@ -75,8 +75,10 @@ class QuantizedOp(_Converted):
                 return encoding.quantize(value)
             return value
 
-        out = self.module.quantized_forward(*[to_q(a) for a in args], **kwargs)
-        return _dequantize_all(out)
+        qs = [to_q(a) for a in args]
+        device = next((q.codes.device for q in _flat(qs) if isinstance(q, QTensor)), "cpu")
+        with exact_arithmetic(device):
+            return _dequantize_all(self.module.quantized_forward(*qs, **kwargs))
 
     def _on_grid(self, args: tuple) -> list:
         """Borrowed inputs get their ``Q -> DQ`` back where an op hid it (`on_grid_for_onnx`)."""
@@ -131,6 +133,10 @@ def _onnx_form(module: QuantModule):
         if all(s == 1 for s in sizes):
             return _global_pool_form
     return None
+
+
+def _flat(values: list) -> list:
+    return [v for value in values for v in (value if isinstance(value, list | tuple) else [value])]
 
 
 def _dequantize_all(value: Any) -> Any:

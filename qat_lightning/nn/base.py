@@ -136,7 +136,8 @@ def integer_in_eval(forward: Callable) -> Callable:
     def wrapper(self: QuantModule, *inputs: Any, **kwargs: Any) -> Any:
         if self.runs_integer(inputs) and not self.__dict__.get("_no_integer_form"):
             try:
-                return self.integer_forward(*inputs, **kwargs)
+                with exact_arithmetic(_tensors(inputs)[0].device):
+                    return self.integer_forward(*inputs, **kwargs)
             except ValueError as error:  # a configuration integer mode does not cover
                 self.__dict__["_no_integer_form"] = True
                 warnings.warn(
@@ -147,6 +148,29 @@ def integer_in_eval(forward: Callable) -> Callable:
         return forward(self, *inputs, **kwargs)
 
     return wrapper
+
+
+_AUTOCAST_DEVICES = ("cpu", "cuda", "xpu", "mps", "hpu")
+
+
+@contextmanager
+def exact_arithmetic(device: torch.device | str) -> Iterator[None]:
+    """Autocast off inside: the integer simulation chooses its own dtypes (float32 over exact
+    ranges, float64), and under ``bf16-mixed`` autocast would run its convolutions and matmuls
+    in bfloat16, which does not hold the integer sums exactly.
+
+    Every integer entry point (eval-mode ``forward``, `convert`'s modules) runs inside it.
+    """
+    device_type = torch.device(device).type
+    if device_type not in _AUTOCAST_DEVICES:
+        yield
+        return
+    with torch.autocast(device_type, enabled=False):
+        yield
+
+
+# Float inputs the integer simulation takes: half types (under autocast) are upcast exactly.
+_INTEGER_INPUT_DTYPES = (torch.float32, torch.float64, torch.bfloat16, torch.float16)
 
 
 def _tensors(inputs: Sequence[Any]) -> list[Any]:
@@ -257,8 +281,7 @@ class QuantModule(nn.Module):
             return False
         tensors = _tensors(inputs)
         if not tensors or not all(
-            isinstance(t, torch.Tensor) and t.dtype in (torch.float32, torch.float64)
-            for t in tensors
+            isinstance(t, torch.Tensor) and t.dtype in _INTEGER_INPUT_DTYPES for t in tensors
         ):
             return False
         sources = [self.input_encoding(i) for i in range(len(tensors))]
@@ -270,11 +293,13 @@ class QuantModule(nn.Module):
 
     def integer_forward(self, *inputs: Any, **kwargs: Any) -> torch.Tensor:
         """``forward`` through `quantized_forward`: each input quantized to the encoding it has
-        (its own input quantizer's or its producer's), the result dequantized."""
+        (its own input quantizer's or its producer's), the result dequantized (float32, or
+        float64 for a float64 input, as `convert`'s modules return it)."""
         tensors = _tensors(inputs)
         qs = [self.input_encoding(i).quantize(t) for i, t in enumerate(tensors)]
         args = (qs,) if len(inputs) == 1 and isinstance(inputs[0], list | tuple) else qs
-        return self.quantized_forward(*args, **kwargs).dequantize().to(tensors[0].dtype)
+        dtype = torch.float64 if tensors[0].dtype == torch.float64 else torch.float32
+        return self.quantized_forward(*args, **kwargs).dequantize().to(dtype)
 
     def input_qtensor(self, q: QTensor, index: int = 0) -> QTensor:
         """Input ``index`` under this module's own input encoding, where it has one."""

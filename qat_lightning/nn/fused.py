@@ -166,8 +166,16 @@ class _FusedBn:
         return nn.Parameter(torch.zeros_like(like, device=self.weight.device))
 
     # -- the fold ------------------------------------------------------------------------------
+    @torch.compiler.disable
     def _bn_scale(self) -> torch.Tensor:
-        """``gamma / sqrt(running_var + eps)`` per output channel (gamma = 1 without affine)."""
+        """``gamma / sqrt(running_var + eps)`` per output channel (gamma = 1 without affine).
+
+        Run eagerly, also inside ``torch.compile``: the BN forward of the same training step
+        updates ``running_var`` in place, and a compiled graph may save the buffer itself for
+        backward (recomputing this scale from it), which then fails ("modified by an inplace
+        operation") or would differentiate the updated statistics. Eager autograd saves the
+        scale that was used.
+        """
         std = torch.sqrt(self.bn.running_var + self.bn.eps)
         return std.reciprocal() if self.bn.weight is None else self.bn.weight / std
 

@@ -6,10 +6,17 @@ The block is traced (its children as leaves, so the graph is exactly its own cod
 (``add``, ``add_1``, ``cat``...), and the GraphModule takes the block's place in its parent. It
 holds the very same children, parameters and buffers, in the same order, so parameter identity
 and state_dict keys are unchanged.
+
+A traced graph is the code path taken for the tracer's proxies: every ``if arg is None`` takes
+the branch of an argument that was passed. A block whose ``forward`` takes optional arguments
+(a default value, ``*args`` or ``**kwargs``; Hugging Face's ``BertEmbeddings`` has
+``token_type_ids=None``) is therefore not rewritten: it keeps its own forward, and the caller
+reports its functional ops as float (`ArgumentDependentGraph`).
 """
 
 from __future__ import annotations
 
+import inspect
 from collections.abc import Callable
 
 from torch import fx, nn
@@ -27,6 +34,39 @@ from qat_lightning.surgery.graph import (
 FUSED_RELU_TYPES = tuple(cls for (_, relu), cls in FUSED_BN_MODULES.items() if relu)
 
 Build = Callable[[FunctionalOp, str], nn.Module | None]
+
+
+class ArgumentDependentGraph(Exception):
+    """A block's ``forward`` has optional arguments: a traced graph would bake in branches."""
+
+
+def optional_arguments(module: nn.Module) -> list[str]:
+    """The arguments of ``module.forward`` a caller may leave out (``name=default``,
+    ``*args``, ``**kwargs``), as written in the signature."""
+    try:
+        signature = inspect.signature(module.forward)
+    except (TypeError, ValueError):  # no signature to read (a builtin): assume the worst
+        return ["<unknown signature>"]
+    found = []
+    for parameter in signature.parameters.values():
+        if parameter.kind is parameter.VAR_POSITIONAL:
+            found.append(f"*{parameter.name}")
+        elif parameter.kind is parameter.VAR_KEYWORD:
+            found.append(f"**{parameter.name}")
+        elif parameter.default is not parameter.empty:
+            found.append(f"{parameter.name}={parameter.default!r}")
+    return found
+
+
+def check_rewritable(owner: nn.Module) -> None:
+    """Raise `ArgumentDependentGraph` if tracing ``owner`` could change what it computes."""
+    optional = optional_arguments(owner)
+    if optional:
+        raise ArgumentDependentGraph(
+            f"its forward takes optional arguments ({', '.join(optional)}): a traced graph "
+            "would keep only the branches taken when they are passed, so the block keeps its "
+            "own forward"
+        )
 
 
 def own_ops(graph: fx.Graph) -> list[FunctionalOp]:
@@ -74,8 +114,10 @@ def rewrite_module(owner: nn.Module, build: Build) -> fx.GraphModule | None:
 
     ``build(op, name)`` returns the module for ``op`` (to be registered as ``name``) or None to
     leave the op float. ReLUs applied to the output of a fused Conv+BN+ReLU are dropped
-    (``relu(relu(x)) == relu(x)``). Returns None when nothing changes; tracing errors propagate.
+    (``relu(relu(x)) == relu(x)``). Returns None when nothing changes; tracing errors propagate,
+    and a forward with optional arguments raises `ArgumentDependentGraph` (not rewritten).
     """
+    check_rewritable(owner)
     before = set(vars(owner))
     try:
         try:

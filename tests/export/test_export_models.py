@@ -122,10 +122,10 @@ def test_onnxruntime_agrees_with_the_training_arithmetic(exported, request) -> N
     if exported["name"] == "mobilenet_v2":
         request.applymarker(
             pytest.mark.xfail(
-                reason="measured 0.988 (target 0.99): fake quant accumulates in float32, the "
-                "integer model exactly; near-tie requantizations differ and spread through "
-                "mobilenet_v2's 50 layers (eval mode itself runs the integer simulation)",
-                strict=False,
+                reason="onnxruntime 1.32 at ORT_ENABLE_ALL computes this export differently "
+                "from the same graph unoptimized: top-1 vs convert 0.30 (ORT_DISABLE_ALL: "
+                "0.98); the exported graph is right, an optimized integer kernel is not",
+                strict=True,
             )
         )
     _, top1 = agreement(exported["ort"], exported["fake"], exported["lsb"])
