@@ -53,7 +53,8 @@ class PTQAccuracy(Callback):
             for module, training in modes.items():
                 module.train(training)
         self.accuracy = correct / total if total else None
-        pl.utilities.rank_zero_info(f"PTQ accuracy (calibrated, before QAT): {self.accuracy}")
+        shown = "n/a (empty test set)" if self.accuracy is None else f"{self.accuracy:.4f}"
+        pl.utilities.rank_zero_info(f"PTQ accuracy (calibrated, before QAT): {shown}")
         if self.stop:
             trainer.should_stop = True
 

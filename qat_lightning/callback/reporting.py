@@ -31,11 +31,12 @@ def check_writable(out_dir: Path, given: Path | None) -> None:
 
 
 def validation_metrics(trainer: pl.Trainer) -> dict[str, float]:
-    """The last logged validation metrics (names starting with ``val``)."""
+    """The last logged validation metrics (names, after any ``phase/`` prefix, starting with
+    ``val``)."""
     return {
         k: float(v)
         for k, v in trainer.callback_metrics.items()
-        if k.startswith("val") and getattr(v, "numel", lambda: 1)() == 1
+        if k.rsplit("/", 1)[-1].startswith("val") and getattr(v, "numel", lambda: 1)() == 1
     }
 
 

@@ -178,12 +178,12 @@ def test_a_sweep_is_checked_job_by_job():
 
 
 def test_milestones_accept_epoch_and_step():
-    cfg = compose_config(["quant.freeze_bn_at=step:100", "quant.quant_delay=2"])
+    cfg = compose_config(["quant.freeze_bn_at=step:100", "quant.quant_delay=1"])
     validate(cfg)
     from qat_lightning.app.validation import milestone
 
     assert milestone(cfg.quant.freeze_bn_at, "k") == {"step": 100}
-    assert milestone(cfg.quant.quant_delay, "k") == {"epoch": 2}
+    assert milestone(cfg.quant.quant_delay, "k") == {"epoch": 1}
 
 
 def test_help_says_what_the_tool_does_and_lists_only_user_groups():
