@@ -23,6 +23,8 @@ TINY = [
     "quant.calibration_batches=1",
     "data.max_test_samples=64",
     "callbacks.progress_bar=none",
+    # tests share one tmp root: the default cache next to the run dir would leak between them
+    "fp32_cache=false",
 ]
 SWEEP_TINY = [*TINY, "fp32_epochs=0", "callbacks.checkpoint=false"]
 

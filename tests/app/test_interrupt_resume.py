@@ -16,7 +16,7 @@ from qat_lightning.app.train import train
 from qat_lightning.app.validation import ConfigError
 from qat_lightning.callback import QATCallback
 
-RUN = [*TINY, "fp32_epochs=1", "qat_epochs=2", "fp32_cache=false"]
+RUN = [*TINY, "fp32_epochs=1", "qat_epochs=2"]
 
 
 class Interrupt(pl.Callback):

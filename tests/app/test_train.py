@@ -19,7 +19,7 @@ def default_run(tmp_path_factory):
     """Two whole float epochs on digits (21 batches each) and one QAT epoch: enough to learn
     the task, so accuracy can be asserted well above chance (0.1)."""
     out = tmp_path_factory.mktemp("default_run")
-    overrides = [*TINY, "trainer.limit_train_batches=null", "fp32_epochs=2", "fp32_cache=false"]
+    overrides = [*TINY, "trainer.limit_train_batches=null", "fp32_epochs=2"]
     results = train(compose_config([*overrides, f"output_dir={out}"]))
     return out, results
 
