@@ -26,7 +26,6 @@ from qat_lightning.quant.histogram import (
     magnitude_view,
     quantile,
     range_errors,
-    rebin,
     search_ratio,
     search_ratio_pair,
     signed_view,
@@ -35,7 +34,6 @@ from qat_lightning.quant.scheme import QuantScheme
 
 # Tensors larger than this are strided down before sorting-based statistics.
 _MAX_SAMPLES = 1 << 20
-_rebin = rebin  # the name callback.distributed imports
 
 
 class ChannelCountError(ValueError):
