@@ -1,26 +1,37 @@
-"""Train-step time of QAT against float and against torch.ao eager QAT, in one run.
+"""Train-step time of QAT against float and against every peer, in one run.
 
-resnet18 at CIFAR size (3x3 stem, no max pool), batch 64. Three models train side by side:
-float; this package (W8A8: per-channel symmetric int8 weights, affine uint8 activations, BN
-folded in the QAT way); torch.ao eager QAT (`prepare_qat` with the default x86 qconfig on
-torchvision's quantizable resnet18, Conv+BN+ReLU fused). Steps are interleaved round by round,
-so machine noise hits all three alike; the figures are medians and ratios over float. Then
-the validation forward (eval mode, no autograd) of float, of our model in fake quant and of our
-model in eval's default integer simulation.
+resnet18 at CIFAR size (3x3 stem, no max pool), batch 64. All sides start from one set of float
+weights and train on the same cycle of 4 random batches: float; this package (W8A8: per-channel
+symmetric int8 weights, affine uint8 activations, BN folded in the QAT way); torch.ao eager QAT
+(`prepare_qat` with the default x86 qconfig on torchvision's quantizable resnet18, Conv+BN+ReLU
+fused); with ``--peers``, Brevitas, AIMET, NNCF, ModelOpt and torchao as `peer_steps.py` builds
+them. Steps are interleaved round by round, so machine noise hits all sides alike; the figures
+are medians and ratios over float, with each side's loss after the rounds (the same steps on
+the same batches). ``--memory`` adds each side's train-step memory (peak resident memory of
+three steps over the memory before them, a child process per side). Then the validation
+forward (eval mode, no autograd) of float, of our model in fake quant and of our model in
+eval's default integer simulation.
 
 Usage: python experiments/bench_qat_step.py [--steps 6] [--batch 64] [--device cpu]
-Prints one JSON line.
+       [--peers brevitas aimet nncf modelopt torchao --peer-dir /work/peers] [--memory]
+Prints one JSON line, then a markdown table.
 """
 
 from __future__ import annotations
 
 import argparse
 import contextlib
+import copy
+import gc
 import json
+import subprocess
+import sys
+from pathlib import Path
 
 import torch
 import torchvision
-from timing import round_robin
+from peer_steps import BUILDERS, SCHEMES, add_peer_paths, build_peers
+from timing import cpu_model, round_robin
 from torch import nn
 
 from qat_lightning.nn import fake_quant_eval
@@ -43,8 +54,7 @@ def float_model() -> nn.Module:
     return cifar_stem(torchvision.models.resnet18(num_classes=10))
 
 
-def ours(x: torch.Tensor) -> nn.Module:
-    model = float_model()
+def ours(model: nn.Module, x: torch.Tensor) -> nn.Module:
     quantize_model(model, W8A8)
     quantizers = [m for m in model.modules() if isinstance(m, Quantizer)]
     with contextlib.ExitStack() as stack, torch.no_grad():
@@ -56,28 +66,98 @@ def ours(x: torch.Tensor) -> nn.Module:
     return model
 
 
-def torch_ao() -> nn.Module:
+def torch_ao(state: dict) -> nn.Module:
     from torch.ao.quantization import get_default_qat_qconfig, prepare_qat
     from torchvision.models.quantization import resnet18
 
     model = cifar_stem(resnet18(num_classes=10, quantize=False))
+    model.load_state_dict(state)
     model.train()
     model.fuse_model(is_qat=True)
     model.qconfig = get_default_qat_qconfig("x86")
     return prepare_qat(model, inplace=False)
 
 
-def train_step(model: nn.Module, x: torch.Tensor, y: torch.Tensor):
-    model.train()
-    optimizer = torch.optim.SGD(model.parameters(), lr=0.01, momentum=0.9)
-    loss_fn = nn.CrossEntropyLoss()
+class TrainSteps:
+    """SGD steps over a fixed cycle of batches, the same cycle for every side; keeps the losses."""
 
-    def step() -> None:
-        optimizer.zero_grad(set_to_none=True)
-        loss_fn(model(x), y).backward()
-        optimizer.step()
+    def __init__(self, model: nn.Module, batches: list[tuple[torch.Tensor, torch.Tensor]]):
+        self.model, self.batches, self.losses = model.train(), batches, []
+        self.optimizer = torch.optim.SGD(model.parameters(), lr=0.01, momentum=0.9)
 
-    return step
+    def __call__(self) -> None:
+        x, y = self.batches[len(self.losses) % len(self.batches)]
+        self.optimizer.zero_grad(set_to_none=True)
+        loss = nn.functional.cross_entropy(self.model(x), y)
+        loss.backward()
+        self.optimizer.step()
+        self.losses.append(loss.detach())
+
+
+def build_sides(
+    args: argparse.Namespace, x: torch.Tensor, log, only: str | None = None
+) -> tuple[dict, dict]:
+    """The float model, ours, torch.ao and the requested peers, all from one set of weights
+    (``only``: just that side, so a memory measurement sees no other model's freed pages)."""
+    torch.manual_seed(0)
+    base = float_model()
+    own = {
+        "float": lambda: copy.deepcopy(base),
+        "qat_lightning": lambda: ours(copy.deepcopy(base), x),
+        "torch_ao": lambda: torch_ao(base.state_dict()),
+    }
+    models = {name: make() for name, make in own.items() if only in (None, name)}
+    peers = [p for p in args.peers if only in (None, p)]
+    errors: dict[str, str] = {}
+    if peers:
+        built, errors = build_peers(base, x, peers, log)
+        models.update(built)
+    return models, errors
+
+
+def peak_step_memory(args: argparse.Namespace, side: str) -> dict:
+    """Run in a child process: resident memory a side's train steps add (peak minus before)."""
+    x, batches = data(args)
+    models, errors = build_sides(args, x, lambda m: None, only=side)
+    if side not in models:
+        return {"error": errors.get(side, "not built")}
+    step = TrainSteps(models.pop(side), batches)
+    gc.collect()
+    before = _status_kib("VmRSS")
+    Path("/proc/self/clear_refs").write_text("5")  # reset the peak (VmHWM) to the current RSS
+    for _ in range(3):
+        step()
+    return {"step_peak_mib": round((_status_kib("VmHWM") - before) / 1024, 1)}
+
+
+def _status_kib(field: str) -> int:
+    for line in Path("/proc/self/status").read_text().splitlines():
+        if line.startswith(field + ":"):
+            return int(line.split()[1])
+    raise RuntimeError(f"/proc/self/status has no {field}")
+
+
+def memory_of_sides(args: argparse.Namespace, sides: list[str], log) -> dict:
+    out = {}
+    for side in sides:
+        log(f"memory: {side} ...")
+        cmd = [sys.executable, __file__, "--memory-of", side, "--batch", str(args.batch)]
+        if args.peer_dir is not None:
+            cmd += ["--peer-dir", str(args.peer_dir), "--peers", side]
+        done = subprocess.run(cmd, capture_output=True, text=True)
+        lines = [line for line in done.stdout.splitlines() if line.startswith("{")]
+        out[side] = json.loads(lines[-1]) if lines else {"error": done.stderr.strip()[-300:]}
+    return out
+
+
+def data(args: argparse.Namespace) -> tuple[torch.Tensor, list]:
+    generator = torch.Generator().manual_seed(1)
+    batches = [
+        (torch.randn(args.batch, 3, 32, 32, generator=generator),
+         torch.randint(0, 10, (args.batch,), generator=generator))
+        for _ in range(4)
+    ]  # fmt: skip
+    return batches[0][0], batches
 
 
 def eval_forward(model: nn.Module, x: torch.Tensor, fake_quant: bool = False):
@@ -98,46 +178,99 @@ def main() -> None:
     parser.add_argument("--warmup", type=int, default=2)
     parser.add_argument("--batch", type=int, default=64)
     parser.add_argument("--device", default="cuda" if torch.cuda.is_available() else "cpu")
+    parser.add_argument(
+        "--peers",
+        nargs="*",
+        default=[],
+        choices=sorted(BUILDERS),
+        help="peers to time beside torch.ao (installed under --peer-dir)",
+    )
+    parser.add_argument(
+        "--peer-dir",
+        type=Path,
+        default=None,
+        help="folder whose subfolders hold the peers' side installs",
+    )
+    parser.add_argument(
+        "--memory",
+        action="store_true",
+        help="also measure each side's train-step memory (a child process each)",
+    )
+    parser.add_argument("--memory-of", default=None, help=argparse.SUPPRESS)
     args = parser.parse_args()
-    torch.manual_seed(0)
+    add_peer_paths(args.peer_dir)
+    if args.memory_of is not None:
+        print(json.dumps(peak_step_memory(args, args.memory_of)))
+        return
+
+    def log(message: str) -> None:
+        print(message, file=sys.stderr, flush=True)
+
     device = torch.device(args.device)
-    x = torch.randn(args.batch, 3, 32, 32, device=device)
-    y = torch.randint(0, 10, (args.batch,), device=device)
-    models = {
-        "float": float_model().to(device),
-        "qat_lightning": ours(x.cpu()).to(device),
-        "torch_ao": torch_ao().to(device),
-    }
+    x, batches = data(args)
+    models, errors = build_sides(args, x, log)
+    models = {name: model.to(device) for name, model in models.items()}
+    batches = [(bx.to(device), by.to(device)) for bx, by in batches]
     sync = torch.cuda.synchronize if device.type == "cuda" else None
-    steps = {name: train_step(model, x, y) for name, model in models.items()}
+    steps = {name: TrainSteps(model, batches) for name, model in models.items()}
+    log(f"timing {len(steps)} sides, {args.warmup} + {args.steps} rounds ...")
     median = round_robin(steps, args.steps, args.warmup, sync)
+    x = x.to(device)
     evals = {
         "float": eval_forward(models["float"], x),
         "qat_lightning_fake_quant": eval_forward(models["qat_lightning"], x, fake_quant=True),
         "qat_lightning_integer": eval_forward(models["qat_lightning"], x),
     }
     eval_median = round_robin(evals, args.steps, args.warmup, sync)
+    figures = {
+        "bench": "qat_step",
+        "model": "resnet18-cifar",
+        "cpu": cpu_model(),
+        "batch": args.batch,
+        "device": str(device),
+        "threads": torch.get_num_threads(),
+        "median_step_s": {k: round(v, 4) for k, v in median.items()},
+        "ratio_over_float": {
+            k: round(v / median["float"], 3) for k, v in median.items() if k != "float"
+        },
+        "loss_after_steps": {k: round(float(s.losses[-1]), 4) for k, s in steps.items()},
+        "steps_trained": args.warmup + args.steps,
+        "goal": "qat_lightning <= 1.25x float and below every peer",
+        "eval_forward_s": {k: round(v, 4) for k, v in eval_median.items()},
+        "eval_ratio_over_float": {
+            k: round(v / eval_median["float"], 3) for k, v in eval_median.items()
+        },
+        "peer_errors": errors,
+        "schemes": {k: SCHEMES[k] for k in models if k in SCHEMES},
+    }
+    if args.memory:
+        memory = memory_of_sides(args, list(models), log)
+        base = memory["float"].get("step_peak_mib")
+        figures["step_memory"] = {
+            k: {**v, **({"ratio_over_float": round(v["step_peak_mib"] / base, 3)}
+                        if base and "step_peak_mib" in v else {})}
+            for k, v in memory.items()
+        }  # fmt: skip
+    print(json.dumps(figures))
+    print_table(figures)
+
+
+def print_table(figures: dict) -> None:
+    memory = figures.get("step_memory", {})
+    print(f"\n{figures['cpu']}, batch {figures['batch']}, {figures['threads']} threads")
     print(
-        json.dumps(
-            {
-                "bench": "qat_step",
-                "model": "resnet18-cifar",
-                "batch": args.batch,
-                "device": str(device),
-                "threads": torch.get_num_threads(),
-                "median_step_s": {k: round(v, 4) for k, v in median.items()},
-                "ratio_over_float": {
-                    "qat_lightning": round(median["qat_lightning"] / median["float"], 3),
-                    "torch_ao": round(median["torch_ao"] / median["float"], 3),
-                },
-                "goal": "qat_lightning <= 1.3x float and below torch_ao",
-                "eval_forward_s": {k: round(v, 4) for k, v in eval_median.items()},
-                "eval_ratio_over_float": {
-                    k: round(v / eval_median["float"], 3) for k, v in eval_median.items()
-                },
-            }
+        "| side | step s | over float | loss after {} steps | step memory over float |".format(
+            figures["steps_trained"]
         )
     )
+    print("|---|---:|---:|---:|---:|")
+    for side, seconds in figures["median_step_s"].items():
+        ratio = figures["ratio_over_float"].get(side, 1.0)
+        mem = memory.get(side, {}).get("ratio_over_float", "")
+        loss = figures["loss_after_steps"][side]
+        print(f"| {side} | {seconds:.3f} | {ratio:.3f} | {loss:.4f} | {mem} |")
+    for side, error in figures["peer_errors"].items():
+        print(f"| {side} | failed: {error} | | | |")
 
 
 if __name__ == "__main__":

@@ -35,3 +35,19 @@ def round_robin(
             if round_ >= warmup:
                 times[label].append(time.perf_counter() - start)
     return {label: statistics.median(t) for label, t in times.items()}
+
+
+def cpu_model() -> str:
+    """The CPU's model name (from /proc/cpuinfo on Linux) and its core count, for every figure."""
+    import os
+    import platform
+    from pathlib import Path
+
+    name = platform.processor() or platform.machine()
+    cpuinfo = Path("/proc/cpuinfo")
+    if cpuinfo.exists():
+        for line in cpuinfo.read_text().splitlines():
+            if line.startswith("model name"):
+                name = line.split(":", 1)[1].strip()
+                break
+    return f"{name} ({os.cpu_count()} cores)"
