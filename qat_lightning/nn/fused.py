@@ -25,14 +25,8 @@ from torch import nn
 from torch.nn.modules.batchnorm import _BatchNorm
 
 from qat_lightning.nn.base import QuantModule, integer_in_eval
-from qat_lightning.nn.linear import (
-    QuantConv1d,
-    QuantConv2d,
-    QuantConv3d,
-    QuantLinear,
-    integer_matmul_like,
-)
-from qat_lightning.quant import QTensor, QuantScheme
+from qat_lightning.nn.linear import QuantConv1d, QuantConv2d, QuantConv3d, QuantLinear
+from qat_lightning.quant import QuantScheme
 
 M = TypeVar("M", bound="_FusedBn")
 
@@ -40,7 +34,7 @@ M = TypeVar("M", bound="_FusedBn")
 class _FusedBn:
     """The BN-folding behaviour every fused class shares.
 
-    Mixed in before the class's quantized layer (``QuantConvBn2d(_FusedBnConv, QuantConv2d)``),
+    Mixed in before the class's quantized layer (``QuantConvBn2d(_FusedBn, QuantConv2d)``),
     so a fused module is still an ``nn.Conv2d`` / ``nn.Linear`` with that layer's parameters.
     State: the BatchNorm submodule ``bn`` and two uint8 buffers, ``bn_frozen`` (use and keep
     the running statistics even in train mode) and ``bn_folded`` (`fold_bn` was applied: the
@@ -204,7 +198,7 @@ class _FusedBn:
 
     # -- forward -------------------------------------------------------------------------------
     def _mac(self, x: torch.Tensor, weight: torch.Tensor, bias: torch.Tensor | None):
-        raise NotImplementedError  # abstract: conv or linear
+        return self.mac_op(self, x, weight, bias)  # the layer family's op (conv or linear)
 
     @integer_in_eval
     def forward(self, x: torch.Tensor) -> torch.Tensor:
@@ -266,33 +260,21 @@ class _FusedBn:
         return f"{super().extra_repr()}, bn={state}" + (", relu" if self._relu else "")
 
 
-class _FusedBnConv(_FusedBn):
-    def _mac(self, x: torch.Tensor, weight: torch.Tensor, bias: torch.Tensor | None):
-        return self._conv_forward(x, weight, bias)
-
-    def quantized_forward(self, q: QTensor) -> QTensor:
-        if not self._relu:
-            return super().quantized_forward(q)
-        weight, bias = self.weight_and_bias()
-        # ReLU on the exact accumulator: it commutes with the positive accumulator scale.
-        return integer_matmul_like(self, q, weight, bias, self._integer_conv, post=F.relu)
-
-
-class QuantConvBn1d(_FusedBnConv, QuantConv1d):
+class QuantConvBn1d(_FusedBn, QuantConv1d):
     """`nn.Conv1d` + `nn.BatchNorm1d`, BN folding simulated in QAT; see the module docstring."""
 
     _float_layer = nn.Conv1d
     _float_bn = nn.BatchNorm1d
 
 
-class QuantConvBn2d(_FusedBnConv, QuantConv2d):
+class QuantConvBn2d(_FusedBn, QuantConv2d):
     """`nn.Conv2d` + `nn.BatchNorm2d`, BN folding simulated in QAT; see the module docstring."""
 
     _float_layer = nn.Conv2d
     _float_bn = nn.BatchNorm2d
 
 
-class QuantConvBn3d(_FusedBnConv, QuantConv3d):
+class QuantConvBn3d(_FusedBn, QuantConv3d):
     """`nn.Conv3d` + `nn.BatchNorm3d`, BN folding simulated in QAT; see the module docstring."""
 
     _float_layer = nn.Conv3d
@@ -322,9 +304,6 @@ class QuantLinearBn1d(_FusedBn, QuantLinear):
 
     _float_layer = nn.Linear
     _float_bn = nn.BatchNorm1d
-
-    def _mac(self, x: torch.Tensor, weight: torch.Tensor, bias: torch.Tensor | None):
-        return F.linear(x, weight, bias)
 
     def forward(self, x: torch.Tensor) -> torch.Tensor:
         if x.dim() != 2:
