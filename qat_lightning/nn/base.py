@@ -19,6 +19,11 @@ order and rounds near-ties of the requantization differently, and at low bit wid
 50 layers those one-code differences flip predictions. So what validation reports during QAT is
 what the converted integer model computes, bit for bit (and what an integer runtime computes,
 up to its own rare one-step rounding differences).
+
+The layer protocol (the "layer protocol" section of `QuantModule`) is what the rest of the
+package asks a quantized layer instead of keeping lists of types: whether its output keeps its
+input's grid, what `convert` makes of it, its multiply-accumulate (for `integer_mac`), whether
+it applies a ReLU, its ONNX form. A new family, inside the package or outside it, sets these.
 """
 
 from __future__ import annotations
@@ -149,7 +154,7 @@ class QuantModule(nn.Module):
     @property
     def output_relu(self) -> bool:
         """It applies ReLU right before its output quantizer (fused Conv+BN+ReLU, Add+ReLU)."""
-        return bool(getattr(self, "_relu", False) or getattr(self, "fused_relu", False))
+        return False
 
     def weight_channel_axis(self, name: str = "weight") -> int | None:
         """The per-channel axis of parameter ``name`` (None: it gets no quantizer)."""

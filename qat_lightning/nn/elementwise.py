@@ -140,6 +140,10 @@ class QuantAdd(_QuantElementwise, Add):
         super().__init__(inputs)
         self.fused_relu = fused_relu
 
+    @property
+    def output_relu(self) -> bool:
+        return self.fused_relu
+
     @integer_in_eval
     def forward(self, a: torch.Tensor, b: torch.Tensor) -> torch.Tensor:
         y = self.fq_input(a, 0) + self.fq_input(b, 1)

@@ -26,6 +26,7 @@ from torch.nn.modules.batchnorm import _BatchNorm
 
 from qat_lightning.nn.base import QuantModule, integer_in_eval
 from qat_lightning.nn.linear import QuantConv1d, QuantConv2d, QuantConv3d, QuantLinear
+from qat_lightning.nn.registry import overridden_methods, specialise
 from qat_lightning.quant import QuantScheme
 
 M = TypeVar("M", bound="_FusedBn")
@@ -98,10 +99,10 @@ class _FusedBn:
     @classmethod
     def _check_modules(cls, layer: nn.Module, bn: nn.Module) -> None:
         name = f"{cls.__name__}.from_modules"
-        if type(layer) is not cls._float_layer:
+        if type(layer) is not cls._float_layer and not issubclass(cls, type(layer)):
             raise TypeError(
-                f"{name}: layer must be exactly {cls._float_layer.__name__}, "
-                f"got {type(layer).__name__}"
+                f"{name}: layer must be exactly {cls._float_layer.__name__} (for a subclass, "
+                f"use fused_bn_type(layer)), got {type(layer).__name__}"
             )
         if not isinstance(bn, (cls._float_bn, nn.SyncBatchNorm)):
             raise TypeError(
@@ -119,6 +120,10 @@ class _FusedBn:
                 f"{name}: bn.track_running_stats={bn.track_running_stats} is not supported; "
                 "allowed: True (folding needs running statistics)"
             )
+
+    @property
+    def output_relu(self) -> bool:
+        return self._relu
 
     # -- switches ------------------------------------------------------------------------------
     def freeze_bn_stats(self: M, freeze: bool = True) -> M:
@@ -335,8 +340,19 @@ FUSED_BN_MODULES: dict[tuple[type[nn.Module], bool], type[_FusedBn]] = {
 def fused_bn_type(layer: nn.Module, relu: bool = False) -> type[_FusedBn] | None:
     """The fused class for ``layer`` followed by BatchNorm (and ReLU), or None if there is none.
 
+    Looked up like the registry: the exact type first, else the nearest base class in the MRO
+    with a fused form, specialised to ``layer``'s type (still an instance of it), unless the
+    subclass overrides that base's methods.
+
     Example:
         >>> fused_bn_type(nn.Conv2d(3, 8, 3), relu=True)
         <class 'qat_lightning.nn.fused.QuantConvBnReLU2d'>
     """
-    return FUSED_BN_MODULES.get((type(layer), relu))
+    layer_type = type(layer)
+    exact = FUSED_BN_MODULES.get((layer_type, relu))
+    if exact is not None or isinstance(layer, QuantModule):
+        return exact
+    base = next((b for b in layer_type.__mro__ if (b, relu) in FUSED_BN_MODULES), None)
+    if base is None or overridden_methods(layer_type, base):
+        return None
+    return specialise(FUSED_BN_MODULES[(base, relu)], layer_type)

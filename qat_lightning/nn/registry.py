@@ -11,6 +11,10 @@ only right if the subclass computes what its registered base computes: a subclas
 a method of its base (``forward``, ``_conv_forward``, ...; ``__init__``, ``reset_parameters`` and
 ``extra_repr`` excepted) is not covered, and stays float with that reason in the report, until
 its own quantized type is registered. An exact registration always wins over the MRO.
+
+A specialised class is made on first use, in the process that quantizes: a whole pickled
+model holding one (``torch.save(model)``) loads back only where surgery has run for that
+subclass; checkpoints (``state_dict``) and the exported artifacts do not depend on it.
 """
 
 from __future__ import annotations
@@ -104,12 +108,18 @@ def quant_type_for(module: nn.Module) -> type[nn.Module] | None:
     base = _registered_base(float_type)
     if base is None or unregistered_reason(module) is not None:
         return None
-    qtype = QUANT_MODULES[base]
+    return specialise(QUANT_MODULES[base], float_type)
+
+
+def specialise(qtype: type, float_type: type) -> type:
+    """``qtype`` (made for a base class of ``float_type``) specialised to ``float_type``: the
+    class with bases ``(qtype, float_type)``, made once (see the module docstring)."""
     key = (qtype, float_type)
     if key not in _SPECIALISED:
         name = f"{qtype.__name__}[{float_type.__name__}]"
-        doc = f"{qtype.__name__} for {float_type.__qualname__}, a subclass of {base.__name__}."
-        _SPECIALISED[key] = type(qtype)(
-            name, (qtype, float_type), {"__doc__": doc, "__module__": qtype.__module__}
-        )
+        doc = f"{qtype.__name__} for {float_type.__qualname__}."
+        specialised = type(qtype)(name, (qtype, float_type), {"__doc__": doc})
+        # Findable by pickle under its name here (in this process: it is made on first use).
+        specialised.__module__, specialised.__qualname__ = __name__, name
+        globals()[name] = _SPECIALISED[key] = specialised
     return _SPECIALISED[key]

@@ -52,9 +52,8 @@ from qat_lightning.surgery.report import LayerRow, QuantizationReport
 from qat_lightning.surgery.rewrite import rewrite_module
 
 FUNCTIONAL_MODULES = {"add": QuantAdd, "mul": QuantMul, "matmul": QuantMatMul, "cat": QuantCat}
-# torch modules whose forward reads their children's parameters itself, never calling the
-# children (``F.multi_head_attention_forward`` uses ``out_proj.weight``): a quantized child
-# there would never run, never be calibrated, and fail `convert`. Its children stay float.
+# Modules whose forward reads their children's parameters without calling them (MHA reads
+# ``out_proj.weight``): a quantized child would never run nor calibrate. They stay float.
 READS_CHILD_PARAMETERS = (nn.MultiheadAttention,)
 
 
@@ -306,12 +305,9 @@ class _Surgery:
                 self._leaf(child, full)
 
     def _children_float(self, module: nn.Module, prefix: str) -> None:
+        note = f"{type(module).__name__}.forward reads its parameters directly, not calling it"
         for name, child in module.named_modules(prefix=prefix):
             if child is not module and child._parameters and id(child) not in self.done:
-                note = (
-                    f"{type(module).__name__}.forward reads its parameters directly, without "
-                    "calling it: a quantized twin would never run"
-                )
                 self._row(name, child, "float", note=note)
 
     def _swap_one(self, module: nn.Module, name: str, qtype: type) -> None:

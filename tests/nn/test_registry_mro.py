@@ -4,11 +4,13 @@ or a registration of their own (exact type first) says otherwise."""
 
 from __future__ import annotations
 
+import io
+
 import torch
 from torch import nn
 
 from qat_lightning import convert, quantize_model, register_quant_module
-from qat_lightning.nn import QuantConv2d, QuantLinear, quant_type_for
+from qat_lightning.nn import QuantConvBnReLU2d, QuantLinear, quant_type_for
 from qat_lightning.surgery import calibrate
 
 
@@ -48,10 +50,11 @@ class Net(nn.Module):
     def __init__(self) -> None:
         super().__init__()
         self.conv = MyConv(3, 8, 3, padding=1)
+        self.bn = nn.BatchNorm2d(8)
         self.fc = MyLinear(8 * 4 * 4, 10, tag="head")
 
     def forward(self, x: torch.Tensor) -> torch.Tensor:
-        x = torch.relu(self.conv(x))
+        x = torch.relu(self.bn(self.conv(x)))
         return self.fc(nn.functional.max_pool2d(x, 2).flatten(1))
 
 
@@ -61,7 +64,8 @@ def test_subclasses_are_quantized_as_their_base_and_keep_their_class() -> None:
     weight = model.fc.weight
     report = calibrate(model, [torch.randn(8, 3, 8, 8) for _ in range(2)])
     assert isinstance(model.fc, QuantLinear) and isinstance(model.fc, MyLinear)
-    assert isinstance(model.conv, QuantConv2d) and isinstance(model.conv, MyConv)
+    # a subclass fuses with its BatchNorm (and ReLU) as its base does
+    assert isinstance(model.conv, QuantConvBnReLU2d) and isinstance(model.conv, MyConv)
     assert model.fc.tag == "head" and model.fc.weight is weight
     rows = {row.name: row for row in report.rows}
     assert rows["fc"].status == "quantized" and rows["fc"].after == "QuantLinear[MyLinear]"
@@ -71,12 +75,19 @@ def test_subclasses_are_quantized_as_their_base_and_keep_their_class() -> None:
         assert torch.equal(model(x), convert(model)(x))
     back = model.fc.to_float()
     assert type(back) is MyLinear and back.weight is weight and back.tag == "head"
-    assert type(model.conv.to_float()) is MyConv
+    assert type(model.conv.to_float()[0]) is MyConv
 
 
-def test_the_specialised_class_is_made_once_per_subclass() -> None:
+def test_the_specialised_class_is_made_once_per_subclass_and_pickles() -> None:
     assert quant_type_for(MyLinear(2, 2)) is quant_type_for(MyLinear(3, 1))
     assert quant_type_for(MyLinear(2, 2)) is not quant_type_for(MyConv(1, 1, 1))
+    model = Net()
+    quantize_model(model)
+    buffer = io.BytesIO()
+    torch.save(model, buffer)
+    buffer.seek(0)
+    loaded = torch.load(buffer, weights_only=False)
+    assert type(loaded.fc) is type(model.fc) and torch.equal(loaded.fc.weight, model.fc.weight)
 
 
 def test_torchs_own_linear_subclass_is_covered() -> None:
