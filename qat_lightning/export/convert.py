@@ -9,7 +9,8 @@ A module whose input quantizer is ``None`` takes its input already quantized by 
 (model surgery removes the redundant quantizer so each activation is quantized once). To turn
 that float input back into codes, the converted module keeps a frozen copy of the producer's
 encoding; the producer is found on the model's ``torch.fx`` graph, looking through ops that
-keep values on the grid (flatten, reshape, max pool, ReLU, dropout, ...).
+keep values on the grid (flatten, reshape, dropout, ..., and quantized modules whose
+``keeps_input_grid`` says so: max pools, ReLU).
 """
 
 from __future__ import annotations
@@ -17,6 +18,7 @@ from __future__ import annotations
 import copy
 import warnings
 from collections.abc import Iterator
+from typing import Any
 
 import torch
 import torch.nn.functional as F
@@ -38,29 +40,26 @@ from qat_lightning.surgery.graph import GRID_FUNCTIONS, GRID_METHODS, GRID_MODUL
 
 
 class ActivationOnlyOp(QuantizedOp):
-    """A Linear / Conv / fused layer with float weights and quantized activations
-    (``params=None``): fake-quantized input and output around the float op on the (BN-folded)
-    float weight, in eager mode and in ONNX (``Q/DQ`` around a float Gemm / Conv)."""
+    """A MAC layer with float weights and quantized activations (``params=None``):
+    fake-quantized input and output around the family's float op on the (BN-folded) float
+    weight, in eager mode and in ONNX (``Q/DQ`` around a float Gemm / Conv)."""
 
     def __init__(self, module: QuantModule, borrowed: list[Quantizer | None]) -> None:
         weight, bias = module.weight_and_bias()
         super().__init__(module, borrowed)
         self.op = weightless_twin(module)
-        self.kind = "linear" if isinstance(module, nn.Linear) else "conv"
-        self.relu = bool(getattr(module, "_relu", False))
+        self.family = type(module)
+        self.relu = module.output_relu
         self.register_buffer("float_weight", weight.detach().clone())
         self.register_buffer("float_bias", None if bias is None else bias.detach().clone())
 
-    def forward(self, x: torch.Tensor) -> torch.Tensor:
+    def forward(self, x: torch.Tensor, *extra: Any) -> torch.Tensor:
         own = self.module.input_quantizers[0]
         if own is not None:
             x = own(x)
         elif torch.onnx.is_in_onnx_export():
             x = on_grid_for_onnx(self.borrowed_encodings[0], x)
-        if self.kind == "linear":
-            y = F.linear(x, self.float_weight, self.float_bias)
-        else:
-            y = self.op._conv_forward(x, self.float_weight, self.float_bias)
+        y = self.family.mac_op(self.op, x, self.float_weight, self.float_bias, *extra)
         y = F.relu(y) if self.relu else y
         return qdq_or_identity(self.module.output_quantizers[0], y)
 
@@ -144,8 +143,7 @@ def _source_encoding(node, modules: dict[str, nn.Module]) -> Quantizer | None:
                 out = module.output_quantizers[0] if len(module.output_quantizers) else None
                 if _active(out):
                     return out
-                is_max_pool = isinstance(module, GRID_MODULES)
-                if not is_max_pool:
+                if not module.keeps_input_grid:
                     return None
                 if _active(module.input_quantizers[0]):
                     return module.input_quantizers[0]
@@ -229,26 +227,18 @@ def _producers_by_order(
     return found
 
 
-def _is_integer_mac(module: QuantModule) -> bool:
-    from qat_lightning.nn.conv_transpose import _QuantConvTransposeNd
-    from qat_lightning.nn.linear import QuantConv1d, QuantConv2d, QuantConv3d, QuantLinear
-
-    mac = (QuantLinear, QuantConv1d, QuantConv2d, QuantConv3d, _QuantConvTransposeNd)
-    return isinstance(module, mac) and hasattr(module, "weight_and_bias")
-
-
 def _convert_module(name: str, module: QuantModule, borrowed: list[Quantizer | None]) -> nn.Module:
-    from qat_lightning.nn.embedding import QuantEmbedding
-
+    """What ``module`` becomes, as its ``convert_as`` says (integer MAC, integer table, op)."""
     quantizers = dict(module.param_quantizers.items())
     weight_q = quantizers.get("weight")
     has_input = [
         _active(own) or b is not None
         for own, b in zip(module.input_quantizers, borrowed, strict=True)
     ]
-    if isinstance(module, QuantEmbedding) and _active(weight_q) and module.max_norm is None:
+    form = module.convert_as
+    if form == "lookup" and _active(weight_q):
         return IntegerEmbedding.from_quant(module)
-    mac = _is_integer_mac(module)
+    mac = form == "mac"
     if mac and _active(weight_q) and all(has_input):
         own = module.input_quantizers[0]
         encoding = own if _active(own) else borrowed[0]
@@ -257,10 +247,7 @@ def _convert_module(name: str, module: QuantModule, borrowed: list[Quantizer | N
     float_activations = not any(has_input) and not _active(module.output_quantizers[0])
     if mac and _active(weight_q) and float_activations:  # weight-only: inputs=None
         return WeightOnlyLayer.from_quant(module)
-    from qat_lightning.nn.conv_transpose import _QuantConvTransposeNd
-
-    plain_mac = mac and not isinstance(module, _QuantConvTransposeNd)
-    if plain_mac and weight_q is None and all(has_input):  # activation-only: params=None
+    if mac and weight_q is None and all(has_input):  # activation-only: params=None
         return ActivationOnlyOp(module, borrowed)
     op = QuantizedOp(module, borrowed)
     reason = None

@@ -37,11 +37,9 @@ from qat_lightning.export.qdq import (
     unpack_int4,
     zero_point_is_qmin,
 )
-from qat_lightning.nn.base import QuantModule, accumulate_to_qtensor, exact_arithmetic
-from qat_lightning.nn.linear import quantize_bias
+from qat_lightning.nn.base import QuantModule, exact_arithmetic
+from qat_lightning.nn.integer import accumulator_scale, integer_mac, quantize_bias
 from qat_lightning.quant import QTensor, Quantizer, QuantScheme
-
-LINEAR, CONV, CONV_TRANSPOSE = "linear", "conv", "conv_transpose"
 
 
 def freeze(quantizer: Quantizer | None, input_side: bool = False) -> FrozenQuantizer | None:
@@ -51,17 +49,26 @@ def freeze(quantizer: Quantizer | None, input_side: bool = False) -> FrozenQuant
     return FrozenQuantizer.from_quantizer(quantizer, input_side=input_side)
 
 
-def weightless_twin(module: nn.Module) -> nn.Module:
-    """The float twin of a quantized layer with only its hyperparameters (no tensors): the
-    float ops (``_conv_forward``, ``_output_padding``) are used with explicit weights."""
-    float_type = next(
-        b for b in type(module).__mro__[1:] if b.__module__.startswith("torch.nn.modules")
+def float_type_of(module: nn.Module) -> type[nn.Module]:
+    """The float type a quantized module is the twin of (the first non-quantized module class
+    in its MRO: ``nn.Conv2d`` for ``QuantConvBn2d``, a user's class for a user's family)."""
+    return next(
+        b
+        for b in type(module).__mro__[1:]
+        if issubclass(b, nn.Module) and not issubclass(b, QuantModule)
     )
+
+
+def weightless_twin(module: nn.Module) -> nn.Module:
+    """The float twin of a quantized layer with only its hyperparameters (no tensors, no
+    submodules): the family's ``mac_op`` reads them from it, with explicit weights."""
+    float_type = float_type_of(module)
     twin = float_type.__new__(float_type)
     nn.Module.__init__(twin)
     skip = ("_parameters", "_buffers", "_modules", "_non_persistent_buffers_set")
+    skip += ("_input_sources", "_no_integer_form")  # (quantized-module state, not hyperparameters)
     twin.__dict__.update({k: v for k, v in module.__dict__.items() if k not in skip})
-    twin._parameters = {"weight": None, "bias": None}
+    twin._parameters = dict.fromkeys(module._parameters)
     twin.training = False
     return twin
 
@@ -133,23 +140,25 @@ class _IntegerWeights(_Converted):
 class IntegerLayer(_IntegerWeights):
     """A multiply-accumulate layer with integer weights; see the module docstring.
 
-    Built by `from_quant` from a calibrated `QuantLinear` / `QuantConvNd` / fused ConvBn /
-    `QuantConvTransposeNd`. ``weight_codes`` is a buffer of codes (packed nibbles for 4 bits
-    and fewer), ``weight_scale`` / ``weight_zero_point`` its encoding, ``bias_codes`` the
-    int32 bias at the accumulator scale.
+    Built by `from_quant` from any calibrated MAC layer (``convert_as == "mac"``: Linear, Conv,
+    fused ConvBn, ConvTranspose, a user's `QuantMAC` family), whose class it keeps as
+    ``family`` and asks for the op (``mac_op``) in eager mode and in ONNX alike.
+    ``weight_codes`` is a buffer of codes (packed nibbles for 4 bits and fewer),
+    ``weight_scale`` / ``weight_zero_point`` its encoding, ``bias_codes`` the int32 bias at
+    the accumulator scale.
     """
 
     def __init__(
         self,
         op: nn.Module,
-        kind: str,
+        family: type[QuantModule],
         weight_scheme: QuantScheme,
         weight_shape: tuple[int, ...],
         relu: bool,
     ) -> None:
         super().__init__()
         self.op = op
-        self.kind = kind
+        self.family = family  # the quantized class: its mac_op and MAC attributes
         self.weight_scheme = weight_scheme
         self.weight_shape = tuple(weight_shape)
         self.relu = relu
@@ -162,23 +171,14 @@ class IntegerLayer(_IntegerWeights):
     def from_quant(cls, source: QuantModule, borrowed: Quantizer | None) -> IntegerLayer:
         """Convert ``source`` (eval-mode, calibrated); ``borrowed`` is the producer's output
         quantizer when ``source`` has no input quantizer of its own."""
-        from qat_lightning.nn.conv_transpose import _QuantConvTransposeNd
-        from qat_lightning.nn.linear import QuantLinear
-
-        if isinstance(source, QuantLinear):
-            kind = LINEAR
-        elif isinstance(source, _QuantConvTransposeNd):
-            kind = CONV_TRANSPOSE
-        else:
-            kind = CONV
         weight, bias = source.weight_and_bias()
         w_quantizer = source.param_quantizers["weight"]
         layer = cls(
             weightless_twin(source),
-            kind,
+            type(source),
             w_quantizer.scheme.replace(learnable=False),
             tuple(weight.shape),
-            bool(getattr(source, "_relu", False)),
+            source.output_relu,
         )
         layer.input_quantizers[0] = freeze(source.input_quantizers[0], input_side=True)
         if layer.input_quantizers[0] is None:
@@ -197,33 +197,20 @@ class IntegerLayer(_IntegerWeights):
         return layer.to(weight.device)
 
     # -- tensors --------------------------------------------------------------------------------
+    @property
+    def kind(self) -> str:
+        """The layer family (its quantized class's name), as printed."""
+        return self.family.__name__
+
     def accumulator_scale(self) -> torch.Tensor:
         """``s_in * s_w`` (float64), 0-d or per output channel."""
         encoding = self.input_encoding(0)
         if encoding is None:
             raise ValueError("IntegerLayer: no input encoding (own or the producer's)")
-        w_scale = self.weight_scale.double()
-        if self.kind == CONV_TRANSPOSE and w_scale.dim() > 0 and self.op.groups > 1:
-            w_scale = w_scale.repeat(self.op.groups)  # weight[:, j] serves channel j of each group
-        return encoding.scale.double() * w_scale
-
-    @property
-    def _channel_axis(self) -> int:
-        return -1 if self.kind == LINEAR else 1
+        return accumulator_scale(self.family, self.op, encoding.scale, self.weight_scale)
 
     def _mac(self, x, w, b, extra: tuple[Any, ...]) -> torch.Tensor:
-        if self.kind == LINEAR:
-            return F.linear(x, w, b)
-        if self.kind == CONV:
-            return self.op._conv_forward(x, w, b)
-        output_size = extra[0] if extra else None
-        op = self.op
-        dims = len(op.kernel_size)
-        output_padding = op._output_padding(
-            x, output_size, op.stride, op.padding, op.kernel_size, dims, op.dilation
-        )
-        fn = (F.conv_transpose1d, F.conv_transpose2d, F.conv_transpose3d)[dims - 1]
-        return fn(x, w, b, op.stride, op.padding, output_padding, op.groups, op.dilation)
+        return self.family.mac_op(self.op, x, w, b, *extra)
 
     # -- forward --------------------------------------------------------------------------------
     def forward(self, x: torch.Tensor, *extra: Any) -> torch.Tensor:
@@ -233,19 +220,17 @@ class IntegerLayer(_IntegerWeights):
             return self._integer_forward(x, extra)
 
     def _integer_forward(self, x: torch.Tensor, extra: tuple[Any, ...]) -> torch.Tensor:
+        """`integer_mac`, the integer MAC the QAT layer's eval mode runs, on stored codes."""
         q_in = self.input_encoding(0).quantize(x)
-        acc_scale = self.accumulator_scale()
-        bias = None if self.bias_codes is None else self.bias_codes.double()
-        acc = self._mac(
-            q_in.centered(torch.int64).double(),
-            self.weight_qtensor().centered(torch.int64).double(),
-            bias,
+        out = integer_mac(
+            self.family,
+            self.op,
+            q_in,
+            self.weight_qtensor(),
+            self.bias_codes,
+            self.output_quantizers[0],
             extra,
-        )
-        if self.relu:
-            acc = F.relu(acc)  # on the exact accumulator: commutes with the positive scale
-        out = accumulate_to_qtensor(
-            acc, acc_scale, self.output_quantizers[0], axis=self._channel_axis
+            self.relu,
         )
         return out.dequantize()
 
@@ -303,21 +288,12 @@ class WeightOnlyLayer(IntegerLayer):
     @classmethod
     def from_quant(cls, source: QuantModule, borrowed: Quantizer | None = None) -> WeightOnlyLayer:
         """Convert ``source``, a layer with a quantized weight and no activation encodings."""
-        from qat_lightning.nn.conv_transpose import _QuantConvTransposeNd
-        from qat_lightning.nn.linear import QuantLinear
-
-        kind = (
-            LINEAR
-            if isinstance(source, QuantLinear)
-            else CONV_TRANSPOSE
-            if isinstance(source, _QuantConvTransposeNd)
-            else CONV
-        )
         weight, bias = source.weight_and_bias()
         w_quantizer = source.param_quantizers["weight"]
         scheme = w_quantizer.scheme.replace(learnable=False)
-        relu = bool(getattr(source, "_relu", False))
-        layer = cls(weightless_twin(source), kind, scheme, tuple(weight.shape), relu)
+        layer = cls(
+            weightless_twin(source), type(source), scheme, tuple(weight.shape), source.output_relu
+        )
         q_w = w_quantizer.quantize(weight.detach().float())
         codes = pack_int4(q_w.codes) if packs_to_int4(scheme) else q_w.codes
         layer.register_buffer("weight_codes", codes)

@@ -2,8 +2,9 @@
 activations, cat, ...) in a converted model, and the ONNX forms some of them export as.
 
 In eager mode it runs the module's own integer simulation (``quantized_forward``) on the
-quantized float inputs; under ``torch.onnx.export`` it runs the module's fake-quant forward,
-whose frozen quantizers become ``QuantizeLinear`` / ``DequantizeLinear`` pairs.
+quantized float inputs; under ``torch.onnx.export`` it runs the module's ONNX form
+(``onnx_forward``: by default its fake-quant forward, whose frozen quantizers become
+``QuantizeLinear`` / ``DequantizeLinear`` pairs).
 """
 
 from __future__ import annotations
@@ -54,9 +55,7 @@ class QuantizedOp(_Converted):
 
     def forward(self, *args: Any, **kwargs: Any) -> Any:
         if torch.onnx.is_in_onnx_export():
-            args = self._on_grid(args)
-            form = _onnx_form(self.module)
-            return form(self.module, *args) if form and not kwargs else self.module(*args, **kwargs)
+            return self.module.onnx_forward(*self._on_grid(args), **kwargs)
         if not bool(self.integer_mode):
             return self.module(*args, **kwargs)
         slot = 0
@@ -95,44 +94,6 @@ class QuantizedOp(_Converted):
 
     def extra_repr(self) -> str:
         return "integer" if bool(self.integer_mode) else "fake-quant (an input has no encoding)"
-
-
-# -- ONNX forms that onnxruntime fuses better than the module's plain float forward ----------
-def _leaky_relu_form(module: QuantModule, x: torch.Tensor) -> torch.Tensor:
-    """ReLU as ``LeakyRelu(alpha=0)``: ``DQ -> LeakyRelu -> Q`` fuses into onnxruntime's
-    table-lookup ``QLinearLeakyRelu`` (the same table `QuantReLU.quantized_forward` uses),
-    where ``DQ -> Relu -> Q`` with a different output encoding stays two float passes."""
-    x = module.fq_input(x)
-    y = torch.onnx.ops.symbolic("LeakyRelu", [x], {"alpha": 0.0}, dtype=x.dtype, shape=x.shape)
-    return module.fq_output(y)
-
-
-def _global_pool_form(module: QuantModule, x: torch.Tensor) -> torch.Tensor:
-    """Adaptive average pool to size 1 as ``GlobalAveragePool`` (fuses into
-    ``QLinearGlobalAveragePool``; the exporter's ``ReduceMean`` stays float)."""
-    x = module.fq_input(x)
-    shape = [*x.shape[:2]] + [1] * (x.dim() - 2)
-    y = torch.onnx.ops.symbolic("GlobalAveragePool", [x], dtype=x.dtype, shape=shape)
-    return module.fq_output(y)
-
-
-def _onnx_form(module: QuantModule):
-    from qat_lightning.nn.activation import QuantReLU
-    from qat_lightning.nn.pooling import (
-        QuantAdaptiveAvgPool1d,
-        QuantAdaptiveAvgPool2d,
-        QuantAdaptiveAvgPool3d,
-    )
-
-    if type(module) is QuantReLU:
-        return _leaky_relu_form
-    pools = (QuantAdaptiveAvgPool1d, QuantAdaptiveAvgPool2d, QuantAdaptiveAvgPool3d)
-    if isinstance(module, pools):
-        size = module.output_size
-        sizes = size if isinstance(size, (tuple, list)) else [size]
-        if all(s == 1 for s in sizes):
-            return _global_pool_form
-    return None
 
 
 def _flat(values: list) -> list:

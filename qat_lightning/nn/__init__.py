@@ -13,15 +13,7 @@ from qat_lightning.nn.activation import (
     QuantSiLU,
     QuantTanh,
 )
-from qat_lightning.nn.base import (
-    QUANT_MODULES,
-    QuantModule,
-    fake_quant_eval,
-    integer_in_eval,
-    quant_type_for,
-    register_quant_module,
-    requantize,
-)
+from qat_lightning.nn.base import QuantModule, fake_quant_eval, integer_in_eval
 from qat_lightning.nn.conv_transpose import (
     QuantConvTranspose1d,
     QuantConvTranspose2d,
@@ -49,7 +41,8 @@ from qat_lightning.nn.fused import (
     QuantLinearBn1d,
     fused_bn_type,
 )
-from qat_lightning.nn.linear import QuantConv1d, QuantConv2d, QuantConv3d, QuantLinear
+from qat_lightning.nn.integer import integer_mac, requantize
+from qat_lightning.nn.linear import QuantConv1d, QuantConv2d, QuantConv3d, QuantLinear, QuantMAC
 from qat_lightning.nn.pooling import (
     QuantAdaptiveAvgPool1d,
     QuantAdaptiveAvgPool2d,
@@ -64,6 +57,7 @@ from qat_lightning.nn.pooling import (
     QuantMaxPool2d,
     QuantMaxPool3d,
 )
+from qat_lightning.nn.registry import QUANT_MODULES, quant_type_for, register_quant_module
 
 __all__ = [
     "FUSED_BN_MODULES",
@@ -103,6 +97,7 @@ __all__ = [
     "QuantLeakyReLU",
     "QuantLinear",
     "QuantLinearBn1d",
+    "QuantMAC",
     "QuantMatMul",
     "QuantMaxPool1d",
     "QuantMaxPool2d",
@@ -117,6 +112,7 @@ __all__ = [
     "fake_quant_eval",
     "fused_bn_type",
     "integer_in_eval",
+    "integer_mac",
     "quant_type_for",
     "register_quant_module",
     "requantize",

@@ -15,7 +15,8 @@ import torch
 import torch.nn.functional as F
 from torch import nn
 
-from qat_lightning.nn.base import QuantModule, register_quant_module
+from qat_lightning.nn.base import QuantModule
+from qat_lightning.nn.registry import register_quant_module
 from qat_lightning.quant import QTensor
 
 
@@ -61,8 +62,18 @@ class _QuantActivation(QuantModule):
 class QuantReLU(_QuantActivation, nn.ReLU):
     """`nn.ReLU` with fake-quantized input and output."""
 
+    keeps_input_grid = True  # relu(x) is x or 0, both on x's grid
+
     def _fn(self, x: torch.Tensor) -> torch.Tensor:
         return F.relu(x)
+
+    def onnx_forward(self, x: torch.Tensor) -> torch.Tensor:
+        """ReLU as ``LeakyRelu(alpha=0)``: ``DQ -> LeakyRelu -> Q`` fuses into onnxruntime's
+        table-lookup ``QLinearLeakyRelu`` (the same table `quantized_forward` uses), where
+        ``DQ -> Relu -> Q`` with a different output encoding stays two float passes."""
+        x = self.fq_input(x)
+        y = torch.onnx.ops.symbolic("LeakyRelu", [x], {"alpha": 0.0}, dtype=x.dtype, shape=x.shape)
+        return self.fq_output(y)
 
 
 @register_quant_module(nn.ReLU6)

@@ -1,4 +1,5 @@
-"""The protocol every quantized module follows, and the registry of float -> quantized types.
+"""The protocol every quantized module follows (the registry of float -> quantized types is in
+`registry`, the integer arithmetic in `integer`).
 
 A quantized module is a subclass of its float twin (``QuantConv2d(QuantModule, nn.Conv2d)``),
 built by `from_float` around the float module's own `Parameter` objects. It *has* quantizers:
@@ -18,6 +19,11 @@ order and rounds near-ties of the requantization differently, and at low bit wid
 50 layers those one-code differences flip predictions. So what validation reports during QAT is
 what the converted integer model computes, bit for bit (and what an integer runtime computes,
 up to its own rare one-step rounding differences).
+
+The layer protocol (the "layer protocol" section of `QuantModule`) is what the rest of the
+package asks a quantized layer instead of keeping lists of types: whether its output keeps its
+input's grid, what `convert` makes of it, its multiply-accumulate (for `integer_mac`), whether
+it applies a ReLU, its ONNX form. A new family, inside the package or outside it, sets these.
 """
 
 from __future__ import annotations
@@ -28,82 +34,14 @@ import functools
 import warnings
 from collections.abc import Callable, Iterator, Sequence
 from contextlib import ExitStack, contextmanager
-from typing import Any, ClassVar, TypeVar
+from typing import Any, ClassVar
 
 import torch
 from torch import nn
 
+from qat_lightning.nn.integer import requantize
 from qat_lightning.quant import QTensor, Quantizer, QuantScheme
-from qat_lightning.quant.functional import code_dtype, dequantize_ste, quantize_ste
-
-# float type -> quantized type
-QUANT_MODULES: dict[type[nn.Module], type[nn.Module]] = {}
-
-T = TypeVar("T", bound=type)
-
-
-def register_quant_module(float_type: type[nn.Module]) -> Callable[[T], T]:
-    """Class decorator: ``@register_quant_module(MyLayer)`` makes surgery swap ``MyLayer`` for the
-    decorated quantized class. The class must implement ``from_float``.
-
-    Example:
-        >>> @register_quant_module(MyGate)
-        ... class QuantMyGate(QuantModule, MyGate): ...
-    """
-
-    def decorate(cls: T) -> T:
-        if not hasattr(cls, "from_float"):
-            raise TypeError(f"{cls.__name__} must define from_float to be registered")
-        QUANT_MODULES[float_type] = cls
-        return cls
-
-    return decorate
-
-
-def quant_type_for(module: nn.Module) -> type[nn.Module] | None:
-    """The registered quantized type for ``module``'s exact type (subclasses are not guessed)."""
-    return QUANT_MODULES.get(type(module))
-
-
-def requantize(q: QTensor, quantizer: Quantizer | None) -> QTensor:
-    """``q`` under ``quantizer``'s encoding (unchanged if there is none, or it is the same)."""
-    if quantizer is None:
-        return q
-    return quantizer.quantize(q.dequantize())
-
-
-def accumulate_to_qtensor(
-    acc: torch.Tensor, acc_scale: torch.Tensor, quantizer: Quantizer | None, axis: int = 1
-) -> QTensor:
-    """Requantize an integer accumulator (value ``acc * acc_scale``) to ``quantizer``.
-
-    ``acc`` holds exact integers (float64 arithmetic on integer codes is exact below 2**53);
-    ``acc_scale`` is 0-d or per channel along ``axis``. With no output quantizer the int32
-    accumulator itself is returned, as a `QTensor` with scheme ``None``.
-
-    To a per-tensor output encoding, the accumulator is requantized as integer runtimes
-    (onnxruntime's QLinearConv / QGemm) do: ``round(float32(acc) * M) + zero_point`` with the
-    float32 multiplier ``M = float32(s_in * s_w) / s_out``. Any other way of rounding differs
-    from the runtime at near-ties, and such a one-code difference spreads through the layers
-    that follow; this way the integer simulation and the exported model agree bit for bit.
-    """
-    view = [1] * acc.dim()
-    if acc_scale.dim() > 0:
-        view[axis] = -1
-    if quantizer is None:
-        zero = torch.zeros_like(acc_scale, dtype=torch.int32)
-        return QTensor(acc.round().to(torch.int32), acc_scale.float(), zero, None, axis=axis)
-    scale, zero_point = quantizer.encoding()
-    # float32(acc) is exact below 2**24; a float32 accumulator is exact by construction
-    # (`exact_accumulate` returns float32 only within that bound)
-    exact = acc.dtype == torch.float32 or acc.numel() == 0 or acc.abs().max() < 2**24
-    if scale.dim() == 0 and exact:
-        multiplier = (acc_scale.float() / scale).reshape(view)
-        codes = torch.round(acc.float() * multiplier) + zero_point
-        codes = codes.clamp(quantizer.scheme.qmin, quantizer.scheme.qmax)
-        return QTensor(codes.to(code_dtype(quantizer.scheme)), scale, zero_point, quantizer.scheme)
-    return quantizer.quantize((acc.double() * acc_scale.double().reshape(view)).float())
-
+from qat_lightning.quant.functional import dequantize_ste, quantize_ste
 
 _FAKE_QUANT_EVAL = contextvars.ContextVar("fake_quant_eval", default=False)
 
@@ -194,6 +132,52 @@ class QuantModule(nn.Module):
     input_quantizers: nn.ModuleList
     output_quantizers: nn.ModuleList
     param_quantizers: nn.ModuleDict
+
+    # -- the layer protocol: what surgery, integer eval, convert and export ask ----------------
+    # (a family overrides these; nothing outside the family keeps a list of its types)
+    keeps_input_grid: ClassVar[bool] = False
+    """Every output value is one of the input's values or zero (max pools, ReLU): without an
+    active output quantizer of its own, its output carries its input's encoding."""
+    convert_as: ClassVar[str] = "op"
+    """What `convert` makes of it: ``"mac"`` (integer weights, `integer_mac`; see `QuantMAC`),
+    ``"lookup"`` (an integer table looked up by index) or ``"op"`` (the module itself with
+    frozen quantizers, running its ``quantized_forward``)."""
+    mac_output_axis: ClassVar[int] = 1
+    """A MAC layer's channel axis of its input and of its accumulator (-1 for Linear)."""
+    mac_weight_input_axis: ClassVar[int] = 1
+    """The axis of the weight along which its input channels lie (0 for ConvTranspose)."""
+    mac_float32_exact: ClassVar[bool] = False
+    """``mac_op`` adds integer products exactly in float32 while every partial sum stays below
+    2**24 (true of direct and GEMM kernels; not of transform-based ones): the integer MAC may
+    then run in float32 over safe input-channel ranges instead of float64."""
+
+    @property
+    def output_relu(self) -> bool:
+        """It applies ReLU right before its output quantizer (fused Conv+BN+ReLU, Add+ReLU)."""
+        return False
+
+    def weight_channel_axis(self, name: str = "weight") -> int | None:
+        """The per-channel axis of parameter ``name`` (None: it gets no quantizer)."""
+        return self._quantized_params.get(name)
+
+    @staticmethod
+    def mac_op(layer: nn.Module, x: torch.Tensor, w: torch.Tensor, b, *extra: Any):
+        """A MAC layer's float op ``op(x, w, b)`` (linear in ``x``) with ``layer``'s
+        hyperparameters; ``layer`` is the quantized module itself or `convert`'s weightless
+        twin of its float type (so read only hyperparameters from it, never tensors)."""
+        raise NotImplementedError(f"{layer.__class__.__name__} is not a MAC layer")
+
+    @staticmethod
+    def accumulator_channel_scale(layer: nn.Module, w_scale: torch.Tensor) -> torch.Tensor:
+        """The weight scale per output channel of the accumulator (ConvTranspose with groups
+        repeats it); 0-d for a per-tensor weight."""
+        return w_scale
+
+    def onnx_forward(self, *args: Any, **kwargs: Any) -> Any:
+        """Its form under ``torch.onnx.export`` in a converted model (quantizers frozen): by
+        default its fake-quant ``forward``, whose quantizers become QDQ pairs. A family
+        overrides it where onnxruntime fuses another form better."""
+        return self(*args, **kwargs)
 
     def _init_quantizers(
         self,
@@ -340,7 +324,7 @@ class QuantModule(nn.Module):
         s_w, _ = weight.encoding()
         if s_in.dim() > 0:
             return bias
-        acc_scale = s_in.double() * s_w.double()
+        acc_scale = s_in.double() * self.accumulator_channel_scale(self, s_w.double())
         codes = torch.round(bias.detach().double() / acc_scale).clamp(-(2**31), 2**31 - 1)
         rounded = (codes * acc_scale).to(bias.dtype)
         return bias + (rounded - bias).detach()

@@ -9,93 +9,61 @@ scale repeated ``groups`` times (the same layout ONNX ``DequantizeLinear(axis=1)
 
 from __future__ import annotations
 
-from typing import ClassVar
+from typing import Any, ClassVar
 
 import torch
 import torch.nn.functional as F
 from torch import nn
 
-from qat_lightning.nn.base import (
-    QuantModule,
-    accumulate_to_qtensor,
-    integer_in_eval,
-    register_quant_module,
-)
-from qat_lightning.nn.linear import quantize_bias, weight_qtensor
+from qat_lightning.nn.base import integer_in_eval
+from qat_lightning.nn.linear import QuantMAC
+from qat_lightning.nn.registry import register_quant_module
 from qat_lightning.quant import QTensor
 
 
-class _QuantConvTransposeNd(QuantModule):
+class _QuantConvTransposeNd(QuantMAC):
     _quantized_params: ClassVar[dict[str, int]] = {"weight": 1}
-    _spatial_dims: ClassVar[int]
+    mac_weight_input_axis: ClassVar[int] = 0  # weight (in, out // groups, *k)
+    # float64: no proof that every deconvolution kernel sums integer products exactly in float32
+    mac_float32_exact: ClassVar[bool] = False
 
-    def weight_and_bias(self) -> tuple[torch.Tensor, torch.Tensor | None]:
-        """The float weight and bias that integer mode and export quantize."""
-        return self.weight, self.bias
-
-    def _transpose(
-        self,
-        x: torch.Tensor,
-        weight: torch.Tensor,
-        bias: torch.Tensor | None,
-        output_size: list[int] | None,
-    ) -> torch.Tensor:
+    @staticmethod
+    def mac_op(layer: nn.Module, x, w, b, *extra: Any) -> torch.Tensor:
         """The float op, with ``output_padding`` (or ``output_size``) honoured as torch does."""
-        output_padding = self._output_padding(
-            x,
-            output_size,
-            self.stride,
-            self.padding,
-            self.kernel_size,
-            self._spatial_dims,
-            self.dilation,
+        output_size = extra[0] if extra else None
+        dims = len(layer.kernel_size)
+        output_padding = layer._output_padding(
+            x, output_size, layer.stride, layer.padding, layer.kernel_size, dims, layer.dilation
         )
-        return self._conv_fn(
-            x, weight, bias, self.stride, self.padding, output_padding, self.groups, self.dilation
+        fn = (F.conv_transpose1d, F.conv_transpose2d, F.conv_transpose3d)[dims - 1]
+        return fn(
+            x, w, b, layer.stride, layer.padding, output_padding, layer.groups, layer.dilation
         )
+
+    @staticmethod
+    def accumulator_channel_scale(layer: nn.Module, w_scale: torch.Tensor) -> torch.Tensor:
+        if w_scale.dim() > 0 and layer.groups > 1:
+            return w_scale.repeat(layer.groups)  # weight[:, j] serves channel j of each group
+        return w_scale
 
     @integer_in_eval
     def forward(self, x: torch.Tensor, output_size: list[int] | None = None) -> torch.Tensor:
-        x = self.fq_input(x)
-        return self.fq_output(self._transpose(x, self.fq_param("weight"), self.bias, output_size))
+        return self.mac_forward(x, *([] if output_size is None else [output_size]))
 
     def quantized_forward(self, q: QTensor, output_size: list[int] | None = None) -> QTensor:
-        """Integer simulation: float64 transposed conv on centered codes (exact), int32 bias at
-        ``s_in * s_w``, requantized to the output encoding."""
-        q = self.input_qtensor(q)
-        weight, bias = self.weight_and_bias()
-        q_w = weight_qtensor(self, weight)
-        if q.scale.dim() > 0:
-            raise ValueError(f"{type(self).__name__}: integer mode needs a per-tensor input scale")
-        w_scale = q_w.scale.double()
-        if w_scale.dim() > 0 and self.groups > 1:
-            w_scale = w_scale.repeat(self.groups)  # weight[:, j] serves channel j of each group
-        acc_scale = q.scale.double() * w_scale
-        x = q.centered(torch.int64).double()
-        w = q_w.centered(torch.int64).double()
-        acc = self._transpose(x, w, quantize_bias(bias, acc_scale), output_size)
-        return accumulate_to_qtensor(acc, acc_scale, self.output_quantizers[0], axis=1)
+        return super().quantized_forward(q, *([] if output_size is None else [output_size]))
 
 
 @register_quant_module(nn.ConvTranspose1d)
 class QuantConvTranspose1d(_QuantConvTransposeNd, nn.ConvTranspose1d):
     """`nn.ConvTranspose1d` with fake-quantized input, weight (per-channel axis 1) and output."""
 
-    _conv_fn = staticmethod(F.conv_transpose1d)
-    _spatial_dims = 1
-
 
 @register_quant_module(nn.ConvTranspose2d)
 class QuantConvTranspose2d(_QuantConvTransposeNd, nn.ConvTranspose2d):
     """`nn.ConvTranspose2d` with fake-quantized input, weight (per-channel axis 1) and output."""
 
-    _conv_fn = staticmethod(F.conv_transpose2d)
-    _spatial_dims = 2
-
 
 @register_quant_module(nn.ConvTranspose3d)
 class QuantConvTranspose3d(_QuantConvTransposeNd, nn.ConvTranspose3d):
     """`nn.ConvTranspose3d` with fake-quantized input, weight (per-channel axis 1) and output."""
-
-    _conv_fn = staticmethod(F.conv_transpose3d)
-    _spatial_dims = 3

@@ -20,12 +20,9 @@ from typing import Any
 import torch
 from torch import nn
 
-from qat_lightning.nn.base import (
-    QuantModule,
-    accumulate_to_qtensor,
-    integer_in_eval,
-    register_quant_module,
-)
+from qat_lightning.nn.base import QuantModule, integer_in_eval
+from qat_lightning.nn.integer import accumulate_to_qtensor
+from qat_lightning.nn.registry import register_quant_module
 from qat_lightning.quant import QTensor, QuantScheme
 
 
@@ -142,6 +139,10 @@ class QuantAdd(_QuantElementwise, Add):
     def __init__(self, inputs: QuantScheme | dict[str, Any] | None, fused_relu: bool = False):
         super().__init__(inputs)
         self.fused_relu = fused_relu
+
+    @property
+    def output_relu(self) -> bool:
+        return self.fused_relu
 
     @integer_in_eval
     def forward(self, a: torch.Tensor, b: torch.Tensor) -> torch.Tensor:

@@ -8,8 +8,9 @@ import torch
 import torch.nn.functional as F
 from torch import nn
 
-from qat_lightning.nn.base import QuantModule, register_quant_module
-from qat_lightning.nn.linear import weight_qtensor
+from qat_lightning.nn.base import QuantModule
+from qat_lightning.nn.integer import weight_qtensor
+from qat_lightning.nn.registry import register_quant_module
 from qat_lightning.quant import QTensor, QuantScheme
 
 
@@ -24,6 +25,11 @@ class QuantEmbedding(QuantModule, nn.Embedding):
     """
 
     _quantized_params: ClassVar[dict[str, int]] = {"weight": 0}
+
+    @property
+    def convert_as(self) -> str:  # type: ignore[override]
+        """An integer table, unless ``max_norm`` renormalizes the float table at each lookup."""
+        return "lookup" if self.max_norm is None else "op"
 
     def _init_quantizers(
         self,

@@ -25,14 +25,9 @@ from torch import nn
 from torch.nn.modules.batchnorm import _BatchNorm
 
 from qat_lightning.nn.base import QuantModule, integer_in_eval
-from qat_lightning.nn.linear import (
-    QuantConv1d,
-    QuantConv2d,
-    QuantConv3d,
-    QuantLinear,
-    integer_matmul_like,
-)
-from qat_lightning.quant import QTensor, QuantScheme
+from qat_lightning.nn.linear import QuantConv1d, QuantConv2d, QuantConv3d, QuantLinear
+from qat_lightning.nn.registry import overridden_methods, specialise
+from qat_lightning.quant import QuantScheme
 
 M = TypeVar("M", bound="_FusedBn")
 
@@ -40,7 +35,7 @@ M = TypeVar("M", bound="_FusedBn")
 class _FusedBn:
     """The BN-folding behaviour every fused class shares.
 
-    Mixed in before the class's quantized layer (``QuantConvBn2d(_FusedBnConv, QuantConv2d)``),
+    Mixed in before the class's quantized layer (``QuantConvBn2d(_FusedBn, QuantConv2d)``),
     so a fused module is still an ``nn.Conv2d`` / ``nn.Linear`` with that layer's parameters.
     State: the BatchNorm submodule ``bn`` and two uint8 buffers, ``bn_frozen`` (use and keep
     the running statistics even in train mode) and ``bn_folded`` (`fold_bn` was applied: the
@@ -104,10 +99,10 @@ class _FusedBn:
     @classmethod
     def _check_modules(cls, layer: nn.Module, bn: nn.Module) -> None:
         name = f"{cls.__name__}.from_modules"
-        if type(layer) is not cls._float_layer:
+        if type(layer) is not cls._float_layer and not issubclass(cls, type(layer)):
             raise TypeError(
-                f"{name}: layer must be exactly {cls._float_layer.__name__}, "
-                f"got {type(layer).__name__}"
+                f"{name}: layer must be exactly {cls._float_layer.__name__} (for a subclass, "
+                f"use fused_bn_type(layer)), got {type(layer).__name__}"
             )
         if not isinstance(bn, (cls._float_bn, nn.SyncBatchNorm)):
             raise TypeError(
@@ -125,6 +120,10 @@ class _FusedBn:
                 f"{name}: bn.track_running_stats={bn.track_running_stats} is not supported; "
                 "allowed: True (folding needs running statistics)"
             )
+
+    @property
+    def output_relu(self) -> bool:
+        return self._relu
 
     # -- switches ------------------------------------------------------------------------------
     def freeze_bn_stats(self: M, freeze: bool = True) -> M:
@@ -204,7 +203,7 @@ class _FusedBn:
 
     # -- forward -------------------------------------------------------------------------------
     def _mac(self, x: torch.Tensor, weight: torch.Tensor, bias: torch.Tensor | None):
-        raise NotImplementedError  # abstract: conv or linear
+        return self.mac_op(self, x, weight, bias)  # the layer family's op (conv or linear)
 
     @integer_in_eval
     def forward(self, x: torch.Tensor) -> torch.Tensor:
@@ -266,33 +265,21 @@ class _FusedBn:
         return f"{super().extra_repr()}, bn={state}" + (", relu" if self._relu else "")
 
 
-class _FusedBnConv(_FusedBn):
-    def _mac(self, x: torch.Tensor, weight: torch.Tensor, bias: torch.Tensor | None):
-        return self._conv_forward(x, weight, bias)
-
-    def quantized_forward(self, q: QTensor) -> QTensor:
-        if not self._relu:
-            return super().quantized_forward(q)
-        weight, bias = self.weight_and_bias()
-        # ReLU on the exact accumulator: it commutes with the positive accumulator scale.
-        return integer_matmul_like(self, q, weight, bias, self._integer_conv, post=F.relu)
-
-
-class QuantConvBn1d(_FusedBnConv, QuantConv1d):
+class QuantConvBn1d(_FusedBn, QuantConv1d):
     """`nn.Conv1d` + `nn.BatchNorm1d`, BN folding simulated in QAT; see the module docstring."""
 
     _float_layer = nn.Conv1d
     _float_bn = nn.BatchNorm1d
 
 
-class QuantConvBn2d(_FusedBnConv, QuantConv2d):
+class QuantConvBn2d(_FusedBn, QuantConv2d):
     """`nn.Conv2d` + `nn.BatchNorm2d`, BN folding simulated in QAT; see the module docstring."""
 
     _float_layer = nn.Conv2d
     _float_bn = nn.BatchNorm2d
 
 
-class QuantConvBn3d(_FusedBnConv, QuantConv3d):
+class QuantConvBn3d(_FusedBn, QuantConv3d):
     """`nn.Conv3d` + `nn.BatchNorm3d`, BN folding simulated in QAT; see the module docstring."""
 
     _float_layer = nn.Conv3d
@@ -322,9 +309,6 @@ class QuantLinearBn1d(_FusedBn, QuantLinear):
 
     _float_layer = nn.Linear
     _float_bn = nn.BatchNorm1d
-
-    def _mac(self, x: torch.Tensor, weight: torch.Tensor, bias: torch.Tensor | None):
-        return F.linear(x, weight, bias)
 
     def forward(self, x: torch.Tensor) -> torch.Tensor:
         if x.dim() != 2:
@@ -356,8 +340,19 @@ FUSED_BN_MODULES: dict[tuple[type[nn.Module], bool], type[_FusedBn]] = {
 def fused_bn_type(layer: nn.Module, relu: bool = False) -> type[_FusedBn] | None:
     """The fused class for ``layer`` followed by BatchNorm (and ReLU), or None if there is none.
 
+    Looked up like the registry: the exact type first, else the nearest base class in the MRO
+    with a fused form, specialised to ``layer``'s type (still an instance of it), unless the
+    subclass overrides that base's methods.
+
     Example:
         >>> fused_bn_type(nn.Conv2d(3, 8, 3), relu=True)
         <class 'qat_lightning.nn.fused.QuantConvBnReLU2d'>
     """
-    return FUSED_BN_MODULES.get((type(layer), relu))
+    layer_type = type(layer)
+    exact = FUSED_BN_MODULES.get((layer_type, relu))
+    if exact is not None or isinstance(layer, QuantModule):
+        return exact
+    base = next((b for b in layer_type.__mro__ if (b, relu) in FUSED_BN_MODULES), None)
+    if base is None or overridden_methods(layer_type, base):
+        return None
+    return specialise(FUSED_BN_MODULES[(base, relu)], layer_type)

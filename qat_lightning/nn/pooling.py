@@ -13,17 +13,16 @@ from __future__ import annotations
 import torch
 from torch import nn
 
-from qat_lightning.nn.base import (
-    QuantModule,
-    accumulate_to_qtensor,
-    integer_in_eval,
-    register_quant_module,
-)
+from qat_lightning.nn.base import QuantModule, integer_in_eval
+from qat_lightning.nn.integer import accumulate_to_qtensor
+from qat_lightning.nn.registry import register_quant_module
 from qat_lightning.quant import QTensor, QuantScheme
 
 
 class _QuantMaxPoolNd(QuantModule):
     """Max pools: fake-quantized input, output on the input's grid."""
+
+    keeps_input_grid = True
 
     def _init_quantizers(
         self,
@@ -68,6 +67,18 @@ class _QuantAvgPoolNd(QuantModule):
         acc = super().forward(q.centered(torch.int64).double())
         axis = q.axis if q.axis is not None else (q.scheme.axis if q.scheme else 1)
         return accumulate_to_qtensor(acc, q.scale, self.output_quantizers[0], axis=axis)
+
+    def onnx_forward(self, x: torch.Tensor) -> torch.Tensor:
+        """An adaptive average pool to size 1 as ``GlobalAveragePool`` (fuses into
+        ``QLinearGlobalAveragePool``; the exporter's ``ReduceMean`` stays float)."""
+        size = getattr(self, "output_size", None)  # (adaptive pools only)
+        sizes = size if isinstance(size, (tuple, list)) else [size]
+        if size is None or not all(s == 1 for s in sizes):
+            return super().onnx_forward(x)
+        x = self.fq_input(x)
+        shape = [*x.shape[:2]] + [1] * (x.dim() - 2)
+        y = torch.onnx.ops.symbolic("GlobalAveragePool", [x], dtype=x.dtype, shape=shape)
+        return self.fq_output(y)
 
 
 @register_quant_module(nn.MaxPool1d)

@@ -1,5 +1,8 @@
 """Find Conv/Linear + BatchNorm (+ ReLU) chains to fuse: in an fx graph, or by module order.
 
+Which layers fuse with which BatchNorm (and ReLU) is `fused_bn_type`'s answer (the fused
+families in `qat_lightning.nn.fused`); nothing here lists layer types.
+
 Graph matching is the reliable way: the conv's output must go to the BatchNorm and nowhere
 else, and each module must be called once (a module called twice cannot be fused for one call).
 Module order is the fallback for models that do not trace; it trusts that a BatchNorm declared
@@ -13,17 +16,9 @@ from dataclasses import dataclass
 
 from torch import fx, nn
 
+from qat_lightning.nn import fused_bn_type
 from qat_lightning.surgery.config import QuantConfig
 from qat_lightning.surgery.graph import Region, is_relu, join, owner_of
-
-# The BatchNorm that may follow each fusable layer type (SyncBatchNorm fits any).
-BN_AFTER = {
-    nn.Conv1d: nn.BatchNorm1d,
-    nn.Conv2d: nn.BatchNorm2d,
-    nn.Conv3d: nn.BatchNorm3d,
-    nn.Linear: nn.BatchNorm1d,
-}
-CONVS = (nn.Conv1d, nn.Conv2d, nn.Conv3d)
 
 
 @dataclass
@@ -47,9 +42,10 @@ class FusionGroup:
 
 def bn_mismatch(layer: nn.Module, bn: nn.Module) -> str | None:
     """Why ``bn`` cannot be folded into ``layer`` (None if it can)."""
-    expected = BN_AFTER.get(type(layer))
-    if expected is None:
+    fused = fused_bn_type(layer)
+    if fused is None:
         return f"{type(layer).__name__} has no fused BatchNorm form"
+    expected = fused._float_bn
     if type(bn) is not expected and type(bn) is not nn.SyncBatchNorm:
         return f"{type(bn).__name__} after {type(layer).__name__} (expected {expected.__name__})"
     channels = getattr(layer, "out_channels", getattr(layer, "out_features", None))
@@ -81,7 +77,7 @@ def plan_graph(region: Region, config: QuantConfig) -> tuple[list[FusionGroup], 
         if node.op != "call_module":
             continue
         layer = root.get_submodule(node.target)
-        if type(layer) not in BN_AFTER:
+        if fused_bn_type(layer) is None:
             continue
         users = list(node.users)
         bn_node = users[0] if len(users) == 1 else None
@@ -107,7 +103,7 @@ def plan_graph(region: Region, config: QuantConfig) -> tuple[list[FusionGroup], 
             notes[bn_name] = f"not fused: {reason}"
             continue
         group = FusionGroup(layer_name, bn_name)
-        if isinstance(layer, CONVS):
+        if fused_bn_type(layer, relu=True) is not None:
             _match_relu(region, bn_node, calls, config, group)
         groups.append(group)
     return groups, notes
@@ -143,7 +139,7 @@ def plan_order(
     i = 0
     while i < len(children) - 1:
         (name, layer), (bn_name, bn) = children[i], children[i + 1]
-        if type(layer) not in BN_AFTER or not isinstance(bn, nn.modules.batchnorm._BatchNorm):
+        if fused_bn_type(layer) is None or not isinstance(bn, nn.modules.batchnorm._BatchNorm):
             i += 1
             continue
         layer_name, bn_name = join(prefix, name), join(prefix, bn_name)
@@ -154,7 +150,8 @@ def plan_order(
             continue
         group = FusionGroup(layer_name, bn_name)
         i += 2
-        if i < len(children) and isinstance(layer, CONVS) and type(children[i][1]) is nn.ReLU:
+        relu_fuses = fused_bn_type(layer, relu=True) is not None
+        if i < len(children) and relu_fuses and type(children[i][1]) is nn.ReLU:
             relu_name = join(prefix, children[i][0])
             if config.skip_pattern(relu_name) is None:
                 group.relu, group.relu_slot = True, relu_name

@@ -10,7 +10,7 @@ import torch
 import torch.nn.functional as F
 from torch import fx, nn
 
-from qat_lightning.nn import QUANT_MODULES, QuantModule
+from qat_lightning.nn import QuantModule, quant_type_for
 from qat_lightning.quant import Quantizer
 
 # Functional ops that become quantized modules (kind -> targets).
@@ -29,7 +29,8 @@ BINARY_METHODS = {"add": "add", "add_": "add", "mul": "mul", "mul_": "mul", "mat
 INPLACE = {operator.iadd, operator.imul, "add_", "mul_"}
 CAT_FUNCTIONS = (torch.cat, torch.concat, torch.concatenate)
 
-# Calls whose output is some of the input's values, unchanged: on the input's grid.
+# Float calls whose output is some of the input's values, unchanged: on the input's grid.
+# (A quantized module says so itself: `QuantModule.keeps_input_grid`.)
 GRID_FUNCTIONS = {
     torch.flatten, torch.reshape, torch.squeeze, torch.unsqueeze, torch.permute,
     torch.transpose, torch.t, torch.movedim, torch.swapaxes, torch.narrow, torch.select,
@@ -69,7 +70,7 @@ class SurgeryTracer(fx.Tracer):
         self.leaf_children = leaf_children
 
     def is_leaf_module(self, m: nn.Module, module_qualified_name: str) -> bool:
-        if isinstance(m, (QuantModule, Quantizer)) or type(m) in QUANT_MODULES:
+        if isinstance(m, (QuantModule, Quantizer)) or quant_type_for(m) is not None:
             return True  # registered types are swapped whole, never traced into
         if self.leaf_children and module_qualified_name and "." not in module_qualified_name:
             return True
@@ -121,7 +122,7 @@ def trace_regions(module: nn.Module, prefix: str = "") -> list[Region]:
         if (
             len(child._modules)
             and not isinstance(child, QuantModule)
-            and (type(child) not in QUANT_MODULES)
+            and quant_type_for(child) is None
         ):
             regions += trace_regions(child, join(prefix, name))
     return regions

@@ -42,9 +42,8 @@ def grid_key(scheme: QuantScheme | None) -> tuple | None:
 class _Sources:
     """The quantizer that put a node's value on its grid (None: a float value)."""
 
-    def __init__(self, root: nn.Module, pass_through: set[int]) -> None:
+    def __init__(self, root: nn.Module) -> None:
         self.root = root
-        self.pass_through = pass_through
         self._memo: dict[fx.Node, Quantizer | None] = {}
 
     def __call__(self, node: object) -> Quantizer | None:
@@ -62,7 +61,7 @@ class _Sources:
                 out = module.output_quantizers[0] if len(module.output_quantizers) else None
                 if out is not None:
                     return out
-                if id(module) not in self.pass_through:
+                if not module.keeps_input_grid:
                     return None
                 own = module.input_quantizers[0] if len(module.input_quantizers) else None
                 return own if own is not None else self(first)
@@ -82,7 +81,7 @@ def _operands(node: fx.Node) -> list[object]:
 
 
 def _call_sites(
-    regions: list[Region], pass_through: set[int]
+    regions: list[Region],
 ) -> tuple[dict[int, list[list[Quantizer | None]]], dict[int, QuantModule], set[int]]:
     """Per quantized module (by id): the source quantizer of each input at each call site, the
     modules themselves, and the ids of those an untraced region may call."""
@@ -93,7 +92,7 @@ def _call_sites(
         if region.graph is None:
             unsure.update(id(child) for child in region.module.children())
             continue
-        sources = _Sources(region.module, pass_through)
+        sources = _Sources(region.module)
         for node in region.graph.nodes:
             if node.op != "call_module":
                 continue
@@ -104,16 +103,16 @@ def _call_sites(
     return sites, modules, unsure
 
 
-def prune_input_quantizers(regions: list[Region], pass_through: set[int]) -> int:
+def prune_input_quantizers(regions: list[Region]) -> int:
     """Remove redundant input quantizers of the quantized modules called in traced regions.
 
     A module's input ``i`` loses its quantizer only if, at *every* call site, that input comes
-    from a quantizer with the same grid. ``pass_through`` holds ids of quantized modules whose
-    output stays on their input's grid (no output quantizer by design, e.g. max pools).
-    Modules that an untraced region may call directly keep everything. Returns how many were
-    removed.
+    from a quantizer with the same grid (looking through float ops that keep the grid, and
+    through quantized modules without an output quantizer whose ``keeps_input_grid`` says
+    their output stays on their input's grid, e.g. max pools). Modules that an untraced
+    region may call directly keep everything. Returns how many were removed.
     """
-    sites, modules, unsure = _call_sites(regions, pass_through)
+    sites, modules, unsure = _call_sites(regions)
     pruned: list[tuple[int, int]] = []
     for key, module in modules.items():
         if key in unsure:
@@ -128,7 +127,7 @@ def prune_input_quantizers(regions: list[Region], pass_through: set[int]) -> int
                 pruned.append((key, i))
     # Record each pruned input's producer from sources traced again *after* pruning: behind a
     # max pool whose own input quantizer just went, the owner is the max pool's producer.
-    sites, _, _ = _call_sites(regions, pass_through)
+    sites, _, _ = _call_sites(regions)
     for key, i in pruned:
         producers = [site[i] if i < len(site) else None for site in sites[key]]
         if producers and all(p is producers[0] for p in producers):

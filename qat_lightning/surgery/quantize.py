@@ -8,7 +8,8 @@ The steps, in order, each on the user's model in place:
    no graph): the layer's slot gets the fused module, the BatchNorm's (and ReLU's) `Identity`.
 3. **Rewrite** modules whose ``forward`` has functional ``+``, ``*``, ``@`` or ``torch.cat`` on
    activations into GraphModules calling `QuantAdd` / `QuantMul` / `QuantMatMul` / `QuantCat`.
-4. **Swap** every other module whose exact type is in `QUANT_MODULES`.
+4. **Swap** every other module that has a registered quantized type (`quant_type_for`: its
+   exact type's, else its nearest registered base class's).
 5. **Prune** input quantizers whose input is already quantized by its producer.
 
 Everything not quantized that has parameters or compute is listed in the report with a reason.
@@ -23,15 +24,16 @@ import torch
 from torch import nn
 
 from qat_lightning.nn import (
-    QUANT_MODULES,
     QuantAdd,
     QuantCat,
     QuantMatMul,
     QuantModule,
     QuantMul,
     fused_bn_type,
+    quant_type_for,
 )
-from qat_lightning.quant import Quantizer, QuantScheme
+from qat_lightning.nn.registry import unregistered_reason
+from qat_lightning.quant import Quantizer
 from qat_lightning.surgery.config import QuantConfig
 from qat_lightning.surgery.fuse import FusionGroup, plan_graph, plan_order
 from qat_lightning.surgery.graph import (
@@ -50,6 +52,9 @@ from qat_lightning.surgery.report import LayerRow, QuantizationReport
 from qat_lightning.surgery.rewrite import rewrite_module
 
 FUNCTIONAL_MODULES = {"add": QuantAdd, "mul": QuantMul, "matmul": QuantMatMul, "cat": QuantCat}
+# Modules whose forward reads their children's parameters without calling them (MHA reads
+# ``out_proj.weight``): a quantized child would never run nor calibrate. They stay float.
+READS_CHILD_PARAMETERS = (nn.MultiheadAttention,)
 
 
 def quantize_model(
@@ -95,7 +100,6 @@ class _Surgery:
         # must not be reused by a module made later in the surgery.
         self.done: dict[int, nn.Module] = {}
         self.made: dict[int, tuple[nn.Module, LayerRow]] = {}  # quantized modules made here
-        self.pass_through: set[int] = set()
         self.bn_notes: dict[str, str] = {}
         first = next(iter([*model.parameters(), *model.buffers()]), None)
         self.device = first.device if first is not None else torch.device("cpu")
@@ -117,12 +121,12 @@ class _Surgery:
             for group in groups:
                 self._fuse(group)
         self._rewrite(regions, groups)
-        if type(self.model) in QUANT_MODULES:
+        if quant_type_for(self.model) is not None:
             self._row("", self.model, "float", note="the root module keeps its class")
         else:
             self._own_parameters("", self.model)
         self._swap(self.model, "")
-        removed = prune_input_quantizers(trace_regions(self.model), self.pass_through)
+        removed = prune_input_quantizers(trace_regions(self.model))
         self._finish(removed)
         return self.report
 
@@ -135,15 +139,13 @@ class _Surgery:
             self.done[id(module)] = module
         return row
 
-    def _made(self, module: nn.Module, row: LayerRow, inputs: QuantScheme | None) -> None:
+    def _made(self, module: nn.Module, row: LayerRow) -> None:
         device = next(iter([*module.parameters(), *module.buffers()]), None)
         device = device.device if device is not None else self.device
         for quantizer in module.modules():
             if isinstance(quantizer, Quantizer):
                 quantizer.to(device)
         self.made[id(module)] = (module, row)
-        if inputs is not None and module.output_quantizers[0] is None:
-            self.pass_through.add(id(module))  # e.g. max pools: output on the input grid
 
     def _slots(self, module: nn.Module) -> list[tuple[nn.Module, str]]:
         """Every (parent, key) holding ``module`` (a module may sit in several)."""
@@ -189,7 +191,7 @@ class _Surgery:
             params=params,
             note=f"fused {how}",
         )
-        self._made(fused, row, inputs)
+        self._made(fused, row)
         self._replace(layer, fused)
         self._replace(bn, nn.Identity(), bn_slots)
         self._row(group.bn, bn, "fused", after="Identity", note=f"folded into {group.layer}")
@@ -264,7 +266,7 @@ class _Surgery:
             inputs=inputs,
             note=f"{where} (module rewritten as a GraphModule)",
         )
-        self._made(module, row, inputs)
+        self._made(module, row)
         return module
 
     def _root_ops(self, region: Region) -> None:
@@ -289,15 +291,24 @@ class _Surgery:
             if child is None or id(child) in self.done or id(child) in self.made:
                 continue
             full = join(prefix, name)
-            qtype = QUANT_MODULES.get(type(child))
+            qtype = quant_type_for(child)
             if qtype is not None:
                 self._swap_one(child, full, qtype)
             elif any(c is not None for c in child._modules.values()):
                 self.done[id(child)] = child
                 self._own_parameters(full, child)
-                self._swap(child, full)
+                if isinstance(child, READS_CHILD_PARAMETERS):
+                    self._children_float(child, full)
+                else:
+                    self._swap(child, full)
             else:
                 self._leaf(child, full)
+
+    def _children_float(self, module: nn.Module, prefix: str) -> None:
+        note = f"{type(module).__name__}.forward reads its parameters directly, not calling it"
+        for name, child in module.named_modules(prefix=prefix):
+            if child is not module and child._parameters and id(child) not in self.done:
+                self._row(name, child, "float", note=note)
 
     def _swap_one(self, module: nn.Module, name: str, qtype: type) -> None:
         pattern = self.config.skip_pattern(name)
@@ -326,7 +337,7 @@ class _Surgery:
             inputs=inputs,
             params=params if any(qmodule.param_quantizers.values()) else None,
         )
-        self._made(qmodule, row, inputs)
+        self._made(qmodule, row)
         self._replace(module, qmodule)
 
     def _leaf(self, module: nn.Module, name: str) -> None:
@@ -347,7 +358,9 @@ class _Surgery:
                 "not fused: no Conv/Linear feeds it" if self.config.fuse else "fuse=False"
             )
         else:
-            note = f"no quantized type registered for {type(module).__name__}"
+            note = unregistered_reason(module) or (
+                f"no quantized type registered for {type(module).__name__}"
+            )
         self._row(name, module, "float", note=note)
 
     def _own_parameters(self, name: str, module: nn.Module) -> None:

@@ -21,7 +21,7 @@ from collections.abc import Callable
 
 from torch import fx, nn
 
-from qat_lightning.nn import FUSED_BN_MODULES
+from qat_lightning.nn import QuantModule
 from qat_lightning.surgery.graph import (
     FunctionalOp,
     TensorGuess,
@@ -30,8 +30,6 @@ from qat_lightning.surgery.graph import (
     owner_of,
     trace,
 )
-
-FUSED_RELU_TYPES = tuple(cls for (_, relu), cls in FUSED_BN_MODULES.items() if relu)
 
 Build = Callable[[FunctionalOp, str], nn.Module | None]
 
@@ -81,10 +79,11 @@ def own_ops(graph: fx.Graph) -> list[FunctionalOp]:
 
 
 def _after_fused_relu(node: object, root: nn.Module) -> bool:
-    """``node`` is the output of a Conv+BN+ReLU fused module (maybe through Identity slots)."""
+    """``node`` is the output of a quantized module that applies ReLU itself (a fused
+    Conv+BN+ReLU; maybe through Identity slots)."""
     while isinstance(node, fx.Node) and node.op == "call_module":
         module = root.get_submodule(node.target)
-        if isinstance(module, FUSED_RELU_TYPES):
+        if isinstance(module, QuantModule) and module.output_relu:
             return True
         if type(module) is not nn.Identity:
             return False

@@ -23,7 +23,7 @@ from qat_lightning.nn import (
     fake_quant_eval,
 )
 from qat_lightning.nn.fused import fused_bn_type
-from qat_lightning.nn.linear import quantize_bias
+from qat_lightning.nn.integer import quantize_bias
 from qat_lightning.quant import QuantScheme
 
 ACT = QuantScheme(bits=8, symmetric=False)

@@ -13,7 +13,7 @@ from hypothesis import strategies as st
 from torch import nn
 
 from qat_lightning import nn as qnn
-from qat_lightning.nn.linear import exact_accumulate, exact_chunks, quantize_bias
+from qat_lightning.nn.integer import exact_accumulate, exact_chunks, quantize_bias
 from qat_lightning.quant import Quantizer, QuantScheme
 
 # Embedding takes indices; activations and max pools compute exactly what integer mode does
