@@ -130,7 +130,8 @@ def test_onnxruntime_agrees_with_the_training_arithmetic(exported) -> None:
     integer model requantizes int32 accumulators, and over mobilenet_v2's 50+ layers the two
     drift apart on the nearly tied samples (top-1 0.980 on an AVX-512 AMD EPYC, >= 0.99 on an
     AVX2 one: the float summation order, and with it the figure, moves with the CPU's vector
-    width). Validation runs the integer simulation, so what it reports is the ORT figure, not this one."""
+    width). Validation runs the integer simulation, so what it reports is the ORT figure, not
+    this one."""
     _, top1 = agreement(exported["ort"], exported["fake"], exported["lsb"])
     assert top1 >= 0.97, top1
 
