@@ -22,6 +22,7 @@ import torch
 import torch.nn.functional as F
 from torch import fx, nn
 
+from qat_lightning.export.grouped import convert_grouped
 from qat_lightning.export.modules import (
     IntegerEmbedding,
     IntegerLayer,
@@ -240,6 +241,9 @@ def _is_integer_mac(module: QuantModule) -> bool:
 def _convert_module(name: str, module: QuantModule, borrowed: list[Quantizer | None]) -> nn.Module:
     from qat_lightning.nn.embedding import QuantEmbedding
 
+    grouped = convert_grouped(name, module, borrowed)  # per-group weights, dynamic inputs
+    if grouped is not None:
+        return grouped
     quantizers = dict(module.param_quantizers.items())
     weight_q = quantizers.get("weight")
     has_input = [

@@ -15,6 +15,7 @@ from qat_lightning.nn.base import (
     integer_in_eval,
     register_quant_module,
 )
+from qat_lightning.nn.grouped import grouped_quantized_forward, uses_grouped_path
 from qat_lightning.quant import QTensor, Quantizer
 
 
@@ -131,7 +132,10 @@ def integer_matmul_like(
 
 @register_quant_module(nn.Linear)
 class QuantLinear(QuantModule, nn.Linear):
-    """`nn.Linear` with fake-quantized input, weight and output."""
+    """`nn.Linear` with fake-quantized input, weight and output (the weight per tensor,
+    channel or group; the input static or dynamic)."""
+
+    _takes_dynamic_inputs = True
 
     def weight_and_bias(self) -> tuple[torch.Tensor, torch.Tensor | None]:
         """The float weight and bias that integer mode and export quantize (BN-folded in the
@@ -145,6 +149,8 @@ class QuantLinear(QuantModule, nn.Linear):
 
     def quantized_forward(self, q: QTensor) -> QTensor:
         weight, bias = self.weight_and_bias()
+        if uses_grouped_path(self):  # per-group weight or dynamic input
+            return grouped_quantized_forward(self, q, weight, bias)
         return integer_matmul_like(self, q, weight, bias, F.linear, channel_axis=-1)
 
 

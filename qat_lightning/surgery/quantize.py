@@ -32,6 +32,7 @@ from qat_lightning.nn import (
     fused_bn_type,
 )
 from qat_lightning.quant import Quantizer, QuantScheme
+from qat_lightning.quant.grouped import GroupSizeError
 from qat_lightning.surgery.config import QuantConfig
 from qat_lightning.surgery.fuse import FusionGroup, plan_graph, plan_order
 from qat_lightning.surgery.graph import (
@@ -142,8 +143,10 @@ class _Surgery:
             if isinstance(quantizer, Quantizer):
                 quantizer.to(device)
         self.made[id(module)] = (module, row)
-        if inputs is not None and module.output_quantizers[0] is None:
-            self.pass_through.add(id(module))  # e.g. max pools: output on the input grid
+        # e.g. max pools: output on the input grid (never a dynamic one: every consumer
+        # quantizes its own input from the tensor it gets)
+        if inputs is not None and not inputs.dynamic and module.output_quantizers[0] is None:
+            self.pass_through.add(id(module))
 
     def _slots(self, module: nn.Module) -> list[tuple[nn.Module, str]]:
         """Every (parent, key) holding ``module`` (a module may sit in several)."""
@@ -310,12 +313,18 @@ class _Surgery:
             return
         try:
             qmodule = qtype.from_float(module, inputs, params)
+        except GroupSizeError as err:  # the scheme asked for cannot apply: refuse, never float
+            raise GroupSizeError(
+                f"quantize_model: layer {name!r} ({type(module).__name__}): {err}"
+            ) from None
         except (ValueError, TypeError) as err:
             self._row(name, module, "float", note=f"{qtype.__name__}.from_float failed: {err}")
             self.report.warnings.append(f"{name!r} left float: {err}")
             return
         if not any(q is not None for q in qmodule.quantizers()):
             note = "nothing to quantize: inputs scheme None and no quantized parameter"
+            if inputs is not None and inputs.dynamic:
+                note = "nothing to quantize: dynamic activations are for Linear inputs only"
             self._row(name, module, "float", note=note)
             return
         row = self._row(

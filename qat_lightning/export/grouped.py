@@ -1,0 +1,136 @@
+"""`convert` for per-group weights and dynamic activations.
+
+- `GroupedIntegerLinear`: a Linear whose weight is per group, or whose input encoding is
+  dynamic, with quantized activations. It stores the weight as codes (4 bits and fewer packed
+  two per byte) with its group scales, keeps the float bias, and runs `nn.grouped.grouped_linear`
+  exactly as the QAT model's eval-mode integer simulation does (bit for bit).
+- Any other layer with a dynamic input encoding (a Conv, an add, ...) has no integer
+  simulation here: it is converted to a fake-quant `QuantizedOp`, with a warning naming it.
+
+Weight-only layers (``inputs=None``) are `WeightOnlyLayer`s whatever their weight granularity.
+Their ONNX form (MatMulNBits, DynamicQuantizeLinear) and their entries in the native
+artifact's ``encodings.json`` are not written yet: `check_exportable` refuses them in
+`export_onnx` and `save_quantized` with one clear error.
+"""
+
+from __future__ import annotations
+
+import warnings
+
+import torch
+from torch import nn
+
+from qat_lightning.export.modules import LINEAR, IntegerLayer, freeze, weightless_twin
+from qat_lightning.export.ops import QuantizedOp
+from qat_lightning.export.qdq import pack_int4, packs_to_int4
+from qat_lightning.nn.base import QuantModule, exact_arithmetic
+from qat_lightning.nn.grouped import grouped_linear, uses_grouped_path
+from qat_lightning.quant import Quantizer
+
+
+def _active(quantizer: Quantizer | None) -> bool:
+    return quantizer is not None and bool(quantizer.fake_quant_enabled)
+
+
+class GroupedIntegerLinear(IntegerLayer):
+    """A Linear with per-group (or per-channel) integer weights and a static or dynamic
+    input encoding; see the module docstring. ``float_bias`` is the float bias."""
+
+    @classmethod
+    def from_quant(
+        cls, source: QuantModule, borrowed: Quantizer | None = None
+    ) -> GroupedIntegerLinear:
+        weight, bias = source.weight_and_bias()
+        w_quantizer = source.param_quantizers["weight"]
+        scheme = w_quantizer.scheme.replace(learnable=False)
+        relu = bool(getattr(source, "_relu", False))
+        layer = cls(weightless_twin(source), LINEAR, scheme, tuple(weight.shape), relu)
+        layer.input_quantizers[0] = freeze(source.input_quantizers[0], input_side=True)
+        if layer.input_quantizers[0] is None:
+            layer.borrowed_encodings[0] = freeze(borrowed)
+        layer.output_quantizers[0] = freeze(source.output_quantizers[0])
+        q_w = w_quantizer.quantize(weight.detach().float())
+        codes = pack_int4(q_w.codes) if packs_to_int4(scheme) else q_w.codes
+        layer.register_buffer("weight_codes", codes)
+        layer.register_buffer("weight_scale", q_w.scale.clone())
+        layer.register_buffer("weight_zero_point", q_w.zero_point.clone())
+        layer.register_buffer("bias_codes", None)
+        layer.register_buffer("float_bias", None if bias is None else bias.detach().clone())
+        return layer.to(weight.device)
+
+    def forward(self, x: torch.Tensor) -> torch.Tensor:
+        if torch.onnx.is_in_onnx_export():
+            raise NotImplementedError(
+                "GroupedIntegerLinear has no ONNX form yet (MatMulNBits / "
+                "DynamicQuantizeLinear export is a later step)"
+            )
+        with exact_arithmetic(x.device):
+            q_in = self.input_encoding(0).quantize(x)
+            y = grouped_linear(q_in, self.weight_qtensor(), self.float_bias)
+            if self.relu:
+                y = torch.relu(y)
+            out = self.output_quantizers[0]
+            return y if out is None else out.quantize(y).dequantize()
+
+    def extra_repr(self) -> str:
+        source = self.input_encoding(0)
+        kind = "dynamic " if source is not None and source.scheme.dynamic else ""
+        s = self.weight_scheme
+        weight = f"W{s.bits}" + (f" g{s.group_size}" if s.per_group else "")
+        return f"{self.op.extra_repr()}, {weight}, {kind}A{source.scheme.bits if source else '?'}"
+
+
+def convert_grouped(
+    name: str, module: QuantModule, borrowed: list[Quantizer | None]
+) -> nn.Module | None:
+    """The converted form of ``module`` if it is per-group or dynamic with quantized
+    activations (see the module docstring); None where `convert`'s usual forms apply."""
+    from qat_lightning.nn.linear import QuantLinear
+
+    sources = [
+        own if _active(own) else b for own, b in zip(module.input_quantizers, borrowed, strict=True)
+    ]
+    dynamic = any(s is not None and s.scheme.dynamic for s in sources)
+    weight_q = module.param_quantizers["weight"] if "weight" in module.param_quantizers else None  # noqa: SIM401
+    grouped = _active(weight_q) and weight_q.scheme.per_group
+    if not (dynamic or grouped) or all(s is None for s in sources):
+        return None  # weight-only (inputs=None) and every static layer: the usual forms
+    linear = isinstance(module, QuantLinear) and _active(weight_q)
+    if linear and sources[0] is not None and (uses_grouped_path(module) or dynamic):
+        return GroupedIntegerLinear.from_quant(module, borrowed[0])
+    op = QuantizedOp(module, borrowed)
+    op.integer_mode.fill_(0)
+    reason = "its input encoding is dynamic" if dynamic else "its weight is per group"
+    warnings.warn(
+        f"convert: layer {name!r} ({type(module).__name__}) runs in fake quant (float "
+        f"arithmetic): {reason}, which only Linear layers simulate with integers",
+        stacklevel=3,
+    )
+    return op
+
+
+def check_exportable(model: nn.Module, writer: str) -> None:
+    """Refuse, in one line naming ``writer`` and the layer, a converted model with per-group
+    or dynamic layers (not written by the exporters yet)."""
+    for name, module in model.named_modules():
+        scheme = getattr(module, "weight_scheme", None)
+        dynamic = any(
+            q is not None and q.scheme.dynamic
+            for q in (
+                *getattr(module, "input_quantizers", ()),
+                *getattr(module, "borrowed_encodings", ()),
+            )
+            if isinstance(q, Quantizer)
+        )
+        if (
+            isinstance(module, GroupedIntegerLinear)
+            or dynamic
+            or (scheme is not None and scheme.per_group)
+        ):
+            raise NotImplementedError(
+                f"{writer}: layer {name!r} ({type(module).__name__}) is "
+                f"{'dynamic' if dynamic else 'per group'}; exporting per-group weights "
+                "(ONNX MatMulNBits, per-block encodings) and dynamic activations "
+                "(DynamicQuantizeLinear) is not implemented yet: evaluate or convert() the "
+                "model in torch, or use per_channel weights and static activations to export"
+            )
