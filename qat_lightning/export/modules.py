@@ -38,7 +38,7 @@ from qat_lightning.export.qdq import (
     zero_point_is_qmin,
 )
 from qat_lightning.nn.base import QuantModule, accumulate_to_qtensor, exact_arithmetic
-from qat_lightning.nn.grouped import table_rows
+from qat_lightning.nn.grouped import table_values
 from qat_lightning.nn.linear import quantize_bias
 from qat_lightning.quant import QTensor, Quantizer, QuantScheme
 
@@ -381,7 +381,7 @@ class IntegerEmbedding(_IntegerWeights):
         q_w = self.weight_qtensor()
         out = self.output_quantizers[0]
         if out is None:
-            return table_rows(q_w, indices).dequantize()
+            return table_values(q_w, indices)
         return out.quantize(F.embedding(indices, q_w.dequantize())).dequantize()
 
     def extra_repr(self) -> str:

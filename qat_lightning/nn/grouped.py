@@ -161,3 +161,12 @@ def table_rows(q_w: QTensor, indices: torch.Tensor) -> QTensor:
             "QuantEmbedding: integer mode with a per-row table needs an output quantizer"
         )
     return QTensor(q_w.codes[indices], q_w.scale, q_w.zero_point, q_w.scheme)
+
+
+def table_values(q_w: QTensor, indices: torch.Tensor) -> torch.Tensor:
+    """The float32 values of an embedding table's rows at ``indices``, ``(codes - zp) * s``
+    as fake quantization computes them, for a table per tensor, per row or per group."""
+    if q_w.scheme is not None and q_w.scheme.per_channel and q_w.scale.dim() > 0:
+        scale, zp = q_w.scale[indices].unsqueeze(-1), q_w.zero_point[indices].unsqueeze(-1)
+        return (q_w.codes[indices].float() - zp.float()) * scale.float()
+    return table_rows(q_w, indices).dequantize()

@@ -62,6 +62,7 @@ def merge_scheme(
     if change.get("dynamic", fields["dynamic"]):
         change.setdefault("observer", "minmax")  # a dynamic scheme observes nothing
     fields.update(change)
+    _check_role(fields.get("dynamic"), fields.get("granularity"), role)
     return check_role(QuantScheme.from_any(fields), role)
 
 
@@ -72,19 +73,22 @@ def check_role(scheme: QuantScheme | None, role: str) -> QuantScheme | None:
     Raises:
         ValueError: naming the role, the field and what the role allows.
     """
-    if scheme is None:
-        return None
-    if role == "params" and scheme.dynamic:
+    if scheme is not None:
+        _check_role(scheme.dynamic, scheme.granularity, role)
+    return scheme
+
+
+def _check_role(dynamic: Any, granularity: Any, role: str) -> None:
+    if role == "params" and dynamic is True:
         raise ValueError(
             "params: dynamic=True is for activations (a weight's range is known before it is "
             "used); allowed dynamic=False for weights"
         )
-    if role == "inputs" and scheme.per_group:
+    if role == "inputs" and granularity == "per_group":
         raise ValueError(
             "inputs: granularity='per_group' is for weights; allowed for activations "
             "'per_tensor', 'per_channel', or 'per_token' with dynamic=True"
         )
-    return scheme
 
 
 def resolve_scheme(role: str, value: Any) -> QuantScheme | None:

@@ -83,8 +83,15 @@ def test_symmetric_int4_per_group_on_torchaos_scales(out, group_size, seed):
     w = torch.randn(out, 2 * group_size, generator=torch.Generator().manual_seed(seed))
     theirs = fq_type(config_type(torch.int4, group_size=group_size, is_symmetric=True))(w)
     scale, zp = choose(
-        w, mapping.SYMMETRIC, (1, group_size), torch.int8, -8, 7, torch.finfo(torch.float32).eps,
-        torch.float32, torch.int32,
+        w,
+        mapping.SYMMETRIC,
+        (1, group_size),
+        torch.int8,
+        -8,
+        7,
+        torch.finfo(torch.float32).eps,
+        torch.float32,
+        torch.int32,
     )
     scheme = QuantScheme(bits=4, granularity="per_group", group_size=group_size)
     ours = fake_quantize(w, scale.reshape(out, 2).float(), zp.reshape(out, 2).int(), scheme)
