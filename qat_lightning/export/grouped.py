@@ -7,10 +7,15 @@
 - Any other layer with a dynamic input encoding (a Conv, an add, ...) has no integer
   simulation here: it is converted to a fake-quant `QuantizedOp`, with a warning naming it.
 
-Weight-only layers (``inputs=None``) are `WeightOnlyLayer`s whatever their weight granularity.
-Their ONNX form (MatMulNBits, DynamicQuantizeLinear) and their entries in the native
-artifact's ``encodings.json`` are not written yet: `check_exportable` refuses them in
-`export_onnx` and `save_quantized` with one clear error.
+- `MatMulNBitsLinear`: a weight-only (``inputs=None``) per-group Linear. Eager: the float op
+  on the dequantized weight (as `WeightOnlyLayer`). ONNX: onnxruntime's ``MatMulNBits``
+  (com.microsoft) with the codes packed as it expects (``block_size`` = the group size), so
+  onnxruntime runs its int4 / int8 kernels.
+
+Other weight-only layers are `WeightOnlyLayer`s whatever their weight granularity. The ONNX
+form of dynamic activations (DynamicQuantizeLinear) and of per-group embeddings, and the
+per-block entries of the native artifact's ``encodings.json``, are not written yet:
+`check_exportable` refuses them in `export_onnx` and `save_quantized` with one clear error.
 """
 
 from __future__ import annotations
@@ -20,7 +25,13 @@ import warnings
 import torch
 from torch import nn
 
-from qat_lightning.export.modules import LINEAR, IntegerLayer, freeze, weightless_twin
+from qat_lightning.export.modules import (
+    LINEAR,
+    IntegerLayer,
+    WeightOnlyLayer,
+    freeze,
+    weightless_twin,
+)
 from qat_lightning.export.ops import QuantizedOp
 from qat_lightning.export.qdq import pack_int4, packs_to_int4
 from qat_lightning.nn.base import QuantModule, exact_arithmetic
@@ -80,6 +91,81 @@ class GroupedIntegerLinear(IntegerLayer):
         return f"{self.op.extra_repr()}, {weight}, {kind}A{source.scheme.bits if source else '?'}"
 
 
+class MatMulNBitsLinear(WeightOnlyLayer):
+    """A weight-only per-group Linear; eager as `WeightOnlyLayer`, ONNX as ``MatMulNBits``.
+
+    ``MatMulNBits`` takes unsigned codes: 4-bit (and narrower) codes are stored as ``c + 8``
+    two per byte (low nibble first), 5- to 8-bit ones as ``c + 128``; their zero points
+    likewise (left out for a symmetric signed scheme: onnxruntime's default, 8 or 128, is
+    exactly the offset). The group size must be a power of two >= 16 (`onnx_problem`).
+    """
+
+    @property
+    def onnx_bits(self) -> int:
+        return 4 if self.weight_scheme.bits <= 4 else 8
+
+    def onnx_problem(self) -> str | None:
+        """Why this layer has no ``MatMulNBits`` form, or None."""
+        s = self.weight_scheme
+        size = s.group_size
+        if s.bits > 8:
+            return f"MatMulNBits takes 8-bit codes at most, the weight has {s.bits}"
+        if size < 16 or size & (size - 1):
+            return f"MatMulNBits needs a block_size that is a power of two >= 16, not {size}"
+        return None
+
+    def _offset_codes(self, codes: torch.Tensor) -> torch.Tensor:
+        offset = 0 if not self.weight_scheme.signed else (8 if self.onnx_bits == 4 else 128)
+        return (codes.to(torch.int16) + offset).to(torch.uint8)
+
+    def _pack(self, u: torch.Tensor) -> torch.Tensor:
+        """``(N, blocks, n)`` uint8 codes -> ``(N, blocks, n * bits / 8)`` bytes."""
+        if self.onnx_bits == 8:
+            return u.contiguous()
+        if u.shape[-1] % 2:
+            u = torch.cat([u, u.new_zeros(*u.shape[:-1], 1)], dim=-1)
+        return (u[..., 0::2] | (u[..., 1::2] << 4)).contiguous()
+
+    def prepare_onnx(self, int4: bool) -> None:
+        out_features, in_features = self.weight_shape
+        blocks = in_features // self.weight_scheme.group_size
+        codes = self._offset_codes(self.weight_int_codes()).reshape(out_features, blocks, -1)
+        self.register_buffer("mnb_weight", self._pack(codes), persistent=False)
+        self.register_buffer("mnb_scales", self.weight_scale.float().clone(), persistent=False)
+        zero_points = None
+        if not (self.weight_scheme.symmetric and self.weight_scheme.signed):
+            zp = self._offset_codes(self.weight_zero_point).reshape(out_features, 1, blocks)
+            zero_points = self._pack(zp).reshape(out_features, -1)
+        self.register_buffer("mnb_zero_points", zero_points, persistent=False)
+
+    def finish_onnx(self) -> None:
+        for name in ("mnb_weight", "mnb_scales", "mnb_zero_points"):
+            self._buffers.pop(name, None)
+
+    def forward(self, x: torch.Tensor, *extra) -> torch.Tensor:
+        if not torch.onnx.is_in_onnx_export():
+            return super().forward(x, *extra)
+        out_features, in_features = self.weight_shape
+        bias = None if self.float_bias is None else self.float_bias.to(x.dtype)
+        y = torch.onnx.ops.symbolic(
+            "com.microsoft::MatMulNBits",
+            [x, self.mnb_weight, self.mnb_scales.to(x.dtype), self.mnb_zero_points, None, bias],
+            {
+                "K": in_features,
+                "N": out_features,
+                "bits": self.onnx_bits,
+                "block_size": self.weight_scheme.group_size,
+            },
+            dtype=x.dtype,
+            shape=(*x.shape[:-1], out_features),
+        )
+        return torch.relu(y) if self.relu else y
+
+    def extra_repr(self) -> str:
+        s = self.weight_scheme
+        return f"{super().extra_repr()}, g{s.group_size} (ONNX: MatMulNBits)"
+
+
 def convert_grouped(
     name: str, module: QuantModule, borrowed: list[Quantizer | None]
 ) -> nn.Module | None:
@@ -93,8 +179,11 @@ def convert_grouped(
     dynamic = any(s is not None and s.scheme.dynamic for s in sources)
     weight_q = module.param_quantizers["weight"] if "weight" in module.param_quantizers else None  # noqa: SIM401
     grouped = _active(weight_q) and weight_q.scheme.per_group
+    weight_only = all(s is None for s in sources) and not _active(module.output_quantizers[0])
+    if grouped and weight_only and isinstance(module, QuantLinear):
+        return MatMulNBitsLinear.from_quant(module)
     if not (dynamic or grouped) or all(s is None for s in sources):
-        return None  # weight-only (inputs=None) and every static layer: the usual forms
+        return None  # other weight-only layers and every static layer: the usual forms
     linear = isinstance(module, QuantLinear) and _active(weight_q)
     if linear and sources[0] is not None and (uses_grouped_path(module) or dynamic):
         return GroupedIntegerLinear.from_quant(module, borrowed[0])
@@ -113,6 +202,14 @@ def check_exportable(model: nn.Module, writer: str) -> None:
     """Refuse, in one line naming ``writer`` and the layer, a converted model with per-group
     or dynamic layers (not written by the exporters yet)."""
     for name, module in model.named_modules():
+        if isinstance(module, MatMulNBitsLinear):
+            problem = module.onnx_problem() if writer == "export_onnx" else "per-block encodings"
+            if problem is None:
+                continue
+            raise NotImplementedError(
+                f"{writer}: layer {name!r} (weight-only per group) cannot be written: {problem}"
+                + ("" if writer == "export_onnx" else " are not implemented yet")
+            )
         scheme = getattr(module, "weight_scheme", None)
         dynamic = any(
             q is not None and q.scheme.dynamic
