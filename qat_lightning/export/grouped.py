@@ -12,9 +12,13 @@
   (com.microsoft) with the codes packed as it expects (``block_size`` = the group size), so
   onnxruntime runs its int4 / int8 kernels.
 
+- `GroupedEmbedding`: a per-group embedding table; eager as `IntegerEmbedding`, ONNX as a
+  blocked ``DequantizeLinear`` (opset 21: ``axis=1``, ``block_size`` = the group size) of the
+  integer table, then ``Gather``.
+
 Other weight-only layers are `WeightOnlyLayer`s whatever their weight granularity. The ONNX
-form of dynamic activations (DynamicQuantizeLinear) and of per-group embeddings, and the
-per-block entries of the native artifact's ``encodings.json``, are not written yet:
+form of dynamic activations (DynamicQuantizeLinear) and the per-block entries of the native
+artifact's ``encodings.json`` are not written yet:
 `check_exportable` refuses them in `export_onnx` and `save_quantized` with one clear error.
 """
 
@@ -27,13 +31,14 @@ from torch import nn
 
 from qat_lightning.export.modules import (
     LINEAR,
+    IntegerEmbedding,
     IntegerLayer,
     WeightOnlyLayer,
     freeze,
     weightless_twin,
 )
 from qat_lightning.export.ops import QuantizedOp
-from qat_lightning.export.qdq import pack_int4, packs_to_int4
+from qat_lightning.export.qdq import onnx_int4, pack_int4, packs_to_int4
 from qat_lightning.nn.base import QuantModule, exact_arithmetic
 from qat_lightning.nn.grouped import grouped_linear, uses_grouped_path
 from qat_lightning.quant import Quantizer
@@ -166,11 +171,34 @@ class MatMulNBitsLinear(WeightOnlyLayer):
         return f"{super().extra_repr()}, g{s.group_size} (ONNX: MatMulNBits)"
 
 
+class GroupedEmbedding(IntegerEmbedding):
+    """A per-group embedding table (see the module docstring)."""
+
+    def onnx_weight(self) -> torch.Tensor:
+        if "weight" not in self._buffers:
+            raise RuntimeError(f"{type(self).__name__}: export with qat_lightning.export_onnx")
+        codes, scheme = self._buffers["weight"], self.weight_scheme
+        zero_point = self.weight_zero_point.to(codes.dtype)
+        if self._onnx_int4:
+            codes, zero_point = (
+                onnx_int4(codes, scheme.signed),
+                onnx_int4(zero_point, scheme.signed),
+            )
+        return torch.onnx.ops.symbolic(
+            "DequantizeLinear",
+            [codes, self.weight_scale.float(), zero_point],
+            {"axis": 1, "block_size": scheme.group_size},
+            dtype=torch.float32,
+            shape=codes.shape,
+        )
+
+
 def convert_grouped(
     name: str, module: QuantModule, borrowed: list[Quantizer | None]
 ) -> nn.Module | None:
     """The converted form of ``module`` if it is per-group or dynamic with quantized
     activations (see the module docstring); None where `convert`'s usual forms apply."""
+    from qat_lightning.nn.embedding import QuantEmbedding
     from qat_lightning.nn.linear import QuantLinear
 
     sources = [
@@ -182,6 +210,8 @@ def convert_grouped(
     weight_only = all(s is None for s in sources) and not _active(module.output_quantizers[0])
     if grouped and weight_only and isinstance(module, QuantLinear):
         return MatMulNBitsLinear.from_quant(module)
+    if grouped and isinstance(module, QuantEmbedding) and module.max_norm is None:
+        return GroupedEmbedding.from_quant(module)
     if not (dynamic or grouped) or all(s is None for s in sources):
         return None  # other weight-only layers and every static layer: the usual forms
     linear = isinstance(module, QuantLinear) and _active(weight_q)
@@ -202,6 +232,8 @@ def check_exportable(model: nn.Module, writer: str) -> None:
     """Refuse, in one line naming ``writer`` and the layer, a converted model with per-group
     or dynamic layers (not written by the exporters yet)."""
     for name, module in model.named_modules():
+        if isinstance(module, GroupedEmbedding) and writer == "export_onnx":
+            continue
         if isinstance(module, MatMulNBitsLinear):
             problem = module.onnx_problem() if writer == "export_onnx" else "per-block encodings"
             if problem is None:

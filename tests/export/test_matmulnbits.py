@@ -70,3 +70,40 @@ def test_a_group_size_matmulnbits_cannot_take_is_refused_naming_the_layer(tmp_pa
     with pytest.raises(NotImplementedError, match=r"layer '0'.*power of two >= 16, not 8"):
         export_onnx(converted, torch.randn(2, 64), tmp_path / "m.onnx")
     assert not (tmp_path / "m.onnx").exists()
+
+
+class TinyLM(nn.Module):
+    def __init__(self) -> None:
+        super().__init__()
+        self.embed = nn.Embedding(50, 64)
+        self.mlp = nn.Sequential(nn.Linear(64, 128), nn.GELU(), nn.Linear(128, 64))
+        self.head = nn.Linear(64, 50)
+
+    def forward(self, idx: torch.Tensor) -> torch.Tensor:
+        h = self.embed(idx)
+        return self.head(h + self.mlp(h))
+
+
+@pytest.mark.parametrize("bits", [4, 8])
+def test_a_weight_only_token_model_exports_embedding_and_linears(bits, tmp_path) -> None:
+    torch.manual_seed(0)
+    model = TinyLM()
+    params = {"bits": bits, "granularity": "per_group", "group_size": 32}
+    quantize_model(model, QuantConfig(inputs=None, params=params))
+    idx = torch.randint(0, 50, (3, 16))
+    model.train()
+    model(idx)
+    model.eval()
+    converted = convert(model)
+    with torch.no_grad():
+        expected = converted(idx).numpy()
+        torch.testing.assert_close(torch.from_numpy(expected), model(idx), rtol=0, atol=0)
+    path = export_onnx(converted, idx, tmp_path / "lm.onnx")
+    blocked = [n for n in onnx.load(str(path)).graph.node if n.op_type == "DequantizeLinear"]
+    assert len(blocked) == 1 and {a.name: a.i for a in blocked[0].attribute}["block_size"] == 32
+    assert optimized_op_types(path, tmp_path)["MatMulNBits"] == 3
+    got = ort_run(path, idx)
+    torch.testing.assert_close(
+        torch.from_numpy(got), torch.from_numpy(expected), rtol=1e-4, atol=1e-4
+    )
+    assert (got.argmax(-1) == expected.argmax(-1)).mean() >= 0.995

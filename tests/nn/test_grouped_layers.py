@@ -201,11 +201,17 @@ def test_dynamic_activations_need_no_calibration() -> None:
     assert "quant/up.param_quantizers.weight/scale" in metrics
 
 
-@pytest.mark.parametrize("name", ["8da4w", "w4g32_only"])
-def test_exporters_refuse_per_group_and_dynamic_in_one_line(name, tmp_path) -> None:
+@pytest.mark.parametrize("name", ["8da4w", "a8_w4g32"])
+def test_exporters_refuse_per_group_and_dynamic_activations_in_one_line(name, tmp_path) -> None:
     model, idx = _quantized(name)
     with pytest.raises(NotImplementedError, match=r"export_onnx: layer '.*' .*not implemented"):
         export_onnx(copy.deepcopy(model), idx, tmp_path / "m.onnx")
     with pytest.raises(NotImplementedError, match=r"save_quantized: layer"):
         save_quantized(model, tmp_path / "native")
     assert not (tmp_path / "m.onnx").exists() and not (tmp_path / "native").exists()
+
+
+def test_the_native_artifact_refuses_weight_only_per_group_for_now(tmp_path) -> None:
+    model, _ = _quantized("w4g32_only")
+    with pytest.raises(NotImplementedError, match=r"save_quantized: layer .*per-block encodings"):
+        save_quantized(model, tmp_path / "native")
