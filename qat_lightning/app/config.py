@@ -44,10 +44,11 @@ QuantSchemeConfig = _scheme_schema()
 @dataclass
 class QuantConfig:
     """What `QATCallback` gets: the two schemes (from ``quant/inputs`` and ``quant/params``)
-    and the schedule. Milestones are ``"epoch:N"`` or ``"step:N"`` (a bare ``N``: an epoch);
+    and the schedule. ``inputs: null`` (``quant/inputs=none``) keeps activations float:
+    weight-only quantization. Milestones are ``"epoch:N"`` or ``"step:N"`` (a bare ``N``: an epoch);
     ``null`` means never."""
 
-    inputs: QuantSchemeConfig = field(default_factory=QuantSchemeConfig)
+    inputs: QuantSchemeConfig | None = field(default_factory=QuantSchemeConfig)  # None: float
     params: QuantSchemeConfig = field(default_factory=QuantSchemeConfig)
     calibration_batches: int = 8
     freeze_bn_at: str | None = None

@@ -76,7 +76,7 @@ def collect(sweep_dir: Path) -> tuple[list[dict[str, Any]], list[Path]]:
                 "job": str(path.parent.relative_to(sweep_dir)) or ".",
                 "model": config.get("model", {}).get("name"),
                 "data": config.get("data", {}).get("name"),
-                "inputs_bits": quant.get("inputs", {}).get("bits"),
+                "inputs_bits": (quant.get("inputs") or {}).get("bits"),
                 "params_bits": quant.get("params", {}).get("bits"),
                 "test_samples": results.get("test_samples"),
                 **{key: results.get(key) for key in ACCURACIES},

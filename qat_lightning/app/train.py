@@ -103,7 +103,7 @@ def _load_float(model: nn.Module, path: str) -> None:
 def qat_callback(q: DictConfig, export_dir: Path) -> QATCallback:
     """`QATCallback` from the ``quant`` config node."""
     return QATCallback(
-        inputs=OmegaConf.to_container(q.inputs, resolve=True),
+        inputs=None if q.inputs is None else OmegaConf.to_container(q.inputs, resolve=True),
         params=OmegaConf.to_container(q.params, resolve=True),
         calibration_batches=q.calibration_batches,
         freeze_bn_at=milestone(q.freeze_bn_at, "quant.freeze_bn_at"),

@@ -146,8 +146,11 @@ def _fraction(cfg: DictConfig, key: str, low_open: bool) -> None:
         raise invalid(key, value, f"a number in {'(' if low_open else '['}0, 1)")
 
 
-def quant_scheme(cfg: DictConfig, side: str) -> QuantScheme:
-    """``quant.<side>`` as a `QuantScheme` (its own checks), its errors named by config key."""
+def quant_scheme(cfg: DictConfig, side: str) -> QuantScheme | None:
+    """``quant.<side>`` as a `QuantScheme` (its own checks), its errors named by config key;
+    None where it is ``null`` (``quant/inputs=none``: weight-only)."""
+    if cfg.quant[side] is None:
+        return None
     fields = OmegaConf.to_container(cfg.quant[side], resolve=True)
     try:
         return QuantScheme(**fields)

@@ -12,7 +12,7 @@ import torch
 from torch import nn
 
 from qat_lightning.quant import Quantizer
-from qat_lightning.quant.functional import channel_view, fake_quantize
+from qat_lightning.quant.functional import expand_encoding, fake_quantize
 
 
 def named_quantizers(model: nn.Module) -> list[tuple[str, Quantizer]]:
@@ -24,12 +24,9 @@ def tensor_health(quantizer: Quantizer, x: torch.Tensor) -> dict[str, float]:
     """Clip rate (share of elements outside the representable range) and SQNR in dB."""
     x = x.detach().float()
     scheme = quantizer.scheme
-    scale, zero_point = quantizer.encoding()
-    if scheme.per_channel and scale.dim() > 0:
-        axis = scheme.axis % x.dim()
-        scale_b, zp_b = channel_view(scale, x.dim(), axis), channel_view(zero_point, x.dim(), axis)
-    else:
-        scale_b, zp_b = scale, zero_point
+    scale, zero_point = quantizer.encoding(x)  # a dynamic scheme's: that of x itself
+    scale_b = expand_encoding(scale, x.dim(), scheme)
+    zp_b = expand_encoding(zero_point, x.dim(), scheme)
     lo = (scheme.qmin - zp_b) * scale_b
     hi = (scheme.qmax - zp_b) * scale_b
     clip_rate = ((x < lo) | (x > hi)).float().mean().item()
@@ -76,9 +73,10 @@ class HealthProbe:
         for name, quantizer in self.quantizers:
             if not quantizer.is_initialized:
                 continue
-            scale, zero_point = quantizer.encoding()
-            metrics[f"quant/{name}/scale"] = scale.float().mean().item()
-            metrics[f"quant/{name}/zero_point"] = zero_point.float().mean().item()
+            if not quantizer.scheme.dynamic:  # a dynamic scale is each batch's own: none here
+                scale, zero_point = quantizer.encoding()
+                metrics[f"quant/{name}/scale"] = scale.float().mean().item()
+                metrics[f"quant/{name}/zero_point"] = zero_point.float().mean().item()
             for key, value in self._seen.get(name, {}).items():
                 metrics[f"quant/{name}/{key}"] = value
         self._seen.clear()

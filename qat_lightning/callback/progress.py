@@ -22,12 +22,12 @@ from qat_lightning.surgery.report import scheme_text as describe
 
 def is_calibrated(model: nn.Module) -> bool:
     """Whether any data-driven quantizer of ``model`` has an encoding set from data (its
-    ``initialized`` buffer). Fixed-point quantizers are initialized from the start and don't
-    count."""
+    ``initialized`` buffer). Fixed-point and dynamic quantizers are initialized from the start
+    (nothing to calibrate) and don't count."""
     return any(
         bool(q.initialized)
         for _, q in named_quantizers(model)
-        if q.scheme.representation != "fixed_point"
+        if q.scheme.representation != "fixed_point" and not q.scheme.dynamic
     )
 
 

@@ -34,6 +34,7 @@ from torch import nn
 
 from qat_lightning.export._files import ExportError, atomic_directory
 from qat_lightning.export.convert import _set_submodule, convert, is_converted
+from qat_lightning.export.grouped import check_exportable
 from qat_lightning.export.modules import IntegerEmbedding, IntegerLayer
 from qat_lightning.export.ops import QuantizedOp
 from qat_lightning.export.qdq import onnx_container
@@ -171,6 +172,7 @@ def save_quantized(model: nn.Module, directory: str | Path, *, config: Any = Non
     """
     directory = Path(directory)
     converted = model if is_converted(model) else convert(model)
+    check_exportable(converted, "save_quantized")  # per-group / dynamic: not yet
     state = {k: v.detach().cpu().contiguous().clone() for k, v in converted.state_dict().items()}
     report = {"format": FORMAT, "config": _config_dict(config), **layer_report(converted)}
     texts = [json.dumps(encodings(converted), indent=1), json.dumps(report, indent=1)]

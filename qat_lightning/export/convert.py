@@ -24,6 +24,7 @@ import torch
 import torch.nn.functional as F
 from torch import fx, nn
 
+from qat_lightning.export.grouped import convert_grouped
 from qat_lightning.export.modules import (
     IntegerEmbedding,
     IntegerLayer,
@@ -229,6 +230,9 @@ def _producers_by_order(
 
 def _convert_module(name: str, module: QuantModule, borrowed: list[Quantizer | None]) -> nn.Module:
     """What ``module`` becomes, as its ``convert_as`` says (integer MAC, integer table, op)."""
+    grouped = convert_grouped(name, module, borrowed)  # per-group weights, dynamic inputs
+    if grouped is not None:
+        return grouped
     quantizers = dict(module.param_quantizers.items())
     weight_q = quantizers.get("weight")
     has_input = [

@@ -38,6 +38,7 @@ from qat_lightning.export.qdq import (
     zero_point_is_qmin,
 )
 from qat_lightning.nn.base import QuantModule, exact_arithmetic
+from qat_lightning.nn.grouped import table_values
 from qat_lightning.nn.integer import accumulator_scale, integer_mac, quantize_bias
 from qat_lightning.quant import QTensor, Quantizer, QuantScheme
 
@@ -356,7 +357,7 @@ class IntegerEmbedding(_IntegerWeights):
         q_w = self.weight_qtensor()
         out = self.output_quantizers[0]
         if out is None:
-            return QTensor(q_w.codes[indices], q_w.scale, q_w.zero_point, q_w.scheme).dequantize()
+            return table_values(q_w, indices)
         return out.quantize(F.embedding(indices, q_w.dequantize())).dequantize()
 
     def extra_repr(self) -> str:

@@ -34,6 +34,7 @@ from torch import nn
 
 from qat_lightning.export._files import ExportError, atomic_paths
 from qat_lightning.export.convert import convert, is_converted
+from qat_lightning.export.grouped import check_exportable
 from qat_lightning.export.modules import IntegerEmbedding, IntegerLayer
 from qat_lightning.export.onnx_io import input_names as signature_names
 from qat_lightning.export.onnx_io import metadata_props
@@ -221,6 +222,7 @@ def export_onnx(
     path = Path(path)
     args = tuple(example_input) if isinstance(example_input, (list, tuple)) else (example_input,)
     converted, args = _prepared(model, args)
+    check_exportable(converted, "export_onnx")  # per-group / dynamic layers: not yet
     props = metadata_props(converted, metadata)
     if input_names is None:
         input_names = signature_names(converted, len(args))

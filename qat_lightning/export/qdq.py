@@ -216,6 +216,8 @@ class FrozenQuantizer(Quantizer):
             out = onnx_dequantize(q, self.scale, zero_point, axis)
             out._qat_dequantized = True  # see on_grid_for_onnx
             return out
+        if self.scheme.dynamic:  # its encoding is each tensor's own
+            return super().forward(x)
         return fake_quantize(x, self.scale, self.zero_point, self.scheme)
 
 

@@ -39,6 +39,7 @@ from typing import Any, ClassVar
 import torch
 from torch import nn
 
+from qat_lightning.nn.grouped import param_quantizer
 from qat_lightning.nn.integer import requantize
 from qat_lightning.quant import QTensor, Quantizer, QuantScheme
 from qat_lightning.quant.functional import dequantize_ste, quantize_ste
@@ -128,6 +129,8 @@ class QuantModule(nn.Module):
     # Names of parameters that get a fake quantizer, and the channel axis of each.
     _quantized_params: ClassVar[dict[str, int]] = {"weight": 0}
     _num_inputs: ClassVar[int] = 1
+    # Whether the integer simulation takes dynamic input encodings (`nn.grouped`).
+    _takes_dynamic_inputs: ClassVar[bool] = False
 
     input_quantizers: nn.ModuleList
     output_quantizers: nn.ModuleList
@@ -185,8 +188,15 @@ class QuantModule(nn.Module):
         params: QuantScheme | None,
         outputs: QuantScheme | None = None,
     ) -> None:
-        """Create the quantizer containers. ``outputs`` defaults to the inputs scheme."""
-        outputs = inputs if outputs is None else outputs
+        """Create the quantizer containers. ``outputs`` defaults to the inputs scheme.
+
+        A dynamic inputs scheme quantizes the inputs of the layers that take it
+        (``_takes_dynamic_inputs``: Linear) and no outputs: each consumer quantizes its own
+        input at run time, as torchao's 8da4w; other layers keep float activations."""
+        if inputs is not None and inputs.dynamic and not self._takes_dynamic_inputs:
+            inputs = None  # dynamic activations are for the layers that simulate them (Linear)
+        if outputs is None:
+            outputs = None if inputs is not None and inputs.dynamic else inputs
         self.input_quantizers = nn.ModuleList(
             [Quantizer(inputs) if inputs else None for _ in range(self._num_inputs)]
         )
@@ -197,10 +207,7 @@ class QuantModule(nn.Module):
             if axis is None or params is None:
                 quantizers[name] = None
                 continue
-            param = getattr(self, name)
-            scheme = params.replace(axis=axis) if params.per_channel else params
-            channels = param.shape[axis] if params.per_channel else None
-            quantizers[name] = Quantizer(scheme, num_channels=channels).to(param.device)
+            quantizers[name] = param_quantizer(self, name, getattr(self, name), params, axis)
         self.param_quantizers = nn.ModuleDict(quantizers)
 
     # -- the seed protocol: autograd quant / dequant bound to the quantizers -----------------
@@ -271,6 +278,8 @@ class QuantModule(nn.Module):
         sources = [self.input_encoding(i) for i in range(len(tensors))]
         if any(s is None or not _ready(s) or s.encoding()[0].dim() > 0 for s in sources):
             return False
+        if any(s.scheme.dynamic for s in sources) and not self._takes_dynamic_inputs:
+            return False
         if "weight" in self.param_quantizers and self.param_quantizers["weight"] is None:
             return False  # a float weight: there is no integer form
         return all(_ready(q) for q in self.quantizers())
@@ -283,7 +292,8 @@ class QuantModule(nn.Module):
         qs = [self.input_encoding(i).quantize(t) for i, t in enumerate(tensors)]
         args = (qs,) if len(inputs) == 1 and isinstance(inputs[0], list | tuple) else qs
         dtype = torch.float64 if tensors[0].dtype == torch.float64 else torch.float32
-        return self.quantized_forward(*args, **kwargs).dequantize().to(dtype)
+        result = self.quantized_forward(*args, **kwargs)  # float where there is no output grid
+        return (result.dequantize() if isinstance(result, QTensor) else result).to(dtype)
 
     def input_qtensor(self, q: QTensor, index: int = 0) -> QTensor:
         """Input ``index`` under this module's own input encoding, where it has one."""
@@ -320,6 +330,8 @@ class QuantModule(nn.Module):
         ready = bias is not None and source is not None and weight is not None
         if not ready or not all(_ready(q) for q in (source, weight)):
             return bias
+        if source.scheme.dynamic or weight.scheme.per_group:
+            return bias  # no one accumulator scale: the bias stays float (`nn.grouped`)
         s_in, _ = source.encoding()
         s_w, _ = weight.encoding()
         if s_in.dim() > 0:

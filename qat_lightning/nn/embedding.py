@@ -9,6 +9,7 @@ import torch.nn.functional as F
 from torch import nn
 
 from qat_lightning.nn.base import QuantModule
+from qat_lightning.nn.grouped import table_rows
 from qat_lightning.nn.integer import weight_qtensor
 from qat_lightning.nn.registry import register_quant_module
 from qat_lightning.quant import QTensor, QuantScheme
@@ -16,7 +17,8 @@ from qat_lightning.quant import QTensor, QuantScheme
 
 @register_quant_module(nn.Embedding)
 class QuantEmbedding(QuantModule, nn.Embedding):
-    """`nn.Embedding` with a fake-quantized table (per tensor, or per row: axis 0) and output.
+    """`nn.Embedding` with a fake-quantized table (per tensor, per row: axis 0, or per group
+    along the embedding dimension) and output.
 
     Indices are not quantized (``input_quantizers = [None]``). ``max_norm`` is honoured as torch
     does it: the looked-up rows of the float table are renormalized in place before the table
@@ -77,9 +79,5 @@ class QuantEmbedding(QuantModule, nn.Embedding):
         q_w = weight_qtensor(self, self.weight)
         out = self.output_quantizers[0]
         if out is None:
-            if q_w.scale.dim() > 0:
-                raise ValueError(
-                    "QuantEmbedding: integer mode with a per-row table needs an output quantizer"
-                )
-            return QTensor(q_w.codes[indices], q_w.scale, q_w.zero_point, q_w.scheme)
+            return table_rows(q_w, indices)
         return out.quantize(F.embedding(indices, q_w.dequantize()))

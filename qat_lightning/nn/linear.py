@@ -25,6 +25,7 @@ import torch.nn.functional as F
 from torch import nn
 
 from qat_lightning.nn.base import QuantModule, integer_in_eval
+from qat_lightning.nn.grouped import grouped_quantized_forward, uses_grouped_path
 from qat_lightning.nn.integer import (
     accumulator_scale,
     integer_mac,
@@ -76,7 +77,10 @@ class QuantMAC(QuantModule):
 
 @register_quant_module(nn.Linear)
 class QuantLinear(QuantMAC, nn.Linear):
-    """`nn.Linear` with fake-quantized input, weight and output."""
+    """`nn.Linear` with fake-quantized input, weight and output (the weight per tensor,
+    channel or group; the input static or dynamic)."""
+
+    _takes_dynamic_inputs = True
 
     mac_output_axis: ClassVar[int] = -1
     mac_float32_exact: ClassVar[bool] = True
@@ -84,6 +88,12 @@ class QuantLinear(QuantMAC, nn.Linear):
     @staticmethod
     def mac_op(layer: nn.Module, x, w, b, *extra: Any) -> torch.Tensor:
         return F.linear(x, w, b)
+
+    def quantized_forward(self, q: QTensor, *extra: Any) -> QTensor:
+        if uses_grouped_path(self):  # per-group weight or dynamic input (`nn.grouped`)
+            weight, bias = self.weight_and_bias()
+            return grouped_quantized_forward(self, q, weight, bias)
+        return super().quantized_forward(q, *extra)
 
 
 class _QuantConvNd(QuantMAC):

@@ -32,6 +32,19 @@ def channel_view(t: torch.Tensor, ndim: int, axis: int) -> torch.Tensor:
     return t.reshape(shape)
 
 
+def expand_encoding(t: torch.Tensor, ndim: int, scheme: QuantScheme | None) -> torch.Tensor:
+    """A scale or zero point of ``scheme`` shaped to broadcast against an ``ndim``-d tensor:
+    per channel along ``axis``; per group repeated ``group_size`` times along the last axis;
+    per token with a trailing axis of 1; a 0-d one as it is."""
+    if t.dim() == 0 or scheme is None:
+        return t
+    if scheme.per_group:
+        return t.repeat_interleave(scheme.group_size, dim=-1)
+    if scheme.granularity == "per_token":
+        return t.unsqueeze(-1)
+    return channel_view(t, ndim, scheme.axis % ndim)
+
+
 def encodings_from_range(
     min_val: torch.Tensor, max_val: torch.Tensor, scheme: QuantScheme
 ) -> tuple[torch.Tensor, torch.Tensor]:
@@ -60,7 +73,11 @@ def encodings_from_range(
 def lsq_grad_factor(x: torch.Tensor, scheme: QuantScheme) -> float:
     """LSQ's step-size gradient scale ``1 / sqrt(N * qmax)``, N = elements per scale."""
     n = x.numel()
-    if scheme.per_channel:
+    if scheme.per_group:
+        n = scheme.group_size
+    elif scheme.granularity == "per_token":
+        n = x.shape[-1] if x.dim() else 1
+    elif scheme.per_channel:
         n //= max(x.shape[scheme.axis % x.dim()], 1)
     return 1.0 / math.sqrt(max(n, 1) * max(scheme.qmax, 1))
 
@@ -76,17 +93,30 @@ def fake_quantize(
     The gradient w.r.t. ``x`` is passed through where the code was in ``[qmin, qmax]`` and is
     zero where the input was clipped. For a learnable scheme, ``scale`` (and an affine
     ``zero_point``) receive LSQ gradients.
+
+    Per group (and per token) this is the per-channel kernel over ``x`` reshaped to rows of
+    the last axis, ``(numel // group_size, group_size)``, one scale per row.
     """
+    if scheme.per_group or scheme.granularity == "per_token":
+        width = scheme.group_size if scheme.per_group else x.shape[-1]
+        rows, axis = x.reshape(-1, width), 0
+    else:
+        rows, axis = x, (scheme.axis % x.dim() if scheme.per_channel and x.dim() else 0)
+    y = _fake_quantize(rows, scale, zero_point, scheme, axis, lsq_grad_factor(x, scheme))
+    return y.reshape(x.shape)
+
+
+def _fake_quantize(x, scale, zero_point, scheme: QuantScheme, axis: int, grad_factor: float):
     qmin, qmax = scheme.qmin, scheme.qmax
+    per_channel = scheme.multi_scale and scale.dim() > 0
     # The fused kernels take a float32 scale whatever x's dtype (a module moved to float64).
     scale = scale.float()
     if scheme.learnable:
-        grad_factor = lsq_grad_factor(x, scheme)
         zp = zero_point.float()
         xf = x.float()  # the LSQ kernels' backward wants float32 throughout
-        if scheme.per_channel:
+        if per_channel:
             y = torch._fake_quantize_learnable_per_channel_affine(
-                xf, scale, zp, scheme.axis % x.dim(), qmin, qmax, grad_factor
+                xf, scale.reshape(-1), zp.reshape(-1), axis, qmin, qmax, grad_factor
             )
         else:
             y = torch._fake_quantize_learnable_per_tensor_affine(
@@ -95,9 +125,9 @@ def fake_quantize(
         return y.to(x.dtype)
     if zero_point.dtype != torch.int32:
         zero_point = zero_point.round().to(torch.int32)
-    if scheme.per_channel:
+    if per_channel:
         return torch.fake_quantize_per_channel_affine(
-            x, scale, zero_point, scheme.axis % x.dim(), qmin, qmax
+            x, scale.reshape(-1), zero_point.reshape(-1), axis, qmin, qmax
         )
     return torch.fake_quantize_per_tensor_affine(x, scale, zero_point, qmin, qmax)
 
@@ -136,9 +166,8 @@ class _DequantizeSTE(torch.autograd.Function):
 def _broadcast(scale, zero_point, x: torch.Tensor, scheme: QuantScheme):
     scale = scale.detach().float()
     zero_point = zero_point.detach().float().round()
-    if scheme.per_channel and scale.dim() > 0 and x.dim() > 0:
-        axis = scheme.axis % x.dim()
-        return channel_view(scale, x.dim(), axis), channel_view(zero_point, x.dim(), axis)
+    if scheme.multi_scale and scale.dim() > 0 and x.dim() > 0:
+        return expand_encoding(scale, x.dim(), scheme), expand_encoding(zero_point, x.dim(), scheme)
     return scale, zero_point
 
 

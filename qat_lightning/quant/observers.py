@@ -11,6 +11,11 @@ Per-tensor ``percentile``, ``mse``, ``histogram`` and ``entropy`` pool every cal
 into one histogram and compute their range from it. Per-channel ``percentile`` and ``mse``
 (weights: the same tensor in every batch) compute each batch's range exactly and keep the
 mean over batches; ``batch_percentile`` asks for that per-batch mean explicitly.
+
+Per-group observers are per-channel observers over the tensor's rows of ``group_size``
+elements of the last axis (`qat_lightning.quant.grouped`); their statistics have the shape
+of the encoding, ``(*shape[:-1], shape[-1] // group_size)``. Dynamic schemes have no
+observer (`NoObserver`): their range is each tensor's own.
 """
 
 from __future__ import annotations
@@ -19,6 +24,7 @@ import torch
 from torch import nn
 
 from qat_lightning.quant.functional import encodings_from_range, fake_quantize
+from qat_lightning.quant.grouped import GroupSizeError, group_shape
 from qat_lightning.quant.histogram import (
     add_to_histogram,
     best_kl_bins,
@@ -38,6 +44,13 @@ _MAX_SAMPLES = 1 << 20
 
 class ChannelCountError(ValueError):
     """A per-channel observer saw a tensor with another channel count than before."""
+
+
+def _scheme_rows(x: torch.Tensor, scheme: QuantScheme) -> torch.Tensor:
+    """``x`` as (encodings, elements) rows: channels along ``axis``, or groups."""
+    if scheme.per_group:
+        return x.reshape(-1, scheme.group_size)
+    return _per_channel_rows(x, scheme.axis)
 
 
 def _per_channel_rows(x: torch.Tensor, axis: int) -> torch.Tensor:
@@ -64,7 +77,7 @@ class Observer(nn.Module):
     def __init__(self, scheme: QuantScheme) -> None:
         super().__init__()
         self.scheme = scheme
-        shape = (0,) if scheme.per_channel else ()
+        shape = (0,) if scheme.per_channel or scheme.per_group else ()
         self.register_buffer("min_val", torch.full(shape, float("inf")))
         self.register_buffer("max_val", torch.full(shape, float("-inf")))
 
@@ -81,6 +94,19 @@ class Observer(nn.Module):
         return x
 
     def _check_channels(self, x: torch.Tensor) -> None:
+        if self.scheme.per_group:
+            try:
+                shape = group_shape(x.shape, self.scheme.group_size, "a per_group observer")
+            except GroupSizeError as error:
+                raise ChannelCountError(str(error)) from error
+            if self.min_val.numel() and tuple(self.min_val.shape) != shape:
+                raise ChannelCountError(
+                    f"a per_group observer (group_size={self.scheme.group_size}) saw groups "
+                    f"of shape {tuple(self.min_val.shape)}, now a tensor of shape "
+                    f"{tuple(x.shape)} with groups of shape {shape}: one quantizer must see "
+                    "one shape"
+                )
+            return
         if not self.scheme.per_channel:
             return
         axis = self.scheme.axis
@@ -102,14 +128,14 @@ class Observer(nn.Module):
         (a channel with nothing finite gets ``[inf, -inf]``; None if nothing is finite)."""
         # One finiteness check (one host sync) per batch: ``max - min`` is finite exactly when
         # both are (an overflowing difference only takes the slow path, with the same result).
-        if self.scheme.per_channel:
-            rows = _per_channel_rows(x, self.scheme.axis)
+        if self.scheme.per_channel or self.scheme.per_group:
+            rows = _scheme_rows(x, self.scheme)
             mn, mx = _rows_aminmax(rows)
             if not torch.isfinite(mx - mn).all():
                 finite = torch.isfinite(rows)
                 mn = torch.where(finite, rows, float("inf")).amin(dim=1)
                 mx = torch.where(finite, rows, float("-inf")).amax(dim=1)
-            return mn, mx
+            return self._shaped(mn, x), self._shaped(mx, x)
         mn, mx = torch.aminmax(x)
         if not torch.isfinite(mx - mn):
             finite = x[torch.isfinite(x)]
@@ -117,6 +143,12 @@ class Observer(nn.Module):
                 return None
             mn, mx = torch.aminmax(finite)
         return mn, mx
+
+    def _shaped(self, stat: torch.Tensor, x: torch.Tensor) -> torch.Tensor:
+        """A per-row statistic in the encoding's shape (per group: the group shape)."""
+        if self.scheme.per_group:
+            return stat.reshape(group_shape(x.shape, self.scheme.group_size))
+        return stat
 
     def _merge(self, name: str, new: torch.Tensor, reduce) -> None:
         """``reduce(old, new)`` where both are finite, ``new`` where only it is, else ``old``."""
@@ -185,9 +217,8 @@ class _BatchStatisticObserver(Observer):
 
     def _rows(self, x: torch.Tensor) -> torch.Tensor:
         """Finite samples as (channels, n) rows; one row for per-tensor."""
-        rows = (
-            _per_channel_rows(x, self.scheme.axis) if self.scheme.per_channel else x.reshape(1, -1)
-        )
+        multi = self.scheme.per_channel or self.scheme.per_group
+        rows = _scheme_rows(x, self.scheme) if multi else x.reshape(1, -1)
         if rows.shape[1] > _MAX_SAMPLES:
             rows = rows[:, :: rows.shape[1] // _MAX_SAMPLES + 1]
         return rows
@@ -206,7 +237,9 @@ class _BatchStatisticObserver(Observer):
         mn, mx = self._batch_range(rows)
         mn = torch.where(seen, mn, float("nan"))
         mx = torch.where(seen, mx, float("nan"))
-        if not self.scheme.per_channel:
+        if self.scheme.per_channel or self.scheme.per_group:
+            mn, mx = self._shaped(mn, x), self._shaped(mx, x)
+        else:
             mn, mx = mn.reshape(()), mx.reshape(())
         n = self.batches.float()
         self._merge("min_val", mn, lambda old, new: (old * n + new) / (n + 1))
@@ -246,7 +279,7 @@ class BatchMSEObserver(_BatchStatisticObserver):
             amax = torch.maximum(-mn, mx)
             mn, mx = -amax, amax
         scheme = self.scheme.replace(
-            granularity="per_channel", axis=0, learnable=False, observer="minmax"
+            granularity="per_channel", axis=0, learnable=False, observer="minmax", group_size=None
         )
         lo, hi = torch.zeros_like(mn), torch.ones_like(mn)
         best = torch.ones_like(mn)
@@ -364,6 +397,17 @@ class EntropyObserver(HistogramObserver):
         return -clip, clip
 
 
+class NoObserver(Observer):
+    """The observer of a dynamic scheme: it keeps nothing (each tensor's own range is its
+    encoding, computed at run time) and never has data."""
+
+    def _check_channels(self, x: torch.Tensor) -> None:
+        pass
+
+    def _observe(self, x: torch.Tensor) -> None:
+        pass
+
+
 OBSERVER_TYPES: dict[str, type[Observer]] = {
     "minmax": MinMaxObserver,
     "moving_minmax": MovingMinMaxObserver,
@@ -381,7 +425,10 @@ PER_CHANNEL_TYPES: dict[str, type[Observer]] = {
 
 
 def make_observer(scheme: QuantScheme) -> Observer:
-    """The observer ``scheme.observer`` names, in its per-tensor or per-channel form."""
-    if scheme.per_channel and scheme.observer in PER_CHANNEL_TYPES:
+    """The observer ``scheme.observer`` names, in its per-tensor or per-channel (and
+    per-group) form; `NoObserver` for a dynamic scheme."""
+    if scheme.dynamic:
+        return NoObserver(scheme)
+    if (scheme.per_channel or scheme.per_group) and scheme.observer in PER_CHANNEL_TYPES:
         return PER_CHANNEL_TYPES[scheme.observer](scheme)
     return OBSERVER_TYPES[scheme.observer](scheme)

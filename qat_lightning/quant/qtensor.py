@@ -6,7 +6,7 @@ from dataclasses import dataclass
 
 import torch
 
-from qat_lightning.quant.functional import channel_view
+from qat_lightning.quant.functional import channel_view, expand_encoding
 from qat_lightning.quant.scheme import QuantScheme
 
 
@@ -15,8 +15,10 @@ class QTensor:
     """Integer ``codes`` and their encoding: ``value = (codes - zero_point) * scale``.
 
     ``scale`` and ``zero_point`` are 0-d for per-tensor schemes and 1-d (one per channel along
-    ``axis``, by default ``scheme.axis``) for per-channel ones. ``scheme`` is ``None`` for an
-    int32 accumulator, which has no bit width of its own.
+    ``axis``, by default ``scheme.axis``) for per-channel ones. Per group they have shape
+    ``(*codes.shape[:-1], codes.shape[-1] // group_size)`` (groups of ``group_size`` along
+    the last axis; ``group_size`` is taken from the scheme); per token ``codes.shape[:-1]``.
+    ``scheme`` is ``None`` for an int32 accumulator, which has no bit width of its own.
     """
 
     codes: torch.Tensor
@@ -24,10 +26,21 @@ class QTensor:
     zero_point: torch.Tensor
     scheme: QuantScheme | None
     axis: int | None = None
+    group_size: int | None = None
 
     def __post_init__(self) -> None:
         if self.codes.is_floating_point():
             raise TypeError(f"QTensor codes must be an integer tensor, got {self.codes.dtype}")
+        if self.group_size is None and self.scheme is not None and self.scheme.per_group:
+            self.group_size = self.scheme.group_size
+        if self.group_size is not None:
+            want = (*self.codes.shape[:-1], self.codes.shape[-1] // self.group_size)
+            if self.codes.shape[-1] % self.group_size or tuple(self.scale.shape) != want:
+                raise ValueError(
+                    f"QTensor: codes of shape {tuple(self.codes.shape)} in groups of "
+                    f"{self.group_size} need a scale of shape {want}, got "
+                    f"{tuple(self.scale.shape)}"
+                )
 
     @property
     def shape(self) -> torch.Size:
@@ -36,6 +49,9 @@ class QTensor:
     def broadcast_encoding(self) -> tuple[torch.Tensor, torch.Tensor]:
         """Scale and zero point shaped to broadcast against ``codes``."""
         scale, zp = self.scale, self.zero_point
+        if self.scheme is not None and self.scheme.granularity in ("per_group", "per_token"):
+            ndim = self.codes.dim()
+            return expand_encoding(scale, ndim, self.scheme), expand_encoding(zp, ndim, self.scheme)
         if scale.dim() > 0 and scale.numel() > 0:
             axis = self.axis if self.axis is not None else self.scheme.axis
             axis %= self.codes.dim()

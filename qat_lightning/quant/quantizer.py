@@ -17,11 +17,12 @@ from torch import nn
 
 from qat_lightning.quant.functional import (
     EPS,
-    channel_view,
     code_dtype,
     encodings_from_range,
+    expand_encoding,
     fake_quantize,
 )
+from qat_lightning.quant.grouped import dynamic_encoding, group_shape
 from qat_lightning.quant.observers import ChannelCountError, make_observer
 from qat_lightning.quant.qtensor import QTensor
 from qat_lightning.quant.scheme import QuantScheme
@@ -41,6 +42,13 @@ class Quantizer(nn.Module):
         num_channels: channels along ``scheme.axis`` for a per-channel scheme. Required for a
             learnable per-channel scheme (its scale is a parameter the optimizer must see);
             otherwise sized on the first observation.
+        shape: the shape of the tensor a per-group scheme quantizes (its scale then has shape
+            ``(*shape[:-1], shape[-1] // group_size)``; `GroupSizeError` if the group size
+            does not divide ``shape[-1]``). Required for a learnable per-group scheme.
+
+    A dynamic scheme has no observer and nothing to calibrate: each tensor's own min/max
+    gives its encoding at run time (``initialized`` is 1 from the start, and the
+    ``scale``/``zero_point`` buffers are unused placeholders).
 
     Example:
         >>> q = Quantizer(QuantScheme(bits=8))
@@ -50,16 +58,29 @@ class Quantizer(nn.Module):
         >>> codes = q.quantize(torch.randn(64)).codes  # int8
     """
 
-    def __init__(self, scheme: QuantScheme, num_channels: int | None = None) -> None:
+    def __init__(
+        self,
+        scheme: QuantScheme,
+        num_channels: int | None = None,
+        shape: tuple[int, ...] | torch.Size | None = None,
+    ) -> None:
         super().__init__()
         if scheme.per_channel and scheme.learnable and not num_channels:
             raise ValueError(
                 "Quantizer: a learnable per_channel scheme needs num_channels, so its scale "
                 "parameter exists before the optimizer is built"
             )
+        if scheme.per_group and scheme.learnable and shape is None:
+            raise ValueError(
+                "Quantizer: a learnable per_group scheme needs shape (the tensor's), so its "
+                "scale parameter exists before the optimizer is built"
+            )
         self.scheme = scheme
         self.observer = make_observer(scheme)
-        shape = (num_channels or 0,) if scheme.per_channel else ()
+        if scheme.per_group:
+            shape = group_shape(shape, scheme.group_size) if shape is not None else (0,)
+        else:
+            shape = (num_channels or 0,) if scheme.per_channel else ()
         scale = torch.ones(shape)
         zero_point = torch.zeros(shape, dtype=torch.float32 if scheme.learnable else torch.int32)
         if scheme.learnable:
@@ -81,6 +102,8 @@ class Quantizer(nn.Module):
                 *encodings_from_range(torch.zeros(shape), torch.zeros(shape), scheme)
             )
             self.initialized.fill_(1)
+        if scheme.dynamic:
+            self.initialized.fill_(1)  # nothing to calibrate
 
     # -- switches ---------------------------------------------------------------------------
     def enable_observer(self, enabled: bool = True) -> Quantizer:
@@ -100,9 +123,12 @@ class Quantizer(nn.Module):
     def update_encodings(self) -> None:
         """Set scale and zero point from what the observer has seen so far.
 
-        Does nothing for fixed point (its scale is fixed) or before any observation.
+        Does nothing for fixed point (its scale is fixed), for a dynamic scheme (its scale
+        is each tensor's own) or before any observation.
         """
-        if self.scheme.representation == "fixed_point" or not self.observer.has_data:
+        if self.scheme.representation == "fixed_point" or self.scheme.dynamic:
+            return
+        if not self.observer.has_data:
             return
         scale, zero_point = encodings_from_range(*self.observer.calculate_range(), self.scheme)
         self._set_encoding(scale, zero_point)
@@ -117,8 +143,8 @@ class Quantizer(nn.Module):
                     raise ValueError(
                         f"{self.describe()}: its learnable {name} has shape "
                         f"{tuple(current.shape)} and cannot take an encoding of shape "
-                        f"{tuple(value.shape)}: num_channels must match the tensor's channels "
-                        f"along axis {self.scheme.axis}"
+                        f"{tuple(value.shape)}: num_channels (or, per group, shape) must "
+                        "match the tensor it quantizes"
                     )
                 current.data = torch.empty_like(value)
             current.data.copy_(value)
@@ -127,7 +153,9 @@ class Quantizer(nn.Module):
     def saw_only_zeros(self) -> bool:
         """Calibrated on data whose range is ``[0, 0]`` everywhere (its scale is the smallest
         positive one, which rounds any real input to the ends of the code range)."""
-        if self.scheme.representation == "fixed_point" or not self.observer.has_data:
+        if self.scheme.representation == "fixed_point" or self.scheme.dynamic:
+            return False
+        if not self.observer.has_data:
             return False
         mn, mx = self.observer.calculate_range()
         return bool((mn == 0).all() and (mx == 0).all())
@@ -165,6 +193,10 @@ class Quantizer(nn.Module):
         """
         # Each flag is read once: on a GPU every read is a device-to-host sync.
         fake_quant_enabled = bool(self.fake_quant_enabled)
+        if self.scheme.dynamic:
+            if not fake_quant_enabled:
+                return x
+            return fake_quantize(x, *dynamic_encoding(x, self.scheme), self.scheme)
         if (self.training or self._calibrating) and self.observer_enabled:
             try:
                 self.observer(x)
@@ -199,11 +231,11 @@ class Quantizer(nn.Module):
         """Integer codes of ``x`` under the current encoding (bit-exact with `forward`)."""
         if not self._init_checked:
             self._check_initialized()
-        scale, zero_point = self.encoding()
+        scale, zero_point = self.encoding(x if self.scheme.dynamic else None)
         s, z = scale, zero_point
-        if self.scheme.per_channel and scale.dim() > 0:
-            axis = self.scheme.axis % x.dim()
-            s, z = channel_view(scale, x.dim(), axis), channel_view(zero_point, x.dim(), axis)
+        if self.scheme.multi_scale and scale.dim() > 0:
+            s = expand_encoding(scale, x.dim(), self.scheme)
+            z = expand_encoding(zero_point, x.dim(), self.scheme)
         codes = torch.clamp(
             torch.round(x.float() * (1.0 / s)) + z, self.scheme.qmin, self.scheme.qmax
         )
@@ -213,8 +245,14 @@ class Quantizer(nn.Module):
         """Float values of codes (``(q - zero_point) * scale``)."""
         return q.dequantize()
 
-    def encoding(self) -> tuple[torch.Tensor, torch.Tensor]:
-        """Detached float32 scale (clamped positive, as in `forward`) and int32 zero point."""
+    def encoding(self, x: torch.Tensor | None = None) -> tuple[torch.Tensor, torch.Tensor]:
+        """Detached float32 scale (clamped positive, as in `forward`) and int32 zero point.
+
+        A dynamic scheme's encoding is that of a tensor: pass it as ``x`` (without ``x`` the
+        placeholders, scale 1 and zero point 0, are returned).
+        """
+        if x is not None and self.scheme.dynamic:
+            return dynamic_encoding(x, self.scheme)
         # An optimizer step may have pushed a learnable scale below zero since the last forward.
         scale = self.scale.detach().float().clamp(min=EPS)
         zero_point = self.zero_point.detach()
@@ -254,7 +292,11 @@ class Quantizer(nn.Module):
         kind = "sym" if s.symmetric else "affine"
         rep = f"Q{s.bits - s.frac_bits}.{s.frac_bits}" if s.frac_bits is not None else "int"
         flags = ("" if s.signed else "unsigned, ") + ("learnable, " if s.learnable else "")
-        return f"{s.bits}-bit {kind} {rep}, {flags}{s.granularity}, observer={s.observer}"
+        if s.dynamic:
+            flags += "dynamic, "
+        granularity = s.granularity + (f"({s.group_size})" if s.per_group else "")
+        observer = "none" if s.dynamic else s.observer
+        return f"{s.bits}-bit {kind} {rep}, {flags}{granularity}, observer={observer}"
 
 
 def label_quantizers(model: nn.Module) -> None:

@@ -10,7 +10,7 @@ import dataclasses
 from dataclasses import dataclass
 from typing import Any
 
-GRANULARITIES = ("per_tensor", "per_channel")
+GRANULARITIES = ("per_tensor", "per_channel", "per_group", "per_token")
 OBSERVERS = (
     "minmax",
     "moving_minmax",
@@ -23,6 +23,10 @@ OBSERVERS = (
 REPRESENTATIONS = ("int", "fixed_point")
 # Observers that build a histogram of the whole tensor; they have no per-channel form.
 HISTOGRAM_OBSERVERS = ("histogram", "entropy")
+# Granularities whose encoding is a tensor of scales rather than one scale.
+MULTI_SCALE = ("per_channel", "per_group", "per_token")
+# What a dynamic scheme may be: its range is each tensor's own min/max, computed at run time.
+DYNAMIC_GRANULARITIES = ("per_tensor", "per_token")
 
 
 def _fail(field: str, value: Any, allowed: str) -> None:
@@ -41,8 +45,16 @@ class QuantScheme:
         signed: signed codes (``int8``) or unsigned (``uint8``).
         narrow_range: drop the most negative code, so a signed range is symmetric
             (``[-127, 127]`` at 8 bits). Signed schemes only.
-        granularity: ``"per_tensor"`` or ``"per_channel"`` (one encoding per slice along ``axis``).
-        axis: the channel axis for ``per_channel``.
+        granularity: ``"per_tensor"``; ``"per_channel"`` (one encoding per slice along
+            ``axis``); ``"per_group"`` (one encoding per ``group_size`` consecutive elements
+            of the *last* axis: the input dimension of a Linear weight ``(out, in)``, the
+            embedding dimension of an Embedding table; the scale has shape
+            ``(*shape[:-1], shape[-1] // group_size)``); or ``"per_token"`` (one encoding per
+            row over the last axis, dynamic activation schemes only).
+        axis: the channel axis for ``per_channel`` (unused by the other granularities).
+        group_size: elements per group of ``per_group`` (any integer >= 1; it must divide
+            the last dimension of the tensor, checked when a quantizer meets it); None for
+            every other granularity.
         observer: how calibration sets the range: ``minmax``, ``moving_minmax`` (EMA),
             ``percentile`` (of all calibration data), ``batch_percentile`` (the mean of each
             batch's percentile), ``mse`` (the clip ratio with least quantization MSE),
@@ -56,6 +68,10 @@ class QuantScheme:
         representation: ``"int"``, or ``"fixed_point"``: Qm.n codes with a power-of-two scale
             ``2**-frac_bits`` that no observer changes.
         frac_bits: fractional bits of ``fixed_point``, 0..bits.
+        dynamic: the range is the min/max of each tensor itself, computed at run time (per
+            tensor or per token): no observer, nothing to calibrate (torchao's dynamic
+            activations, e.g. "8da4w"). Activations only: a weight scheme refuses it (a
+            weight's range is known before it is used; use a static scheme for weights).
 
     Example:
         >>> QuantScheme(bits=4, granularity="per_channel", axis=0).qmax
@@ -74,9 +90,11 @@ class QuantScheme:
     learnable: bool = False
     representation: str = "int"
     frac_bits: int | None = None
+    group_size: int | None = None
+    dynamic: bool = False
 
     def __post_init__(self) -> None:
-        for name in ("symmetric", "signed", "narrow_range", "learnable"):
+        for name in ("symmetric", "signed", "narrow_range", "learnable", "dynamic"):
             if not isinstance(getattr(self, name), bool):
                 _fail(name, getattr(self, name), "True or False")
         if (
@@ -91,13 +109,16 @@ class QuantScheme:
             _fail("axis", self.axis, "an integer channel axis")
         if self.observer not in OBSERVERS:
             _fail("observer", self.observer, f"one of {OBSERVERS}")
-        if self.granularity == "per_channel" and self.observer in HISTOGRAM_OBSERVERS:
+        grouped = self.granularity in ("per_channel", "per_group")
+        if grouped and self.observer in HISTOGRAM_OBSERVERS:
             _fail(
                 "observer",
                 self.observer,
-                "a per_channel scheme uses minmax, moving_minmax, percentile, batch_percentile "
-                "or mse",
+                f"a {self.granularity} scheme uses minmax, moving_minmax, percentile, "
+                "batch_percentile or mse",
             )
+        self._check_group_size()
+        self._check_dynamic()
         if not isinstance(self.averaging_constant, (int, float)) or not (
             0.0 < self.averaging_constant <= 1.0
         ):
@@ -126,6 +147,38 @@ class QuantScheme:
         elif self.frac_bits is not None:
             _fail("frac_bits", self.frac_bits, "None unless representation='fixed_point'")
 
+    def _check_group_size(self) -> None:
+        if self.granularity != "per_group":
+            if self.group_size is not None:
+                _fail("group_size", self.group_size, "None unless granularity='per_group'")
+            return
+        size = self.group_size
+        if isinstance(size, bool) or not isinstance(size, int) or size < 1:
+            _fail("group_size", size, "an integer >= 1 for granularity='per_group'")
+
+    def _check_dynamic(self) -> None:
+        if not self.dynamic:
+            if self.granularity == "per_token":
+                _fail(
+                    "granularity",
+                    self.granularity,
+                    "'per_token' only with dynamic=True (each batch has other tokens; a "
+                    "calibrated per-token scale means nothing)",
+                )
+            return
+        if self.granularity not in DYNAMIC_GRANULARITIES:
+            _fail("granularity", self.granularity, f"one of {DYNAMIC_GRANULARITIES} when dynamic")
+        if self.learnable:
+            _fail("learnable", self.learnable, "False when dynamic (the scale is computed)")
+        if self.representation != "int":
+            _fail("representation", self.representation, "'int' when dynamic")
+        if self.observer != "minmax":
+            _fail(
+                "observer",
+                self.observer,
+                "'minmax' when dynamic (the range is each tensor's own min and max)",
+            )
+
     @property
     def qmin(self) -> int:
         """The smallest code."""
@@ -141,6 +194,15 @@ class QuantScheme:
     @property
     def per_channel(self) -> bool:
         return self.granularity == "per_channel"
+
+    @property
+    def per_group(self) -> bool:
+        return self.granularity == "per_group"
+
+    @property
+    def multi_scale(self) -> bool:
+        """The encoding is a tensor of scales (per channel, group or token), not one."""
+        return self.granularity in MULTI_SCALE
 
     def replace(self, **changes: Any) -> QuantScheme:
         """A copy with some fields changed (validated again)."""

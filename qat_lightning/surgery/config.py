@@ -56,14 +56,45 @@ def merge_scheme(
             f"{role}={change!r} is invalid: allowed a QuantScheme, a dict of its fields or None"
         )
     fields = (base or ROLE_DEFAULTS[role]).to_dict()
-    fields.update(_plain(change))
-    return QuantScheme.from_any(fields)
+    change = _plain(change)
+    if change.get("granularity", fields["granularity"]) != "per_group":
+        change.setdefault("group_size", None)  # a group size belongs to per_group only
+    if change.get("dynamic", fields["dynamic"]):
+        change.setdefault("observer", "minmax")  # a dynamic scheme observes nothing
+    fields.update(change)
+    _check_role(fields.get("dynamic"), fields.get("granularity"), role)
+    return check_role(QuantScheme.from_any(fields), role)
+
+
+def check_role(scheme: QuantScheme | None, role: str) -> QuantScheme | None:
+    """``scheme`` if it suits ``role``: dynamic and per-token schemes are for activations
+    (``inputs``), per-group schemes for weights (``params``).
+
+    Raises:
+        ValueError: naming the role, the field and what the role allows.
+    """
+    if scheme is not None:
+        _check_role(scheme.dynamic, scheme.granularity, role)
+    return scheme
+
+
+def _check_role(dynamic: Any, granularity: Any, role: str) -> None:
+    if role == "params" and dynamic is True:
+        raise ValueError(
+            "params: dynamic=True is for activations (a weight's range is known before it is "
+            "used); allowed dynamic=False for weights"
+        )
+    if role == "inputs" and granularity == "per_group":
+        raise ValueError(
+            "inputs: granularity='per_group' is for weights; allowed for activations "
+            "'per_tensor', 'per_channel', or 'per_token' with dynamic=True"
+        )
 
 
 def resolve_scheme(role: str, value: Any) -> QuantScheme | None:
     """The scheme of ``role`` (``"inputs"`` or ``"params"``): a `QuantScheme` as given, a dict
     merged field by field over the role's default, None for float."""
-    return merge_scheme(ROLE_DEFAULTS[role], _plain(value), role)
+    return check_role(merge_scheme(ROLE_DEFAULTS[role], _plain(value), role), role)
 
 
 @dataclass(frozen=True)

@@ -36,6 +36,8 @@ def grid_key(scheme: QuantScheme | None) -> tuple | None:
         scheme.representation,
         scheme.frac_bits,
         scheme.learnable,
+        scheme.group_size,
+        scheme.dynamic,
     )
 
 

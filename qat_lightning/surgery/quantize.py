@@ -34,6 +34,7 @@ from qat_lightning.nn import (
 )
 from qat_lightning.nn.registry import unregistered_reason
 from qat_lightning.quant import Quantizer
+from qat_lightning.quant.grouped import GroupSizeError
 from qat_lightning.surgery.config import QuantConfig
 from qat_lightning.surgery.fuse import FusionGroup, plan_graph, plan_order
 from qat_lightning.surgery.graph import (
@@ -321,12 +322,18 @@ class _Surgery:
             return
         try:
             qmodule = qtype.from_float(module, inputs, params)
+        except GroupSizeError as err:  # the scheme asked for cannot apply: refuse, never float
+            raise GroupSizeError(
+                f"quantize_model: layer {name!r} ({type(module).__name__}): {err}"
+            ) from None
         except (ValueError, TypeError) as err:
             self._row(name, module, "float", note=f"{qtype.__name__}.from_float failed: {err}")
             self.report.warnings.append(f"{name!r} left float: {err}")
             return
         if not any(q is not None for q in qmodule.quantizers()):
             note = "nothing to quantize: inputs scheme None and no quantized parameter"
+            if inputs is not None and inputs.dynamic:
+                note = "nothing to quantize: dynamic activations are for Linear inputs only"
             self._row(name, module, "float", note=note)
             return
         row = self._row(

@@ -22,6 +22,12 @@ def describe_scheme(scheme: QuantScheme | None) -> str:
         label = f"{sign}{scheme.bits} {'sym' if scheme.symmetric else 'aff'}"
     if scheme.per_channel:
         label += " pc"
+    if scheme.per_group:
+        label += f" g{scheme.group_size}"
+    if scheme.granularity == "per_token":
+        label += " tok"
+    if scheme.dynamic:
+        label += " dyn"
     if scheme.learnable:
         label += " lsq"
     return label
@@ -39,7 +45,11 @@ def scheme_text(scheme: QuantScheme | None) -> str:
         "narrow range" if scheme.narrow_range else "",
         "learnable (LSQ)" if scheme.learnable else "",
     ]
-    words = [f"{scheme.bits}-bit", kind, sign, scheme.granularity, scheme.observer, *extras]
+    granularity = scheme.granularity
+    if scheme.per_group:
+        granularity += f" (group_size {scheme.group_size})"
+    observer = "dynamic (no observer)" if scheme.dynamic else scheme.observer
+    words = [f"{scheme.bits}-bit", kind, sign, granularity, observer, *extras]
     return " ".join(w for w in words if w)
 
 

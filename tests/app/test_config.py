@@ -189,7 +189,8 @@ def test_milestones_accept_epoch_and_step():
 def test_help_says_what_the_tool_does_and_lists_only_user_groups():
     text = help_text(CONF)
     assert text.startswith("qat-train: quantization-aware training")
-    assert "  quant/params: fixed_q4_4, int2, int4, int8, lsq4\n" in text
+    assert "  quant/params: fixed_q4_4, int2, int4, int4_g128, int4_g32, int8, lsq4\n" in text
+    assert "  quant/inputs: fixed_q4_4, int2, int4, int8, int8_dynamic, lsq4, none\n" in text
     assert "  model: cnn, mobilenet_v2, resnet18, resnet20, transformer\n" in text
     assert "schema" not in text and "resume=" in text
 
