@@ -298,7 +298,9 @@ def convert(model: nn.Module) -> nn.Module:
 
     Args:
         model: the QAT model (quantized by ``quantize_model`` and calibrated), or its
-            ``torch.compile`` wrapper (the result is then the converted eager model).
+            ``torch.compile`` wrapper, or a module whose methods were compiled in place (as
+            Lightning's ``Trainer.fit(torch.compile(module))`` leaves it): the result is
+            then the converted eager model.
 
     Returns:
         The converted model, in eval mode. The input model is not changed.
@@ -314,6 +316,7 @@ def convert(model: nn.Module) -> nn.Module:
         model = model._orig_mod  # torch.compile's wrapper: convert the module it compiles
     check_calibrated(model)
     converted = copy.deepcopy(model).eval()
+    _drop_compiled_methods(converted)
     if isinstance(converted, QuantModule):
         converted = nn.Sequential(converted)  # a bare layer: give it a parent to replace in
     producers = find_producers(converted)
@@ -321,6 +324,21 @@ def convert(model: nn.Module) -> nn.Module:
         borrowed = producers.get(name, [None] * len(module.input_quantizers))
         _set_submodule(converted, name, _convert_module(name, module, borrowed))
     return converted.eval()
+
+
+def _drop_compiled_methods(model: nn.Module) -> None:
+    """Remove instance-level compiled methods from ``model`` (a deep copy) and its children.
+
+    Lightning's ``Trainer.fit(torch.compile(module))`` replaces the module's ``forward`` and
+    ``*_step`` by compiled wrappers of the *original* object's bound methods, so a deep copy
+    would still run the QAT model, not the converted one. The class's methods take over.
+    """
+    for module in model.modules():
+        for key, value in list(vars(module).items()):
+            if callable(value) and hasattr(value, "_torchdynamo_orig_callable"):
+                del module.__dict__[key]
+        if getattr(module, "_compiler_ctx", None) is not None:
+            module._compiler_ctx = None  # Lightning's record of the compiled methods
 
 
 def is_converted(model: nn.Module) -> bool:
