@@ -79,9 +79,7 @@ def test_a_compiled_lightning_module_trains_validates_and_exports_like_eager(
 
     # the same training as eager: BN statistics, encodings and weights, up to the
     # compiler's float reassociation in the float code around the quantized layers
-    for (name, p), q in zip(
-        module.state_dict().items(), eager.state_dict().values(), strict=True
-    ):
+    for (name, p), q in zip(module.state_dict().items(), eager.state_dict().values(), strict=True):
         torch.testing.assert_close(p, q, rtol=1e-4, atol=1e-5, msg=name)
 
     # validation inside the compiled fit ran the integer model (integer_eval=True)
