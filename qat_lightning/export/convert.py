@@ -35,6 +35,7 @@ from qat_lightning.quant import Quantizer
 
 # The ops that keep values on their input's grid: the same list surgery prunes by.
 from qat_lightning.surgery.graph import GRID_FUNCTIONS, GRID_METHODS, GRID_MODULES
+from qat_lightning.surgery.rewrite_check import pending_checks
 
 
 class ActivationOnlyOp(QuantizedOp):
@@ -317,6 +318,7 @@ def convert(model: nn.Module) -> nn.Module:
     check_calibrated(model)
     converted = copy.deepcopy(model).eval()
     _drop_compiled_methods(converted)
+    _drop_pending_checks(converted)
     if isinstance(converted, QuantModule):
         converted = nn.Sequential(converted)  # a bare layer: give it a parent to replace in
     producers = find_producers(converted)
@@ -339,6 +341,22 @@ def _drop_compiled_methods(model: nn.Module) -> None:
                 del module.__dict__[key]
         if getattr(module, "_compiler_ctx", None) is not None:
             module._compiler_ctx = None  # Lightning's record of the compiled methods
+
+
+def _drop_pending_checks(model: nn.Module) -> None:
+    """A rewritten block that never ran since `quantize_model` was not checked against its own
+    forward (`surgery.rewrite_check`); the converted model runs its graph, and says so."""
+    pending = pending_checks(model)
+    for _, check in pending:
+        check.gm.__dict__.pop("forward", None)
+    if pending:
+        names = ", ".join(repr(name) for name, _ in pending[:5])
+        warnings.warn(
+            f"convert: {len(pending)} rewritten block(s) never ran since quantize_model ({names}"
+            f"{' ...' if len(pending) > 5 else ''}), so their graphs were never checked against "
+            "their own forward: run a batch through the QAT model before converting",
+            stacklevel=3,
+        )
 
 
 def is_converted(model: nn.Module) -> bool:
