@@ -224,7 +224,15 @@ def _give_back_input_quantizers(root: nn.Module, inside: set[int]) -> int:
         for index, source in list(sources.items()):
             if id(module) not in inside and id(source) not in inside:
                 continue
-            quantizer = Quantizer(source.scheme).to(source.scale.device)
+            channels = source.scale.numel() if source.scheme.per_channel else None
+            quantizer = Quantizer(source.scheme, channels).to(source.scale.device)
+            if source.scheme.learnable:  # a new Parameter: an optimizer built before lacks it
+                warnings.warn(
+                    f"quantize_model: the input quantizer given back to {type(module).__name__} "
+                    "has a learnable scale that an optimizer built before this call does not "
+                    "train; build the optimizer after the first forward",
+                    stacklevel=4,
+                )
             quantizer.enable_observer(bool(source.observer_enabled))
             quantizer.enable_fake_quant(bool(source.fake_quant_enabled))
             module.input_quantizers[index] = quantizer
