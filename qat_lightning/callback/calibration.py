@@ -60,6 +60,9 @@ class InputCapture:
             self.handles.append(module.register_forward_pre_hook(self._hook(name)))
 
     def _hook(self, name: str):
+        # Eager also in a compiled training_step: it only keeps a tensor, and traced, its
+        # checks of ``name`` and ``seen`` would recompile it for every module and batch.
+        @torch.compiler.disable
         def hook(module, args):
             if name not in self.seen and args and torch.is_tensor(args[0]):
                 self.seen[name] = args[0][:2].detach().clone().cpu()

@@ -38,6 +38,7 @@ from qat_lightning.quant import Quantizer
 
 # The ops that keep values on their input's grid: the same list surgery prunes by.
 from qat_lightning.surgery.graph import GRID_FUNCTIONS, GRID_METHODS, GRID_MODULES
+from qat_lightning.surgery.rewrite_check import pending_checks
 
 
 class ActivationOnlyOp(QuantizedOp):
@@ -289,7 +290,9 @@ def convert(model: nn.Module) -> nn.Module:
 
     Args:
         model: the QAT model (quantized by ``quantize_model`` and calibrated), or its
-            ``torch.compile`` wrapper (the result is then the converted eager model).
+            ``torch.compile`` wrapper, or a module whose methods were compiled in place (as
+            Lightning's ``Trainer.fit(torch.compile(module))`` leaves it): the result is
+            then the converted eager model.
 
     Returns:
         The converted model, in eval mode. The input model is not changed.
@@ -305,6 +308,8 @@ def convert(model: nn.Module) -> nn.Module:
         model = model._orig_mod  # torch.compile's wrapper: convert the module it compiles
     check_calibrated(model)
     converted = copy.deepcopy(model).eval()
+    _drop_compiled_methods(converted)
+    _drop_pending_checks(converted)
     if isinstance(converted, QuantModule):
         converted = nn.Sequential(converted)  # a bare layer: give it a parent to replace in
     producers = find_producers(converted)
@@ -312,6 +317,37 @@ def convert(model: nn.Module) -> nn.Module:
         borrowed = producers.get(name, [None] * len(module.input_quantizers))
         _set_submodule(converted, name, _convert_module(name, module, borrowed))
     return converted.eval()
+
+
+def _drop_compiled_methods(model: nn.Module) -> None:
+    """Remove instance-level compiled methods from ``model`` (a deep copy) and its children.
+
+    Lightning's ``Trainer.fit(torch.compile(module))`` replaces the module's ``forward`` and
+    ``*_step`` by compiled wrappers of the *original* object's bound methods, so a deep copy
+    would still run the QAT model, not the converted one. The class's methods take over.
+    """
+    for module in model.modules():
+        for key, value in list(vars(module).items()):
+            if callable(value) and hasattr(value, "_torchdynamo_orig_callable"):
+                del module.__dict__[key]
+        if getattr(module, "_compiler_ctx", None) is not None:
+            module._compiler_ctx = None  # Lightning's record of the compiled methods
+
+
+def _drop_pending_checks(model: nn.Module) -> None:
+    """A rewritten block that never ran since `quantize_model` was not checked against its own
+    forward (`surgery.rewrite_check`); the converted model runs its graph, and says so."""
+    pending = pending_checks(model)
+    for _, check in pending:
+        check.gm.__dict__.pop("forward", None)
+    if pending:
+        names = ", ".join(repr(name) for name, _ in pending[:5])
+        warnings.warn(
+            f"convert: {len(pending)} rewritten block(s) never ran since quantize_model ({names}"
+            f"{' ...' if len(pending) > 5 else ''}), so their graphs were never checked against "
+            "their own forward: run a batch through the QAT model before converting",
+            stacklevel=3,
+        )
 
 
 def is_converted(model: nn.Module) -> bool:

@@ -124,7 +124,24 @@ def _ready(quantizer: Quantizer) -> bool:
 
 
 class QuantModule(nn.Module):
-    """Mixin base for quantized modules; put it first: ``class Q(QuantModule, nn.Linear)``."""
+    """Mixin base for quantized modules; put it first: ``class Q(QuantModule, nn.Linear)``.
+
+    Under ``torch.compile`` every quantized module's ``forward`` (each subclass's, a user's
+    family too) runs eagerly: one graph break per quantized layer, the float code between
+    them compiled. Its branches read buffers (the quantizers' switches, ``bn_frozen``) and its
+    observers reduce to Python numbers; traced, each would break the graph inside shared code
+    (``Quantizer.forward``, the observers) and recompile it for every shape, rank and grad
+    mode it meets, until dynamo's recompile limit falls back to eager anyway. Eager, the
+    compiled model trains with exactly the eager model's arithmetic.
+    """
+
+    def __init_subclass__(cls, **kwargs: Any) -> None:
+        super().__init_subclass__(**kwargs)
+        forward = cls.forward  # maybe a mixin's (``_FusedBn.forward``), not a QuantModule's
+        if not getattr(forward, "_qat_eager", False):
+            eager = torch.compiler.disable(forward)
+            eager._qat_eager = True
+            cls.forward = eager
 
     # Names of parameters that get a fake quantizer, and the channel axis of each.
     _quantized_params: ClassVar[dict[str, int]] = {"weight": 0}

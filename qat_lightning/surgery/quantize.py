@@ -8,6 +8,10 @@ The steps, in order, each on the user's model in place:
    no graph): the layer's slot gets the fused module, the BatchNorm's (and ReLU's) `Identity`.
 3. **Rewrite** modules whose ``forward`` has functional ``+``, ``*``, ``@`` or ``torch.cat`` on
    activations into GraphModules calling `QuantAdd` / `QuantMul` / `QuantMatMul` / `QuantCat`.
+   A rewrite must not change what the block computes: blocks whose graph would bake in a
+   branch (optional arguments, ``self.training``, grad mode) keep their forward; every other
+   one is checked against its own forward on its first real inputs and falls back (with a
+   warning and a report entry "functional ops stay float: <reason>") if they differ.
 4. **Swap** every other module that has a registered quantized type (`quant_type_for`: its
    exact type's, else its nearest registered base class's).
 5. **Prune** input quantizers whose input is already quantized by its producer.
@@ -50,7 +54,8 @@ from qat_lightning.surgery.graph import (
 )
 from qat_lightning.surgery.prune import prune_input_quantizers
 from qat_lightning.surgery.report import LayerRow, QuantizationReport
-from qat_lightning.surgery.rewrite import rewrite_module
+from qat_lightning.surgery.rewrite import ArgumentDependentGraph, rewrite_module
+from qat_lightning.surgery.rewrite_check import attach_check
 
 FUNCTIONAL_MODULES = {"add": QuantAdd, "mul": QuantMul, "matmul": QuantMatMul, "cat": QuantCat}
 # Modules whose forward reads their children's parameters without calling them (MHA reads
@@ -102,6 +107,8 @@ class _Surgery:
         self.done: dict[int, nn.Module] = {}
         self.made: dict[int, tuple[nn.Module, LayerRow]] = {}  # quantized modules made here
         self.bn_notes: dict[str, str] = {}
+        # Identity -> the ReLU module whose slot it took (applied inside a fused layer)
+        self.fused_relus: dict[int, tuple[nn.Module, nn.Module]] = {}
         first = next(iter([*model.parameters(), *model.buffers()]), None)
         self.device = first.device if first is not None else torch.device("cpu")
 
@@ -199,7 +206,9 @@ class _Surgery:
         self.report.renamed[group.bn] = f"{group.layer}.bn"
         if group.relu_slot is not None:
             relu = self.model.get_submodule(group.relu_slot)
-            self._replace(relu, nn.Identity())
+            identity = nn.Identity()
+            self._replace(relu, identity)
+            self.fused_relus[id(identity)] = (identity, relu)
             self._row(
                 group.relu_slot,
                 relu,
@@ -228,6 +237,11 @@ class _Surgery:
                 gm = rewrite_module(
                     owner, lambda op, name, path=path: self._op_module(op, path, name)
                 )
+            except ArgumentDependentGraph as err:  # a graph would bake in a branch
+                self.report.warnings.append(
+                    f"functional ops in {path!r} ({type(owner).__name__}.forward) stay float: {err}"
+                )
+                continue
             except Exception as err:  # tracing the owner alone failed: its ops stay float
                 self.report.warnings.append(
                     f"functional ops in {path!r} ({type(owner).__name__}.forward) stay float: it "
@@ -237,6 +251,8 @@ class _Surgery:
             if gm is not None:
                 self._replace(owner, gm)
                 self.report.rewritten.append(path)
+                # checked against owner's own forward on its first real call
+                attach_check(gm, owner, path, self.model, self.report, self.fused_relus)
 
     def _op_module(self, op: FunctionalOp, owner: str, name: str) -> nn.Module | None:
         full = join(owner, name)

@@ -11,14 +11,21 @@ A traced graph is the code path taken for the tracer's proxies: every ``if arg i
 the branch of an argument that was passed. A block whose ``forward`` takes optional arguments
 (a default value, ``*args`` or ``**kwargs``; Hugging Face's ``BertEmbeddings`` has
 ``token_type_ids=None``) is therefore not rewritten: it keeps its own forward, and the caller
-reports its functional ops as float (`ArgumentDependentGraph`).
+reports its functional ops as float (`ArgumentDependentGraph`). Nor is a block whose traced
+graph changes with its training mode or with grad mode (a branch on ``self.training`` or
+``torch.is_grad_enabled()``): it is traced three times (as it is, in the other mode, with grad
+toggled) and kept as it is unless the three graphs are the same code. Every other rewritten
+block is checked against its own forward on its first real inputs (`rewrite_check`).
 """
 
 from __future__ import annotations
 
+import copy
 import inspect
+import re
 from collections.abc import Callable
 
+import torch
 from torch import fx, nn
 
 from qat_lightning.nn import QuantModule
@@ -35,7 +42,21 @@ Build = Callable[[FunctionalOp, str], nn.Module | None]
 
 
 class ArgumentDependentGraph(Exception):
-    """A block's ``forward`` has optional arguments: a traced graph would bake in branches."""
+    """A traced graph of the block would bake in branches: its ``forward`` has optional
+    arguments, or its graph changes with the training mode or grad mode."""
+
+
+class RewrittenBlock(fx.GraphModule):
+    """The GraphModule a block is rewritten into. A deep copy keeps every attribute (a plain
+    GraphModule's copy keeps only those its graph reads): the block's own attributes
+    (``stride``, a config flag) and an instance-level ``forward`` (`rewrite_check`)."""
+
+    def __deepcopy__(self, memo: dict) -> RewrittenBlock:
+        copied = super().__deepcopy__(memo)
+        for key, value in self.__dict__.items():  # already copied once: the memo has them
+            if key not in copied.__dict__:
+                copied.__dict__[key] = copy.deepcopy(value, memo)
+        return copied
 
 
 def optional_arguments(module: nn.Module) -> list[str]:
@@ -64,6 +85,48 @@ def check_rewritable(owner: nn.Module) -> None:
             f"its forward takes optional arguments ({', '.join(optional)}): a traced graph "
             "would keep only the branches taken when they are passed, so the block keeps its "
             "own forward"
+        )
+
+
+def _trace_leaves(owner: nn.Module, keep_constants: bool = True) -> fx.Graph:
+    try:
+        return trace(owner, leaf_children=True, keep_constants=keep_constants)
+    except Exception:  # e.g. a child's tuple output is unpacked: trace through children
+        return trace(owner, keep_constants=keep_constants)
+
+
+def _code(graph: fx.Graph) -> str:
+    # a second trace numbers the tensor constants it stores on the module after the first's
+    return re.sub(r"_tensor_constant\d+", "_tensor_constant", graph.python_code("self").src)
+
+
+def check_mode_independent(owner: nn.Module, graph: fx.Graph) -> None:
+    """Raise `ArgumentDependentGraph` if ``owner`` traces to other code in the other training
+    mode or with grad mode toggled (its forward branches on them)."""
+    code = _code(graph)
+    modes = [(m, m.training) for m in owner.modules()]
+    try:
+        owner.train(not owner.training)
+        other_mode = _code(_trace_leaves(owner, keep_constants=False))
+    except Exception:  # does not even trace in the other mode
+        other_mode = None
+    finally:
+        for module, training in modes:
+            module.training = training
+    if other_mode != code:
+        raise ArgumentDependentGraph(
+            "its forward branches on self.training (its traced graph differs in train and "
+            "eval mode), so the block keeps its own forward"
+        )
+    with torch.set_grad_enabled(not torch.is_grad_enabled()):
+        try:
+            other_grad = _code(_trace_leaves(owner, keep_constants=False))
+        except Exception:
+            other_grad = None
+    if other_grad != code:
+        raise ArgumentDependentGraph(
+            "its forward branches on torch.is_grad_enabled() (its traced graph differs with "
+            "and without grad), so the block keeps its own forward"
         )
 
 
@@ -114,15 +177,13 @@ def rewrite_module(owner: nn.Module, build: Build) -> fx.GraphModule | None:
     ``build(op, name)`` returns the module for ``op`` (to be registered as ``name``) or None to
     leave the op float. ReLUs applied to the output of a fused Conv+BN+ReLU are dropped
     (``relu(relu(x)) == relu(x)``). Returns None when nothing changes; tracing errors propagate,
-    and a forward with optional arguments raises `ArgumentDependentGraph` (not rewritten).
+    and a forward with optional arguments, or one whose graph depends on the training mode
+    or grad mode, raises `ArgumentDependentGraph` (not rewritten).
     """
     check_rewritable(owner)
     before = set(vars(owner))
     try:
-        try:
-            graph = trace(owner, leaf_children=True, keep_constants=True)
-        except Exception:  # e.g. a child's tuple output is unpacked: trace through children
-            graph = trace(owner, keep_constants=True)
+        graph = _trace_leaves(owner)
         relus = [
             n
             for n in graph.nodes
@@ -131,7 +192,8 @@ def rewrite_module(owner: nn.Module, build: Build) -> fx.GraphModule | None:
         ops = own_ops(graph)
         if not ops and not relus:
             return None
-        gm = fx.GraphModule(owner, graph, class_name=type(owner).__name__)
+        check_mode_independent(owner, graph)
+        gm = RewrittenBlock(owner, graph, class_name=type(owner).__name__)
     finally:
         for name in set(vars(owner)) - before:  # tensor constants the tracer stored
             delattr(owner, name)
