@@ -163,8 +163,11 @@ def optim(lr: float) -> Any:
     )
 
 
-def trainer(steps: int, callbacks: list) -> pl.Trainer:
+def trainer(steps: int, callbacks: list, root: Path) -> pl.Trainer:
+    """No logger, checkpoint or validation; ``root`` takes what the callback writes there
+    (its ``qat_report.txt``)."""
     return pl.Trainer(
+        default_root_dir=root,
         max_steps=steps,
         max_epochs=-1,
         logger=False,
@@ -266,7 +269,9 @@ def run_pair(pair: str, plan: Plan, root: str | None, out: Path, seed: int) -> d
         progress(f"{pair}: float training, {plan.fp32_steps} steps of {plan.batch_size}")
         module = Classifier(float_model, optim(plan.lr), num_classes=data.info.num_classes)
         steps = StepProgress(f"{pair}: float training", plan.fp32_steps)
-        trainer(plan.fp32_steps, [steps]).fit(module, loader(data, plan.batch_size, seed))
+        trainer(plan.fp32_steps, [steps], out / pair).fit(
+            module, loader(data, plan.batch_size, seed)
+        )
         cache.parent.mkdir(parents=True, exist_ok=True)
         torch.save(float_model.state_dict(), cache)
     fp32_seconds = time.perf_counter() - started
@@ -309,7 +314,7 @@ def run_pair(pair: str, plan: Plan, root: str | None, out: Path, seed: int) -> d
                 calibration_batches=plan.calibration_batches,
                 export_formats=(),
             )
-            trainer(plan.qat_steps, [callback]).fit(
+            trainer(plan.qat_steps, [callback], out / pair).fit(
                 module, loader(data, plan.qat_batch_size, seed + width)
             )
             points.append(point(pair, kind, "qat", width, module.model, claimed, test, extra))

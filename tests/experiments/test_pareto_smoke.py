@@ -20,13 +20,16 @@ WIDTHS = (2, 3, 4, 8)
 @pytest.fixture(scope="module")
 def smoke(tmp_path_factory) -> tuple[dict, str, Path]:
     out = tmp_path_factory.mktemp("pareto")
+    cwd = tmp_path_factory.mktemp("cwd")
     result = subprocess.run(
         [sys.executable, str(SCRIPT), "--smoke", "--out", str(out), "--threads", "1"],
         capture_output=True,
         text=True,
         timeout=600,
+        cwd=cwd,
     )
     assert result.returncode == 0, result.stderr[-3000:]
+    assert list(cwd.iterdir()) == []  # everything it writes goes under --out
     return json.loads((out / "results.json").read_text()), result.stdout, out
 
 
