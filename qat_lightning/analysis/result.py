@@ -49,6 +49,9 @@ class SensitivityResult:
             (what a weight bit width multiplies into a size).
         bits: the bit widths measured.
         which: the sides measured.
+        activation_numel: per layer, the activation elements one sample puts through its
+            activation quantizers (the ``"inputs"`` side; what an activation bit width
+            multiplies into bytes per sample), counted on the first batch.
     """
 
     entries: list[LayerSensitivity]
@@ -56,6 +59,7 @@ class SensitivityResult:
     weight_numel: dict[str, int] = field(default_factory=dict)
     bits: tuple[int, ...] = ()
     which: tuple[str, ...] = ()
+    activation_numel: dict[str, int] = field(default_factory=dict)
 
     @property
     def layers(self) -> list[str]:
@@ -89,6 +93,7 @@ class SensitivityResult:
             "bits": list(self.bits),
             "which": list(self.which),
             "weight_numel": dict(self.weight_numel),
+            "activation_numel": dict(self.activation_numel),
             "entries": [row(e) for e in self.entries],
         }
 

@@ -45,6 +45,35 @@ def _weight_numel(module: QuantModule) -> int:
     )
 
 
+def _activation_numel(model: nn.Module, layers: list[str], batch: Any) -> dict[str, int]:
+    """Per layer, the elements per sample (the first dimension is the batch) its activation
+    quantizers see in one forward of ``batch``."""
+    counts: dict[str, int] = {}
+    handles, switched = [], []
+
+    def counter(name: str) -> Callable[..., None]:
+        def hook(module: nn.Module, args: tuple[Any, ...], output: Any) -> None:
+            x = args[0] if args else None
+            if torch.is_tensor(x) and x.dim() > 0 and x.shape[0] > 0:
+                counts[name] = counts.get(name, 0) + x.numel() // x.shape[0]
+
+        return hook
+
+    for name in layers:
+        for q in _side_quantizers(model.get_submodule(name), "inputs"):
+            handles.append(q.register_forward_hook(counter(name)))
+            switched.append(q)
+            q.enable_fake_quant(True)  # a quantizer that is off may not be called at all
+    try:
+        _outputs(model, [batch])
+    finally:
+        for handle in handles:
+            handle.remove()
+        for q in switched:
+            q.enable_fake_quant(False)
+    return counts
+
+
 def _flat_output(output: Any) -> torch.Tensor:
     """Every floating tensor in a model output, flattened into one float64 vector."""
     if torch.is_tensor(output):
@@ -164,6 +193,9 @@ def sensitivity(
     ]
     entries: list[LayerSensitivity] = []
     weight_numel: dict[str, int] = {}
+    activation_numel = (
+        _activation_numel(copies[bits[0]], layers, data[0]) if "inputs" in which else {}
+    )
     for index, name in enumerate(layers):
         line = []
         for side in which:
@@ -189,7 +221,7 @@ def sensitivity(
                     + ("" if delta is None else f" ({delta:+.4f})")
                 )
         log.info("sensitivity %d/%d %s: %s", index + 1, len(layers), name, ", ".join(line))
-    return SensitivityResult(entries, baseline, weight_numel, bits, which)
+    return SensitivityResult(entries, baseline, weight_numel, bits, which, activation_numel)
 
 
 def _measure(metric: Metric, model: nn.Module) -> float:
