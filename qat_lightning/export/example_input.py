@@ -79,14 +79,17 @@ class ExampleInput:
             example = cls((), dict(value))
         else:
             raise ValueError(f"{shown}: {ALLOWED}")
-        for name, argument in example.named_arguments():
-            if not (torch.is_tensor(argument) or isinstance(argument, CONSTANT_TYPES)):
-                raise ValueError(
-                    f"{shown}: argument {name} is a {type(argument).__name__}; {ALLOWED}"
-                )
-        if not any(torch.is_tensor(a) for _, a in example.named_arguments()):
-            raise ValueError(f"{shown}: it holds no tensor; {ALLOWED}")
+        example.check(shown)
         return example
+
+    def check(self, shown: str) -> None:
+        """Raise ``ValueError(f"{shown}: ...")`` unless every argument is a tensor, None,
+        bool, int or float, and one at least is a tensor."""
+        for name, argument in self.named_arguments():
+            if not (torch.is_tensor(argument) or isinstance(argument, CONSTANT_TYPES)):
+                raise ValueError(f"{shown}: argument {name} is a {_type_name(argument)}; {ALLOWED}")
+        if not self.tensors():
+            raise ValueError(f"{shown}: it holds no tensor; {ALLOWED}")
 
     def named_arguments(self) -> Iterator[tuple[str, Any]]:
         """``(position or name, value)`` of each argument, positional first."""
@@ -126,8 +129,19 @@ class ExampleInput:
         return {"args": list(cpu.args), "kwargs": dict(cpu.kwargs)}
 
     @classmethod
-    def from_state(cls, state: dict[str, Any]) -> ExampleInput:
+    def from_state(cls, state: dict[str, Any] | torch.Tensor | None) -> ExampleInput | None:
+        """The inverse of `to_state` (a bare tensor, as older states hold, is one argument)."""
+        if state is None:
+            return None
+        if torch.is_tensor(state):
+            return cls((state,), {})
         return cls(tuple(state.get("args", ())), dict(state.get("kwargs", {})))
+
+    def single_tensor(self) -> torch.Tensor | None:
+        """The CPU tensor when the call is one positional tensor, else None."""
+        if len(self.args) == 1 and not self.kwargs and torch.is_tensor(self.args[0]):
+            return self.args[0].detach().cpu()
+        return None
 
 
 def bind(model: Any, example: ExampleInput, where: str) -> inspect.BoundArguments:

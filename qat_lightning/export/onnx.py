@@ -20,10 +20,12 @@ go in the model's ``metadata_props`` (see `qat_lightning.export.onnx_io`).
 
 from __future__ import annotations
 
+import contextlib
 import copy
 import inspect
 import json
 import logging
+import re
 import warnings
 from collections.abc import Iterator, Sequence
 from contextlib import contextmanager
@@ -118,10 +120,16 @@ def _trace(
     int4: bool,
     input_names: Sequence[str],
     output_names: Sequence[str] | None,
+    real_values: bool = False,
 ) -> onnx.ModelProto:
     import onnxscript.optimizer
 
-    with _onnx_constants(model, int4), warnings.catch_warnings():
+    real = contextlib.nullcontext()
+    if real_values:  # see `_trace_real_values`
+        import torch._functorch.config as functorch_config
+
+        real = functorch_config.patch(fake_tensor_propagate_real_tensors=True)
+    with _onnx_constants(model, int4), warnings.catch_warnings(), real:
         warnings.simplefilter("ignore")  # the exporter's own chatter about torch.export
         program = torch.onnx.export(
             model,
@@ -189,8 +197,8 @@ def _note_constants(arguments: list[tuple[str, int | None, Any]]) -> None:
     if given:
         shown = ", ".join(f"{n}={v!r}" for n, v in given)
         warnings.warn(
-            f"export_onnx: {shown} {'is' if len(given) == 1 else 'are'} baked into the graph as "
-            "constants (the ONNX has no input for them; its metadata records them)",
+            f"export_onnx: {shown} {'is' if len(given) == 1 else 'are'} baked into the graph "
+            "(the ONNX has no input for non-tensor arguments; its metadata records them)",
             stacklevel=3,
         )
 
@@ -200,18 +208,22 @@ def _trace_dynamic(
     bound: inspect.BoundArguments,
     axes: dict[str, dict[int, str]],
     trace: Any,
-) -> tuple[onnx.ModelProto, dict[str, dict[int, str]]]:
-    """Trace with ``axes`` dynamic; if that fails only because of the sequence axes, again
-    with the sequence fixed, and say so. Returns the graph and the axes it has dynamic."""
+) -> tuple[onnx.ModelProto, dict[str, dict[int, str]], bool]:
+    """Trace with ``axes`` dynamic. If the model branches on tensor values, trace again on
+    the example's real values; if only the sequence axes fail, again with them fixed; say
+    so either way. Returns the graph, the axes asked dynamic, and whether it took the
+    real-value trace."""
     try:
-        return trace(dynamic_shapes(bound, axes)), axes
+        return trace(dynamic_shapes(bound, axes), False), axes, False
     except Exception as error:
+        if _data_dependent(error):
+            return _trace_real_values(tensors, trace, error), axes, True
         sequence = [n for n, a in axes.items() if 1 in a]
         if not sequence:
             raise
         fixed = {n: {k: v for k, v in a.items() if k != 1} for n, a in axes.items()}
         try:
-            proto = trace(dynamic_shapes(bound, fixed))
+            proto = trace(dynamic_shapes(bound, fixed), False)
         except Exception:
             raise error from None
         warnings.warn(
@@ -220,7 +232,45 @@ def _trace_dynamic(
             f"it dynamic ({_root(error).splitlines()[0]})",
             stacklevel=3,
         )
-        return proto, fixed
+        return proto, fixed, False
+
+
+def _data_dependent(error: BaseException) -> bool:
+    chain: BaseException | None = error
+    while chain is not None:
+        if "DataDependent" in type(chain).__name__:
+            return True
+        chain = chain.__cause__
+    return False
+
+
+def _trace_real_values(
+    tensors: dict[str, torch.Tensor], trace: Any, error: BaseException
+) -> onnx.ModelProto:
+    """torch.export cannot trace a branch on tensor values (``if (mask == causal).all()``,
+    as ``nn.Transformer`` does); tracing on the example's real values keeps the branch the
+    example takes. Used only when that is the alternative to failing, with a warning naming
+    the branch."""
+    try:
+        proto = trace(None, True)
+    except Exception:
+        raise error from None
+    text = _root(error)
+    frames = re.findall(r'File "([^"]+)", line (\d+), in (\w+)\n\s*(.+)', str(text))
+    where = (
+        f" at {Path(frames[-1][0]).name}:{frames[-1][1]} `{frames[-1][3].strip()}`"
+        if frames
+        else ""
+    )
+    shapes = ", ".join(f"{n} {tuple(t.shape)}" for n, t in tensors.items())
+    warnings.warn(
+        f"export_onnx: the model branches on tensor values{where} "
+        f"({text.splitlines()[0].split(' (unhinted')[0]}), which torch.export cannot trace: "
+        f"traced on this example's values ({shapes}), the ONNX keeps the branch it takes; "
+        "check the ONNX on inputs like those you serve",
+        stacklevel=4,
+    )
+    return proto
 
 
 def _root(error: BaseException) -> str:
@@ -327,11 +377,11 @@ def export_onnx(
                 output_names = returned_names(outputs, taken=input_names)
 
             def trace(int4: bool):
-                return lambda shapes: _trace(
-                    converted, example, shapes, opset, int4, input_names, output_names
+                return lambda shapes, real: _trace(
+                    converted, example, shapes, opset, int4, input_names, output_names, real
                 )
 
-            proto, axes = _trace_dynamic(dict(tensors), bound, axes, trace(use_int4))
+            proto, axes, real = _trace_dynamic(dict(tensors), bound, axes, trace(use_int4))
             entries = finish_inputs(proto, arguments, input_names, axes)
             props[INPUTS_KEY] = json.dumps(entries, separators=(",", ":"))
             onnx.save_model(_with_metadata(proto, props), temp)
@@ -343,7 +393,7 @@ def export_onnx(
                 )
                 log.warning(message)
                 warnings.warn(message, stacklevel=2)
-                proto = trace(False)(dynamic_shapes(bound, axes))
+                proto = trace(False)(None if real else dynamic_shapes(bound, axes), real)
                 finish_inputs(proto, arguments, input_names, axes)
                 onnx.save_model(_with_metadata(proto, props), temp)
         except ExportError:
