@@ -51,7 +51,7 @@ class InputCapture:
     LightningModule's forward (or, if training_step calls a child directly, of the outermost
     child holding quantized layers): tensors detached, on CPU, cut to their first 2 rows
     along the batch. A call whose arguments an export cannot take (a string, a nested list)
-    is not captured; `finish` says why."""
+    is not captured (nor, then, a child's call instead); `finish` says why."""
 
     def __init__(self, pl_module: pl.LightningModule) -> None:
         self.seen: dict[str, ExampleInput] = {}
@@ -90,6 +90,8 @@ class InputCapture:
             handle.remove()
         if "" in self.seen:
             return self.seen[""], "", None
+        if "" in self.refused:  # its forward ran: a child's arguments are not the model's
+            return None, None, self.refused[""]
         if self.order:
             return self.seen[self.order[0]], self.order[0], None
         return None, None, self.refused.get("") or next(iter(self.refused.values()), None)

@@ -90,12 +90,12 @@ class TokensWithFeatures(pl.LightningModule):
 
     def train_dataloader(self):
         g = torch.Generator().manual_seed(0)
-        ids = torch.randint(0, 30, (48, 10), generator=g)
-        data = torch.utils.data.TensorDataset(ids, torch.randn(48, 4, generator=g), ids)
+        ids = torch.randint(0, 30, (16, 10), generator=g)  # 2 steps an epoch
+        data = torch.utils.data.TensorDataset(ids, torch.randn(16, 4, generator=g), ids)
         return DataLoader(data, batch_size=8)
 
 
-def _fit(tmp_path, max_steps: int, ckpt_path=None, export: bool = True):
+def _fit(tmp_path, max_epochs: int, ckpt_path=None, export: bool = True):
     pl.seed_everything(0)
     model = TokensWithFeatures()
     qat = QATCallback(
@@ -103,16 +103,16 @@ def _fit(tmp_path, max_steps: int, ckpt_path=None, export: bool = True):
         export_dir=tmp_path / "export",
         export_formats=("onnx",) if export else (),
     )
-    checkpoint = ModelCheckpoint(dirpath=tmp_path / "ckpt", save_last=True, every_n_train_steps=2)
+    checkpoint = ModelCheckpoint(dirpath=tmp_path / "ckpt", save_last=True)
     kwargs = trainer_kwargs(
-        tmp_path, max_steps=max_steps, callbacks=[qat, checkpoint], enable_checkpointing=True
+        tmp_path, max_epochs=max_epochs, callbacks=[qat, checkpoint], enable_checkpointing=True
     )
     pl.Trainer(**kwargs).fit(model, ckpt_path=ckpt_path)
     return model, qat
 
 
 def test_captured_arguments_survive_the_checkpoint_and_a_resume_exports_the_same(tmp_path):
-    _, first = _fit(tmp_path / "a", max_steps=2, export=False)
+    _, first = _fit(tmp_path / "a", max_epochs=1, export=False)
     example = first.example_input
     assert [type(a) for a in example.args] == [torch.Tensor]
     assert set(example.kwargs) == {"features", "pool"} and example.kwargs["pool"] is False
@@ -130,10 +130,10 @@ def test_captured_arguments_survive_the_checkpoint_and_a_resume_exports_the_same
     assert torch.equal(fresh.example_input.kwargs["features"], example.kwargs["features"])
     assert fresh.example_input.kwargs["pool"] is False
     # A resumed fit is not recalibrated, so it captures nothing: it exports from the checkpoint.
-    _, straight = _fit(tmp_path / "b", max_steps=4)
+    _, straight = _fit(tmp_path / "b", max_epochs=2)
     with pytest.warns(UserWarning, match=r"pool=False is baked into the graph"):
         resumed, again = _fit(
-            tmp_path / "a", max_steps=4, ckpt_path=tmp_path / "a" / "ckpt" / "last.ckpt"
+            tmp_path / "a", max_epochs=2, ckpt_path=tmp_path / "a" / "ckpt" / "last.ckpt"
         )
     assert torch.equal(again.example_input.args[0], example.args[0])
     ids, features = torch.randint(0, 30, (3, 7)), torch.randn(3, 4)
