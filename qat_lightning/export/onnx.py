@@ -22,10 +22,8 @@ from __future__ import annotations
 
 import contextlib
 import copy
-import inspect
 import json
 import logging
-import re
 import warnings
 from collections.abc import Iterator, Sequence
 from contextlib import contextmanager
@@ -39,7 +37,6 @@ from torch import nn
 from qat_lightning.export._files import ExportError, atomic_paths
 from qat_lightning.export.convert import convert, is_converted
 from qat_lightning.export.example_input import (
-    Default,
     ExampleInput,
     bind,
     dynamic_axes,
@@ -50,6 +47,7 @@ from qat_lightning.export.example_input import (
 from qat_lightning.export.modules import IntegerEmbedding, IntegerLayer
 from qat_lightning.export.onnx_io import INPUTS_KEY, finish_inputs, metadata_props
 from qat_lightning.export.onnx_io import output_names as returned_names
+from qat_lightning.export.onnx_trace import note_constants, root_cause, trace_dynamic
 from qat_lightning.export.qdq import KEEP_NODE, ONNX_INT4, ONNX_UINT4, packs_to_int4
 from qat_lightning.export.report import layer_report
 
@@ -192,93 +190,6 @@ def _prepared(model: nn.Module, example: ExampleInput) -> tuple[nn.Module, Examp
     return model.eval(), example
 
 
-def _note_constants(arguments: list[tuple[str, int | None, Any]]) -> None:
-    given = [(n, v) for n, _, v in arguments if not isinstance(v, (torch.Tensor, Default))]
-    if given:
-        shown = ", ".join(f"{n}={v!r}" for n, v in given)
-        warnings.warn(
-            f"export_onnx: {shown} {'is' if len(given) == 1 else 'are'} baked into the graph "
-            "(the ONNX has no input for non-tensor arguments; its metadata records them)",
-            stacklevel=3,
-        )
-
-
-def _trace_dynamic(
-    tensors: dict[str, torch.Tensor],
-    bound: inspect.BoundArguments,
-    axes: dict[str, dict[int, str]],
-    trace: Any,
-) -> tuple[onnx.ModelProto, dict[str, dict[int, str]], bool]:
-    """Trace with ``axes`` dynamic. If the model branches on tensor values, trace again on
-    the example's real values; if only the sequence axes fail, again with them fixed; say
-    so either way. Returns the graph, the axes asked dynamic, and whether it took the
-    real-value trace."""
-    try:
-        return trace(dynamic_shapes(bound, axes), False), axes, False
-    except Exception as error:
-        if _data_dependent(error):
-            return _trace_real_values(tensors, trace, error), axes, True
-        sequence = [n for n, a in axes.items() if 1 in a]
-        if not sequence:
-            raise
-        fixed = {n: {k: v for k, v in a.items() if k != 1} for n, a in axes.items()}
-        try:
-            proto = trace(dynamic_shapes(bound, fixed), False)
-        except Exception:
-            raise error from None
-        warnings.warn(
-            f"export_onnx: the sequence length (dimension 1 of {', '.join(sequence)}) is fixed "
-            f"at {tensors[sequence[0]].shape[1]} in the ONNX: the model does not trace with "
-            f"it dynamic ({_root(error).splitlines()[0]})",
-            stacklevel=3,
-        )
-        return proto, fixed, False
-
-
-def _data_dependent(error: BaseException) -> bool:
-    chain: BaseException | None = error
-    while chain is not None:
-        if "DataDependent" in type(chain).__name__:
-            return True
-        chain = chain.__cause__
-    return False
-
-
-def _trace_real_values(
-    tensors: dict[str, torch.Tensor], trace: Any, error: BaseException
-) -> onnx.ModelProto:
-    """torch.export cannot trace a branch on tensor values (``if (mask == causal).all()``,
-    as ``nn.Transformer`` does); tracing on the example's real values keeps the branch the
-    example takes. Used only when that is the alternative to failing, with a warning naming
-    the branch."""
-    try:
-        proto = trace(None, True)
-    except Exception:
-        raise error from None
-    text = _root(error)
-    frames = re.findall(r'File "([^"]+)", line (\d+), in (\w+)\n\s*(.+)', str(text))
-    where = (
-        f" at {Path(frames[-1][0]).name}:{frames[-1][1]} `{frames[-1][3].strip()}`"
-        if frames
-        else ""
-    )
-    shapes = ", ".join(f"{n} {tuple(t.shape)}" for n, t in tensors.items())
-    warnings.warn(
-        f"export_onnx: the model branches on tensor values{where} "
-        f"({text.splitlines()[0].split(' (unhinted')[0]}), which torch.export cannot trace: "
-        f"traced on this example's values ({shapes}), the ONNX keeps the branch it takes; "
-        "check the ONNX on inputs like those you serve",
-        stacklevel=4,
-    )
-    return proto
-
-
-def _root(error: BaseException) -> str:
-    while error.__cause__ is not None:  # the exporter wraps the error that stopped it
-        error = error.__cause__
-    return f"{type(error).__name__}: {error}"
-
-
 def export_onnx(
     model: nn.Module,
     example_input: Any,
@@ -351,7 +262,7 @@ def export_onnx(
             f"{len(tensors)} tensor arguments ({', '.join(n for n, _ in tensors)}); allowed "
             "one name each"
         )
-    _note_constants(arguments)
+    note_constants(arguments)
     axes = dynamic_axes(tensors, dynamic_batch, dynamic_sequence)
     props = metadata_props(converted, metadata)
     opset = DEFAULT_OPSET if opset is None else opset
@@ -381,7 +292,7 @@ def export_onnx(
                     converted, example, shapes, opset, int4, input_names, output_names, real
                 )
 
-            proto, axes, real = _trace_dynamic(dict(tensors), bound, axes, trace(use_int4))
+            proto, axes, real = trace_dynamic(dict(tensors), bound, axes, trace(use_int4))
             entries = finish_inputs(proto, arguments, input_names, axes)
             props[INPUTS_KEY] = json.dumps(entries, separators=(",", ":"))
             onnx.save_model(_with_metadata(proto, props), temp)
@@ -401,6 +312,6 @@ def export_onnx(
         except Exception as error:
             raise ExportError(
                 f"export_onnx: exporting {type(model).__name__} to {str(path)!r} failed: "
-                f"{_root(error)}"
+                f"{root_cause(error)}"
             ) from error
     return path
