@@ -8,8 +8,7 @@ from collections.abc import Sequence
 from pathlib import Path
 from typing import Any
 
-import torch
-
+from qat_lightning.export.example_input import ExampleInput
 from qat_lightning.surgery import QuantConfig
 
 
@@ -71,9 +70,6 @@ def export_dir(value: Any) -> Path | None:
     return Path(value) if value is not None else None
 
 
-def example_input(value: Any) -> None:
-    if value is not None and not torch.is_tensor(value):
-        raise ValueError(
-            f"QATCallback(example_input=<{type(value).__name__}>) is invalid: "
-            "allowed a torch.Tensor or None"
-        )
+def example_input(value: Any) -> ExampleInput | None:
+    """The `ExampleInput` of a tensor, tuple/list (positional), dict (keyword) or None."""
+    return None if value is None else ExampleInput.parse(value, "QATCallback")

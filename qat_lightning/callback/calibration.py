@@ -8,6 +8,7 @@ import lightning.pytorch as pl
 import torch
 from torch import nn
 
+from qat_lightning.export.example_input import ExampleInput
 from qat_lightning.nn import QuantModule
 
 
@@ -46,35 +47,54 @@ def silenced_logging(pl_module: pl.LightningModule):
 
 
 class InputCapture:
-    """Remembers the first tensor passed to the LightningModule's forward (or, if training_step
-    calls a child directly, to the outermost child holding quantized layers)."""
+    """Remembers the arguments, positional and keyword, of the first call of the
+    LightningModule's forward (or, if training_step calls a child directly, of the outermost
+    child holding quantized layers): tensors detached, on CPU, cut to their first 2 rows
+    along the batch. A call whose arguments an export cannot take (a string, a nested list)
+    is not captured (nor, then, a child's call instead); `finish` says why."""
 
     def __init__(self, pl_module: pl.LightningModule) -> None:
-        self.seen: dict[str, torch.Tensor] = {}
+        self.seen: dict[str, ExampleInput] = {}
+        self.refused: dict[str, str] = {}
         self.order: list[str] = []
         self.handles = []
         candidates = [("", pl_module)] + [
             (name, child) for name, child in pl_module.named_children() if is_quantized(child)
         ]
         for name, module in candidates:
-            self.handles.append(module.register_forward_pre_hook(self._hook(name)))
+            self.handles.append(
+                module.register_forward_pre_hook(self._hook(name), with_kwargs=True)
+            )
 
     def _hook(self, name: str):
-        # Eager also in a compiled training_step: it only keeps a tensor, and traced, its
+        # Eager also in a compiled training_step: it only keeps tensors, and traced, its
         # checks of ``name`` and ``seen`` would recompile it for every module and batch.
         @torch.compiler.disable
-        def hook(module, args):
-            if name not in self.seen and args and torch.is_tensor(args[0]):
-                self.seen[name] = args[0][:2].detach().clone().cpu()
-                self.order.append(name)
+        def hook(module, args, kwargs):
+            if name in self.seen or name in self.refused:
+                return
+            example = ExampleInput(tuple(args), dict(kwargs))
+            try:
+                example.check(
+                    f"{type(module).__name__}.forward was called with arguments "
+                    "an export cannot take"
+                )
+            except ValueError as error:
+                self.refused[name] = str(error)
+                return
+            self.seen[name] = example.snapshot()
+            self.order.append(name)
 
         return hook
 
-    def finish(self) -> tuple[torch.Tensor | None, str | None]:
+    def finish(self) -> tuple[ExampleInput | None, str | None, str | None]:
+        """``(example, export target name, why nothing was captured)``."""
         for handle in self.handles:
             handle.remove()
         if "" in self.seen:
-            return self.seen[""], ""
+            return self.seen[""], "", None
+        if "" in self.refused:  # its forward ran: a child's arguments are not the model's
+            return None, None, self.refused[""]
         if self.order:
-            return self.seen[self.order[0]], self.order[0]
-        return None, None
+            return self.seen[self.order[0]], self.order[0], None
+        return None, None, self.refused.get("") or next(iter(self.refused.values()), None)

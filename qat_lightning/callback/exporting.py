@@ -6,8 +6,9 @@ from collections.abc import Sequence
 from pathlib import Path
 from typing import Any
 
-import torch
 from torch import nn
+
+from qat_lightning.export.example_input import ExampleInput
 
 
 class QATExportError(RuntimeError):
@@ -23,12 +24,13 @@ def export_size(path: Path) -> int:
 
 def export_trained(
     model: nn.Module,
-    example_input: torch.Tensor | None,
+    example_input: ExampleInput | None,
     out_dir: Path,
     formats: Sequence[str],
     config: Any = None,
     metrics: dict[str, Any] | None = None,
     written: dict[str, Path] | None = None,
+    why_no_input: str | None = None,
 ) -> dict[str, Path]:
     """Export ``model`` in each of ``formats`` to ``out_dir``, with a model card
     (``README.md``, showing ``metrics`` when given); returns ``{format: path}``.
@@ -36,6 +38,7 @@ def export_trained(
     Args:
         written: a dict filled with ``{format: path}`` as each format is written, so that the
             caller knows what exists when a later format fails.
+        why_no_input: why no example input was captured, for the error when there is none.
 
     Raises:
         QATExportError: naming the format that failed and why. Files already written by the
@@ -52,16 +55,15 @@ def export_trained(
             try:
                 if fmt == "onnx":
                     if example_input is None:
+                        why = why_no_input or "the model's forward was not called in calibration"
                         raise ValueError(
-                            "no example input: pass QATCallback(example_input=...) (the model's "
-                            "forward was never called with a tensor during calibration)"
+                            f"no example input ({why}): pass QATCallback(example_input=...)"
                         )
                     out_dir.mkdir(parents=True, exist_ok=True)
-                    device = next(model.parameters()).device
                     paths[fmt] = Path(
                         export_onnx(
                             model,
-                            example_input.to(device),
+                            example_input,
                             out_dir / "model_int.onnx",
                             metadata={"metrics": metrics} if metrics else None,
                         )

@@ -62,6 +62,7 @@ from qat_lightning.callback.reporting import (
     validation_metrics,
 )
 from qat_lightning.callback.schedule import Milestone, apply_schedule
+from qat_lightning.export.example_input import ExampleInput
 from qat_lightning.quant import QuantScheme
 from qat_lightning.quant.quantizer import warn_only_zeros
 from qat_lightning.surgery import quantize_model
@@ -100,7 +101,11 @@ class QATCallback(EvaluationHooks, Callback):
         export_dir: where ``on_fit_end`` writes the integer model; default
             ``<trainer.log_dir>/qat_export``. Checked for writing at fit start.
         export_formats: any of ``"onnx"`` and ``"native"`` (safetensors + encodings JSON).
-        example_input: input for the ONNX export; default: captured from the first batch.
+        example_input: the arguments of ``forward`` for the ONNX export: a tensor, a tuple
+            (positional), a dict (keyword: ``{"input_ids": ids, "attention_mask": mask}``) or
+            an `ExampleInput` (both); see `export_onnx`. Default: the arguments of the first
+            forward call in calibration (2 rows of each batched tensor), kept in the
+            callback's state, so a resumed fit exports the same.
         log_every_n_steps: how often per-layer scale, zero point, clip rate and SQNR are logged.
         fuse: fuse Conv/Linear + BatchNorm (+ReLU) into QAT-folded modules.
         integer_eval: validation, test and predict run the integer simulation, the exported
@@ -125,7 +130,7 @@ class QATCallback(EvaluationHooks, Callback):
         skip: Sequence[str] = (),
         export_dir: str | Path | None = None,
         export_formats: Sequence[str] = EXPORT_FORMATS,
-        example_input: torch.Tensor | None = None,
+        example_input: torch.Tensor | tuple | dict[str, Any] | ExampleInput | None = None,
         log_every_n_steps: int = 50,
         fuse: bool = True,
         integer_eval: bool = True,
@@ -139,9 +144,9 @@ class QATCallback(EvaluationHooks, Callback):
         self.quant_delay = Milestone.parse("quant_delay", quant_delay)
         self.export_formats = arguments.export_formats(export_formats, EXPORT_FORMATS)
         self.export_dir = arguments.export_dir(export_dir)
-        arguments.example_input(example_input)
-        self.example_input = example_input
+        self.example_input = arguments.example_input(example_input)
         self._captured_input = False  # example_input came from a batch, not from the user
+        self._capture_refused: str | None = None  # why the forward's arguments were not kept
         self.log_every_n_steps = arguments.positive_int("log_every_n_steps", log_every_n_steps)
         if not isinstance(integer_eval, bool):
             raise ValueError(
@@ -274,7 +279,7 @@ class QATCallback(EvaluationHooks, Callback):
                 seen += 1
                 restore_buffers(pl_module, frozen_buffers)
         if capture is not None:
-            self.example_input, self._export_target = capture.finish()
+            self.example_input, self._export_target, self._capture_refused = capture.finish()
             self._captured_input = self.example_input is not None
         if seen == 0:
             rank_zero_warn(
@@ -381,6 +386,7 @@ class QATCallback(EvaluationHooks, Callback):
             self.config,
             metrics=validation_metrics(trainer) or None,
             written=self.export_paths,
+            why_no_input=self._capture_refused,
         )
         rank_zero_info(summary(trainer, self.export_paths, self.integer_eval))
 
@@ -389,13 +395,16 @@ class QATCallback(EvaluationHooks, Callback):
     def state_dict(self) -> dict[str, Any]:
         # calibrated / bn_frozen / observers_frozen are the model's (its quantizer buffers);
         # they are still written so that older code reading this state finds them.
-        model = self._model
+        # The example input as plain containers of CPU tensors; "example_input" keeps the
+        # single-tensor form older code reads.
+        model, example = self._model, self.example_input
         return {
             "calibrated": self.calibrated,
             "bn_frozen": bool(model is not None and bn_frozen(model)),
             "observers_frozen": bool(model is not None and not observers_running(model)),
             "export_target": self._export_target,
-            "example_input": None if self.example_input is None else self.example_input.cpu(),
+            "example_input": None if example is None else example.single_tensor(),
+            "example_arguments": None if example is None else example.to_state(),
         }
 
     @override
@@ -403,6 +412,7 @@ class QATCallback(EvaluationHooks, Callback):
         # Old and new states load alike; the progress flags in them are ignored (the
         # checkpoint's model state holds that progress).
         self._export_target = state_dict.get("export_target", self._export_target)
-        if self.example_input is None and state_dict.get("example_input") is not None:
-            self.example_input = state_dict["example_input"]
-            self._captured_input = True
+        if self.example_input is None:  # else the user's own
+            saved = state_dict.get("example_arguments", state_dict.get("example_input"))
+            self.example_input = ExampleInput.from_state(saved)
+            self._captured_input = self.example_input is not None

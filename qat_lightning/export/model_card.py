@@ -2,11 +2,13 @@
 
 What the model is (class, how many layers compute in integers, the weight and activation
 bitwidths), the final metrics when known, the per-layer table of `layer_report`, the files,
-and the three lines that run the ONNX model with `OnnxModel`.
+the ONNX model's inputs (each ``forward`` argument: dtype and shape, or the constant baked
+in), and the lines that run it with `OnnxModel`.
 """
 
 from __future__ import annotations
 
+import json
 from collections.abc import Mapping
 from pathlib import Path
 from typing import Any
@@ -16,7 +18,7 @@ from torch import nn
 
 from qat_lightning.export._files import ExportError, atomic_paths
 from qat_lightning.export.convert import convert, is_converted
-from qat_lightning.export.onnx_io import scheme_summary
+from qat_lightning.export.onnx_io import INPUTS_KEY, scheme_summary
 from qat_lightning.export.report import layer_report
 
 
@@ -40,6 +42,26 @@ def _example_inputs(onnx_path: Path) -> list[str]:
         else:
             lines.append(f"{value.name} = torch.zeros(({shape}), dtype=torch.{dtype.name})")
     return lines
+
+
+def _inputs_table(onnx_path: Path) -> list[str]:
+    """One row per ``forward`` argument of the export: a graph input's dtype and shape, or
+    the constant the export baked in (from the file's ``qat_lightning.inputs``)."""
+    proto = onnx.load(str(onnx_path), load_external_data=False)
+    props = {p.key: p.value for p in proto.metadata_props}
+    try:
+        entries = json.loads(props[INPUTS_KEY])
+    except (KeyError, json.JSONDecodeError):
+        return []
+    rows = ["| input | dtype | shape |", "| --- | --- | --- |"]
+    for entry in entries:
+        if "dtype" in entry:
+            shape = ", ".join(str(d) for d in entry["shape"])
+            rows.append(f"| `{entry['name']}` | {entry['dtype']} | ({shape}) |")
+        elif "constant" in entry:
+            how = "its default" if entry.get("default") else "constant"
+            rows.append(f"| `{entry['name']}` | {how}, baked in | `{entry['constant']!r}` |")
+    return rows
 
 
 def _bits(entries: list[dict[str, Any]]) -> str:
@@ -68,7 +90,6 @@ def model_card(
     converted = model if is_converted(model) else convert(model)
     report, schemes = layer_report(converted), scheme_summary(converted)
     totals, rows = report["totals"], report["layers"]
-    share = f"{totals['compression']:.0%} of " if totals["compression"] else ""
     share = f"{totals['compression']:.0%} of " if totals["compression"] else ""
     lines = [
         f"# {type(model).__name__}, quantized with qat_lightning",
@@ -106,7 +127,11 @@ def model_card(
     if onnx_path is not None:
         name = _shown(onnx_path, directory)
         inputs = _example_inputs(Path(onnx_path))
-        call = ", ".join(line.split(" = ")[0] for line in inputs)
+        names = [line.split(" = ")[0] for line in inputs]
+        call = ", ".join(names) if len(names) == 1 else ", ".join(f"{n}={n}" for n in names)
+        table = _inputs_table(Path(onnx_path))
+        if table:
+            lines += ["", "## Inputs", "", *table]
         lines += ["", "## Run it (onnxruntime, CPU)", "", "```python"]
         lines += ["import torch", "from qat_lightning.export import OnnxModel", ""]
         lines += [f'model = OnnxModel("{name}")', *inputs, f"logits = model({call})", "```"]

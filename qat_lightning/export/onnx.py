@@ -20,7 +20,9 @@ go in the model's ``metadata_props`` (see `qat_lightning.export.onnx_io`).
 
 from __future__ import annotations
 
+import contextlib
 import copy
+import json
 import logging
 import warnings
 from collections.abc import Iterator, Sequence
@@ -34,11 +36,19 @@ from torch import nn
 
 from qat_lightning.export._files import ExportError, atomic_paths
 from qat_lightning.export.convert import convert, is_converted
+from qat_lightning.export.example_input import (
+    ExampleInput,
+    bind,
+    dynamic_axes,
+    dynamic_shapes,
+    leaves,
+    ordered,
+)
 from qat_lightning.export.grouped import check_exportable
 from qat_lightning.export.modules import IntegerEmbedding, IntegerLayer
-from qat_lightning.export.onnx_io import input_names as signature_names
-from qat_lightning.export.onnx_io import metadata_props
+from qat_lightning.export.onnx_io import INPUTS_KEY, finish_inputs, metadata_props
 from qat_lightning.export.onnx_io import output_names as returned_names
+from qat_lightning.export.onnx_trace import note_constants, root_cause, trace_dynamic
 from qat_lightning.export.qdq import KEEP_NODE, ONNX_INT4, ONNX_UINT4, packs_to_int4
 from qat_lightning.export.report import layer_report
 
@@ -103,28 +113,31 @@ def _fold_int4_casts(program) -> None:
 
 def _trace(
     model: nn.Module,
-    args: tuple[torch.Tensor, ...],
+    example: ExampleInput,
+    shapes: dict[str, Any] | None,
     opset: int,
     int4: bool,
-    dynamic_batch: bool,
-    input_names: Sequence[str] | None,
+    input_names: Sequence[str],
     output_names: Sequence[str] | None,
+    real_values: bool = False,
 ) -> onnx.ModelProto:
     import onnxscript.optimizer
 
-    dynamic_shapes = None
-    if dynamic_batch:
-        batch = torch.export.Dim("batch")
-        dynamic_shapes = tuple({0: batch} if a.dim() > 0 else {} for a in args)
-    with _onnx_constants(model, int4), warnings.catch_warnings():
+    real = contextlib.nullcontext()
+    if real_values:  # see `_trace_real_values`
+        import torch._functorch.config as functorch_config
+
+        real = functorch_config.patch(fake_tensor_propagate_real_tensors=True)
+    with _onnx_constants(model, int4), warnings.catch_warnings(), real:
         warnings.simplefilter("ignore")  # the exporter's own chatter about torch.export
         program = torch.onnx.export(
             model,
-            args,
+            example.args,
+            kwargs=example.kwargs or None,
             dynamo=True,
             opset_version=opset,
-            dynamic_shapes=dynamic_shapes,
-            input_names=list(input_names) if input_names else None,
+            dynamic_shapes=shapes,
+            input_names=list(input_names),
             output_names=list(output_names) if output_names else None,
             optimize=False,
             verbose=False,
@@ -165,26 +178,27 @@ def _ort_loads(path: Path) -> Exception | None:
     return None
 
 
-def _prepared(model: nn.Module, args: tuple) -> tuple[nn.Module, tuple]:
+def _prepared(model: nn.Module, example: ExampleInput) -> tuple[nn.Module, ExampleInput]:
     if not is_converted(model):
         model = convert(model)
     devices = {t.device.type for t in [*model.parameters(), *model.buffers()]}
     if devices - {"cpu"}:
         model = copy.deepcopy(model).cpu()
-    args = tuple(a.detach().cpu() for a in args)
-    if args and all(a.dim() > 0 and a.shape[0] == 1 for a in args):
+    example = example.map_tensors(lambda t: t.detach().cpu())
+    if example.batch_size() == 1:
         # torch.export specializes a size-1 dimension; trace with 2 rows to keep batch dynamic.
-        args = tuple(torch.cat([a, a]) for a in args)
-    return model.eval(), args
+        example = example.map_tensors(lambda t: torch.cat([t, t]) if t.dim() and len(t) == 1 else t)
+    return model.eval(), example
 
 
 def export_onnx(
     model: nn.Module,
-    example_input: torch.Tensor | Sequence[torch.Tensor],
+    example_input: Any,
     path: str | Path,
     *,
     opset: int | None = None,
     dynamic_batch: bool = True,
+    dynamic_sequence: bool = True,
     int4: bool = True,
     input_names: Sequence[str] | None = None,
     output_names: Sequence[str] | None = None,
@@ -194,18 +208,31 @@ def export_onnx(
 
     Args:
         model: a calibrated QAT model (converted here) or the output of `convert`.
-        example_input: one input tensor, or a sequence of them (one per forward argument).
+        example_input: the arguments of one ``forward`` call: a tensor (the only argument),
+            a tuple or list (positional), a dict with str keys (keyword, e.g. a tokenizer's
+            ``{"input_ids": ..., "attention_mask": ...}``), or an `ExampleInput` (both).
+            Each tensor becomes a graph input, named after its ``forward`` parameter (the
+            dict key), with its dtype (token ids stay int64 and are never quantized).
+            ``None``, bool, int and float arguments are baked into the graph as constants
+            (one warning names them; the metadata records them); anything else is refused.
         path: the ``.onnx`` file to write (atomically; its directory is created).
         opset: ONNX opset; default 21 (INT4 and 16-bit QuantizeLinear need 21).
-        dynamic_batch: make dimension 0 of every input dynamic.
+        dynamic_batch: make dimension 0 (``batch``) dynamic on every input whose first
+            dimension is that of the first tensor.
+        dynamic_sequence: with ``dynamic_batch``, also make dimension 1 (``sequence``) of
+            rank >= 2 integer and bool inputs dynamic (token ids, attention masks); if the
+            model fixes it, the export warns and keeps the example's length.
         int4: store 4-bit (and narrower) weights as INT4 initializers; falls back to int8 with
             a warning if onnxruntime cannot load the INT4 model.
         input_names / output_names: graph input and output names; default: the parameter
-            names of ``model.forward``, and ``logits`` for one output tensor (the keys of a
-            dict, the fields of a namedtuple, ``output_<i>`` for a tuple).
+            names of ``model.forward`` (``*args`` -> ``args_0``, ...), and ``logits`` for one
+            output tensor (the keys of a dict, the fields of a namedtuple, ``output_<i>`` for
+            a tuple).
         metadata: more ``metadata_props`` entries, each value stored as JSON, e.g.
-            ``{"metrics": {"val_acc": 0.97}}``; ``qat_lightning.version`` and
-            ``qat_lightning.schemes`` are always written.
+            ``{"metrics": {"val_acc": 0.97}}``; ``qat_lightning.version``,
+            ``qat_lightning.schemes`` and ``qat_lightning.inputs`` (each ``forward``
+            parameter: its graph input's dtype and shape, or the constant baked in) are always
+            written.
 
     Returns:
         The path written.
@@ -214,18 +241,32 @@ def export_onnx(
         NotCalibratedError: the QAT model is not calibrated.
         ExportError: the directory is not writable or the exporter failed (nothing is left
             half-written).
-        ValueError: a ``metadata`` key or value cannot be stored.
+        ValueError: ``example_input`` is not one of the forms above or does not fit
+            ``forward``, or a ``metadata`` key or value cannot be stored.
 
     Example:
         >>> export_onnx(qat_model, torch.randn(1, 3, 224, 224), "model_int8.onnx")
+        >>> export_onnx(qat_bert, {"input_ids": ids, "attention_mask": mask}, "bert.onnx")
     """
     path = Path(path)
-    args = tuple(example_input) if isinstance(example_input, (list, tuple)) else (example_input,)
-    converted, args = _prepared(model, args)
+    example = ExampleInput.parse(example_input, "export_onnx")
+    converted, example = _prepared(model, example)
     check_exportable(converted, "export_onnx")  # per-group / dynamic layers: not yet
-    props = metadata_props(converted, metadata)
+    bound = bind(converted, example, "export_onnx")
+    example = ordered(bound, example)
+    arguments = leaves(bound)
+    tensors = [(name, v) for name, _, v in arguments if torch.is_tensor(v)]
     if input_names is None:
-        input_names = signature_names(converted, len(args))
+        input_names = [name for name, _ in tensors]
+    elif len(input_names) != len(tensors):
+        raise ValueError(
+            f"export_onnx(input_names={list(input_names)!r}) is invalid: the example has "
+            f"{len(tensors)} tensor arguments ({', '.join(n for n, _ in tensors)}); allowed "
+            "one name each"
+        )
+    note_constants(arguments)
+    axes = dynamic_axes(tensors, dynamic_batch, dynamic_sequence)
+    props = metadata_props(converted, metadata)
     opset = DEFAULT_OPSET if opset is None else opset
     use_int4 = int4 and _has_int4(converted)
     if use_int4 and opset < 21:
@@ -245,10 +286,17 @@ def export_onnx(
         try:
             if output_names is None:
                 with torch.no_grad():
-                    output_names = returned_names(converted(*args), taken=input_names)
-            proto = _trace(
-                converted, args, opset, use_int4, dynamic_batch, input_names, output_names
-            )
+                    outputs = converted(*example.args, **example.kwargs)
+                output_names = returned_names(outputs, taken=input_names)
+
+            def trace(int4: bool):
+                return lambda shapes, real: _trace(
+                    converted, example, shapes, opset, int4, input_names, output_names, real
+                )
+
+            proto, axes, real = trace_dynamic(dict(tensors), bound, axes, trace(use_int4))
+            entries = finish_inputs(proto, arguments, input_names, axes)
+            props[INPUTS_KEY] = json.dumps(entries, separators=(",", ":"))
             onnx.save_model(_with_metadata(proto, props), temp)
             error = _ort_loads(temp) if use_int4 else None
             if error is not None:
@@ -258,18 +306,14 @@ def export_onnx(
                 )
                 log.warning(message)
                 warnings.warn(message, stacklevel=2)
-                proto = _trace(
-                    converted, args, opset, False, dynamic_batch, input_names, output_names
-                )
+                proto = trace(False)(None if real else dynamic_shapes(bound, axes), real)
+                finish_inputs(proto, arguments, input_names, axes)
                 onnx.save_model(_with_metadata(proto, props), temp)
         except ExportError:
             raise
         except Exception as error:
-            root = error
-            while root.__cause__ is not None:  # the exporter wraps the error that stopped it
-                root = root.__cause__
             raise ExportError(
                 f"export_onnx: exporting {type(model).__name__} to {str(path)!r} failed: "
-                f"{type(root).__name__}: {root}"
+                f"{root_cause(error)}"
             ) from error
     return path

@@ -1,19 +1,22 @@
 """What an exported ONNX file says about itself: input and output names, and metadata.
 
 - Inputs are named after the parameters of the model's ``forward`` (``forward(self, x)`` ->
-  ``x``; ``*args`` -> ``args_0``, ``args_1``, ...).
+  ``x``; ``*args`` -> ``args_0``, ``args_1``, ...; a keyword argument by its key), one per
+  tensor argument, with dynamic ``batch`` (and ``sequence``) dimensions.
 - Outputs: one tensor is ``logits``; a dict or namedtuple keeps its keys / fields; a tuple or
   list of tensors is ``output_0``, ``output_1``, ...; nested containers join the parts with
   ``.``, in the order torch's exporter flattens them.
 - ``metadata_props``: ``qat_lightning.version``, ``qat_lightning.schemes`` (JSON: each
-  distinct scheme and the layers that use it, per role) and any caller-given entries, each
-  value as JSON (e.g. ``metrics``: ``{"val_acc": 0.97}``).
+  distinct scheme and the layers that use it, per role), ``qat_lightning.inputs`` (JSON: each
+  ``forward`` parameter in order, its graph input's dtype and shape or the constant baked in,
+  see `finish_inputs`) and any caller-given entries, each value as JSON (e.g. ``metrics``:
+  ``{"val_acc": 0.97}``).
 """
 
 from __future__ import annotations
 
-import inspect
 import json
+import re
 from collections.abc import Sequence
 from typing import Any
 
@@ -25,26 +28,7 @@ from qat_lightning.quant import Quantizer, QuantScheme
 
 VERSION_KEY = "qat_lightning.version"
 SCHEMES_KEY = "qat_lightning.schemes"
-
-
-def input_names(model: nn.Module, count: int) -> list[str]:
-    """Names for the first ``count`` positional arguments of ``model.forward``."""
-    try:
-        parameters = list(inspect.signature(model.forward).parameters.values())
-    except (TypeError, ValueError):  # a forward without a Python signature
-        parameters = []
-    names: list[str] = []
-    for parameter in parameters:
-        if len(names) == count:
-            break
-        if parameter.kind == inspect.Parameter.VAR_POSITIONAL:
-            names += [f"{parameter.name}_{i}" for i in range(count - len(names))]
-        elif parameter.kind in (
-            inspect.Parameter.POSITIONAL_ONLY,
-            inspect.Parameter.POSITIONAL_OR_KEYWORD,
-        ):
-            names.append(parameter.name)
-    return names + [f"input_{i}" for i in range(len(names), count)]
+INPUTS_KEY = "qat_lightning.inputs"
 
 
 def _is_namedtuple(value: Any) -> bool:
@@ -152,3 +136,76 @@ def read_metadata(props: dict[str, str]) -> dict[str, Any]:
         except json.JSONDecodeError:
             decoded[key] = text
     return decoded
+
+
+def _rename_dims(values: Sequence[Any], mapping: dict[str, str]) -> None:
+    """Rename symbolic dimensions (also inside expressions such as ``s0*s1``)."""
+    if not mapping:
+        return
+    names = "|".join(re.escape(k) for k in sorted(mapping, key=len, reverse=True))
+    pattern = re.compile(rf"(?<!\w)({names})(?!\w)")
+    for value in values:
+        for dim in value.type.tensor_type.shape.dim:
+            if dim.HasField("dim_param"):
+                dim.dim_param = pattern.sub(lambda m: mapping[m[1]], dim.dim_param)
+
+
+def _dims(value: Any) -> list[int | str]:
+    return [
+        d.dim_param if d.HasField("dim_param") else d.dim_value
+        for d in value.type.tensor_type.shape.dim
+    ]
+
+
+def _plain(value: Any) -> bool:
+    return isinstance(value, (type(None), bool, int, float, str))
+
+
+def finish_inputs(
+    proto: Any,
+    arguments: list[tuple[str, int | None, Any]],
+    names: Sequence[str],
+    axes: dict[str, dict[int, str]],
+) -> list[dict[str, Any]]:
+    """Name the dynamic dimensions of the traced graph ``proto`` (``batch``, ``sequence``)
+    and return the ``qat_lightning.inputs`` entries: each ``forward`` parameter in order,
+    ``{"name", "position", "dtype", "shape"}`` for a graph input, ``{"name", "position",
+    "constant"}`` for a value baked in (``"default": true`` when the call left it at its
+    default).
+
+    Raises:
+        RuntimeError: the graph's inputs are not one per tensor argument.
+    """
+    from qat_lightning.export.example_input import Default
+
+    tensors = [name for name, _, value in arguments if torch.is_tensor(value)]
+    graph_inputs = list(proto.graph.input)
+    if [v.name for v in graph_inputs] != list(names):
+        raise RuntimeError(
+            f"the graph's inputs {[v.name for v in graph_inputs]} are not the tensor "
+            f"arguments {list(names)}"
+        )
+    mapping: dict[str, str] = {}
+    for value, leaf in zip(graph_inputs, tensors, strict=True):
+        dims = value.type.tensor_type.shape.dim
+        for axis, label in axes.get(leaf, {}).items():
+            if dims[axis].HasField("dim_param"):
+                mapping.setdefault(dims[axis].dim_param, label)
+    _rename_dims([*proto.graph.input, *proto.graph.output], mapping)
+    by_leaf = dict(zip(tensors, proto.graph.input, strict=True))
+    entries: list[dict[str, Any]] = []
+    for name, position, value in arguments:
+        entry: dict[str, Any] = {"name": name, "position": position}
+        if torch.is_tensor(value):
+            graph_input = by_leaf[name]
+            entry["name"] = graph_input.name
+            entry["dtype"] = str(value.dtype).removeprefix("torch.")
+            entry["shape"] = _dims(graph_input)
+        elif isinstance(value, Default):
+            entry["default"] = True
+            if _plain(value.value):
+                entry["constant"] = value.value
+        else:
+            entry["constant"] = value
+        entries.append(entry)
+    return entries

@@ -3,10 +3,14 @@
     >>> from qat_lightning.export import OnnxModel
     >>> model = OnnxModel("qat_export/model_int.onnx")
     >>> logits = model(torch.rand(4, 64))
+    >>> bert = OnnxModel("bert_int.onnx")
+    >>> logits = bert(input_ids, attention_mask=mask)  # as the model's forward is called
 
 A thin wrapper over an onnxruntime CPU session that checks each input (name, rank, fixed
 dimensions, dtype) before running, so a mistake names the input instead of surfacing as
-onnxruntime's own message.
+onnxruntime's own message. Inputs go by position, as the exported ``forward`` numbered its
+parameters (the file's ``qat_lightning.inputs``), or by name; an argument the export baked in
+as a constant (``attention_mask=None``) may be given only with that same value.
 """
 
 from __future__ import annotations
@@ -18,7 +22,7 @@ import numpy as np
 import torch
 
 from qat_lightning.export._files import ExportError
-from qat_lightning.export.onnx_io import read_metadata
+from qat_lightning.export.onnx_io import INPUTS_KEY, read_metadata
 
 # onnxruntime's type strings of the tensor types an export can have as inputs.
 _DTYPES = {
@@ -34,6 +38,29 @@ _DTYPES = {
 }
 
 
+def _arguments(entries: Any, input_names: list[str]) -> list[dict[str, Any]]:
+    """The file's ``qat_lightning.inputs`` entries, or (a file without them, or whose entries
+    do not name its inputs) one positional entry per graph input."""
+    readable = isinstance(entries, list) and all(
+        isinstance(e, dict) and "name" in e for e in entries
+    )
+    if readable and {e["name"] for e in entries if "dtype" in e} == set(input_names):
+        return entries
+    return [{"name": n, "position": i} for i, n in enumerate(input_names)]
+
+
+def _same(value: Any, constant: Any) -> bool:
+    if constant is None or isinstance(constant, bool):
+        return value is constant
+    return not isinstance(value, (bool, torch.Tensor)) and value == constant
+
+
+def _value_text(value: Any) -> str:
+    if isinstance(value, torch.Tensor):
+        return f"a tensor of shape {_shape_text(list(value.shape))}"
+    return repr(value)
+
+
 def _shape_text(shape: list[Any]) -> str:
     return "(" + ", ".join(str(d) for d in shape) + ("," if len(shape) == 1 else "") + ")"
 
@@ -47,8 +74,13 @@ class OnnxModel:
 
     Attributes:
         input_names / output_names: the graph's inputs and outputs, in order.
+        arguments: each ``forward`` parameter of the export in order (``qat_lightning.inputs``:
+            name, position, and dtype and shape, or the constant baked in); for a file without
+            that entry, the graph inputs by position.
+        constants: ``{name: value}`` of the arguments baked in as constants (no graph input).
         metadata: the file's ``metadata_props``, JSON values decoded (``qat_lightning.version``,
-            ``qat_lightning.schemes``, ``metrics`` when the export was given them).
+            ``qat_lightning.schemes``, ``qat_lightning.inputs``, ``metrics`` when the export
+            was given them).
 
     Raises:
         ExportError: the file is missing or onnxruntime cannot load it.
@@ -56,6 +88,7 @@ class OnnxModel:
     Example:
         >>> model = OnnxModel("model_int.onnx")
         >>> model(torch.rand(8, 64)).argmax(-1)
+        >>> OnnxModel("bert_int.onnx")(input_ids=ids, attention_mask=mask, token_type_ids=tt)
     """
 
     def __init__(self, path: str | Path, *, threads: int | None = None) -> None:
@@ -80,27 +113,56 @@ class OnnxModel:
         self.input_names = [i.name for i in self._inputs]
         self.output_names = [o.name for o in self.session.get_outputs()]
         self.metadata = read_metadata(dict(self.session.get_modelmeta().custom_metadata_map))
+        self.arguments = _arguments(self.metadata.get(INPUTS_KEY), self.input_names)
+        self.constants = {
+            e["name"]: e["constant"]
+            for e in self.arguments
+            if "constant" in e and e["name"] not in self.input_names
+        }
 
     def __repr__(self) -> str:
         inputs = ", ".join(f"{i.name}: {_shape_text(i.shape)}" for i in self._inputs)
         return f"OnnxModel({str(self.path)!r}, inputs=[{inputs}], outputs={self.output_names})"
 
-    def _feed(self, args: tuple[Any, ...], kwargs: dict[str, Any]) -> dict[str, np.ndarray]:
+    def _given(self, args: tuple[Any, ...], kwargs: dict[str, Any]) -> dict[str, Any]:
+        """The call's values by input name: positions as the model's ``forward`` had them
+        (from the file's ``qat_lightning.inputs``; graph order for files without it), and
+        constants the export baked in checked and dropped."""
         where = f"OnnxModel({self.path.name})"
-        if len(args) > len(self._inputs):
+        entries = {e["name"]: e for e in self.arguments}
+        positional = [e["name"] for e in self.arguments if e.get("position") is not None]
+        positional.sort(key=lambda n: entries[n]["position"])
+        if len(args) > len(positional):
             raise TypeError(
                 f"{where}: {len(args)} positional inputs given: allowed at most "
-                f"{len(self._inputs)} ({', '.join(self.input_names)})"
+                f"{len(positional)} ({', '.join(positional)})"
             )
-        given = dict(zip(self.input_names, args, strict=False))
+        given = dict(zip(positional, args, strict=False))
         for name, value in kwargs.items():
-            if name not in self.input_names:
-                raise TypeError(
-                    f"{where}: unknown input {name!r}: allowed {', '.join(self.input_names)}"
-                )
+            if name not in entries:
+                raise TypeError(f"{where}: unknown input {name!r}: allowed {', '.join(entries)}")
             if name in given:
                 raise TypeError(f"{where}: input {name!r} given twice (positional and keyword)")
             given[name] = value
+        for name in list(given):
+            entry = entries[name]
+            if name in self.input_names:
+                continue
+            value = given.pop(name)
+            if "constant" in entry and _same(value, entry["constant"]):
+                continue
+            baked = f"{name}={entry['constant']!r}" if "constant" in entry else "its default"
+            allowed = repr(entry["constant"]) if "constant" in entry else "leaving it out"
+            raise TypeError(
+                f"{where}: {name!r} is {_value_text(value)}, but this file has no input for "
+                f"it (the export baked in {baked}): allowed {allowed}; export with a tensor "
+                f"{name} to make it an input"
+            )
+        return given
+
+    def _feed(self, args: tuple[Any, ...], kwargs: dict[str, Any]) -> dict[str, np.ndarray]:
+        where = f"OnnxModel({self.path.name})"
+        given = self._given(args, kwargs)
         feed = {}
         for spec in self._inputs:
             if spec.name not in given:
@@ -129,17 +191,20 @@ class OnnxModel:
             feed[spec.name] = value.detach().cpu().numpy()
         return feed
 
-    def __call__(self, *args: torch.Tensor, **kwargs: torch.Tensor) -> Any:
+    def __call__(self, *args: Any, **kwargs: Any) -> Any:
         """Run the model on CPU.
 
-        Inputs go by position (in `input_names` order) or by name.
+        Inputs go by position (as the exported ``forward`` numbered its parameters; in
+        `input_names` order for a file without ``qat_lightning.inputs``) or by name, as the
+        torch model is called; ``**example_input`` of a dict export works as it is.
 
         Returns:
             The output tensor, or ``{name: tensor}`` when the graph has several outputs.
 
         Raises:
             TypeError: an input is missing, unknown, given twice, not a tensor or of the
-                wrong dtype (the message names it and what is allowed).
+                wrong dtype, or a baked-in argument is given another value (the message
+                names it and what is allowed).
             ValueError: an input's rank or a fixed dimension differs from the graph's.
         """
         outputs = self.session.run(None, self._feed(args, kwargs))

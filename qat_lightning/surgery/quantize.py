@@ -40,6 +40,7 @@ from qat_lightning.nn.registry import unregistered_reason
 from qat_lightning.quant import Quantizer
 from qat_lightning.quant.grouped import GroupSizeError
 from qat_lightning.surgery.config import QuantConfig
+from qat_lightning.surgery.fast_path import disable_fast_paths
 from qat_lightning.surgery.fuse import FusionGroup, plan_graph, plan_order
 from qat_lightning.surgery.graph import (
     NO_COMPUTE,
@@ -134,6 +135,11 @@ class _Surgery:
         else:
             self._own_parameters("", self.model)
         self._swap(self.model, "")
+        for name in disable_fast_paths(self.model):
+            self.report.warnings.append(
+                f"{name!r} (TransformerEncoderLayer): its fused eval fast path, which reads its "
+                "children's float weights, is turned off so that its quantized layers run"
+            )
         removed = prune_input_quantizers(trace_regions(self.model))
         self._finish(removed)
         return self.report
