@@ -73,6 +73,11 @@ class _QuantBatchNorm(QuantMAC):
         params: QuantScheme | None,
         outputs: QuantScheme | None = None,
     ) -> None:
+        """As every layer's; ``a`` gets a weight quantizer also with ``affine=False``, and none
+        without activation quantization (``inputs=None``: a weight-only affine saves nothing
+        over the exact float BatchNorm, which then stays float)."""
+        if inputs is None:
+            params = None
         super()._init_quantizers(inputs, params, outputs)
         if "weight" not in self.param_quantizers:  # affine=False: ``a`` is still a weight
             channels = self.num_features if params is not None and params.per_channel else None

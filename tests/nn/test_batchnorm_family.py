@@ -124,3 +124,16 @@ def test_batchnorm_without_running_statistics_stays_float_with_the_reason() -> N
     row = next(row for row in report.rows if row.name == "0")
     assert row.status == "float" and "track_running_stats=False" in row.note
     assert type(model[0]) is nn.BatchNorm2d
+
+
+def test_with_fuse_false_a_batchnorm_after_a_conv_is_an_integer_affine() -> None:
+    torch.manual_seed(0)
+    model = nn.Sequential(nn.Conv2d(3, 4, 3), nn.BatchNorm2d(4), nn.ReLU())
+    batches = [torch.randn(8, 3, 6, 6) for _ in range(2)]
+    report = calibrate(model, batches, fuse=False)
+    assert report.row("1").status == "quantized" and type(model[1]) is QuantBatchNorm2d
+    model.eval()
+    converted = convert(model)
+    assert isinstance(converted[1], IntegerLayer)
+    with torch.no_grad():
+        assert torch.equal(model(batches[0]), converted(batches[0]))
