@@ -8,7 +8,7 @@ import os
 import onnx
 import pytest
 import torch
-from export_helpers import ort_run, ort_session
+from export_helpers import optimized_op_types, ort_run, ort_session, output_lsb
 from torch import nn
 from torchvision.models import DenseNet
 
@@ -116,3 +116,25 @@ def test_densenet_int8_onnx_is_at_most_30_percent_of_fp32(tmp_path) -> None:
     fp32_path = tmp_path / "fp32.onnx"
     torch.onnx.export(float_model.eval(), (x,), str(fp32_path), external_data=False)
     assert os.path.getsize(path) <= 0.30 * os.path.getsize(fp32_path)
+
+
+@pytest.mark.parametrize(
+    ("model", "shape"),
+    [
+        (nn.Sequential(nn.BatchNorm1d(6), nn.ReLU(), nn.Linear(6, 4)), (64, 6)),
+        (nn.Sequential(nn.BatchNorm1d(6), nn.ReLU(), nn.Conv1d(6, 4, 1)), (64, 6, 5)),
+        (nn.Sequential(nn.BatchNorm3d(3), nn.ReLU(), nn.Conv3d(3, 4, 1)), (16, 3, 2, 3, 3)),
+    ],
+)
+def test_batchnorm1d_and_3d_run_as_qlinearconv_equal_to_convert(model, shape, tmp_path) -> None:
+    torch.manual_seed(0)
+    batches = [torch.randn(*shape) for _ in range(3)]
+    calibrate(model, batches, inputs={"observer": "minmax"})
+    model.eval()
+    converted = convert(model)
+    expected = converted(batches[0]).detach().numpy()
+    path = export_onnx(model, batches[0][:2], tmp_path / "bn.onnx")
+    # one output step at most (an integer runtime's own rare rounding differences)
+    assert abs(ort_run(path, batches[0]) - expected).max() <= output_lsb(converted) * 1.001
+    ops = optimized_op_types(path, tmp_path)
+    assert ops["QLinearConv"] >= 1 and ops["BatchNormalization"] + ops["Conv"] == 0, ops
