@@ -14,6 +14,7 @@ from qat_lightning.nn.activation import (
     QuantTanh,
 )
 from qat_lightning.nn.base import QuantModule, fake_quant_eval, integer_in_eval
+from qat_lightning.nn.batchnorm import QuantBatchNorm1d, QuantBatchNorm2d, QuantBatchNorm3d
 from qat_lightning.nn.conv_transpose import (
     QuantConvTranspose1d,
     QuantConvTranspose2d,
@@ -76,6 +77,9 @@ __all__ = [
     "QuantAvgPool1d",
     "QuantAvgPool2d",
     "QuantAvgPool3d",
+    "QuantBatchNorm1d",
+    "QuantBatchNorm2d",
+    "QuantBatchNorm3d",
     "QuantCat",
     "QuantConv1d",
     "QuantConv2d",
