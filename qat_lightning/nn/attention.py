@@ -218,6 +218,17 @@ class QuantMultiheadAttention(nn.MultiheadAttention):
             found[key] = getattr(self, child).param_quantizers["weight"]
         return found
 
+    def finish_convert(self) -> None:
+        """In `convert`'s copy, once its children are converted: drop the float in-projection
+        parameters the integer q/k/v layers now hold as codes (kept where a projection still
+        computes from them, i.e. runs in fake quant)."""
+        projections = [getattr(self, c) for c in ("q_proj", "k_proj", "v_proj")]
+        if any(isinstance(m, QuantInProjection) for p in projections for m in p.modules()):
+            return
+        for name in ("in_proj_weight", "in_proj_bias", *_SEPARATE):
+            if self._parameters.get(name) is not None:
+                self._parameters[name] = None
+
     def to_float(self) -> nn.MultiheadAttention:
         """The float `nn.MultiheadAttention` again, with the same parameters."""
         module = nn.MultiheadAttention.__new__(nn.MultiheadAttention)

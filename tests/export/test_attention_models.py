@@ -15,6 +15,7 @@ from export_helpers import agreement, optimized_op_types, ort_run, output_lsb
 from torch import nn
 
 from qat_lightning import convert, export_onnx
+from qat_lightning.export.report import layer_report
 from qat_lightning.nn import QuantModule, QuantMultiheadAttention
 from qat_lightning.surgery import calibrate
 
@@ -90,6 +91,8 @@ def test_transformer_goes_w8a8_from_surgery_to_onnxruntime(name, tmp_path) -> No
     assert torch.equal(integer, expected)  # integer eval is the converted model, bit for bit
     assert not torch.equal(integer, reference)  # ... and not float (no fused fast path)
     assert (integer - reference).norm() < 0.2 * reference.norm()
+    floats = layer_report(converted)["float_layers"]
+    assert not [f for f in floats if "attention" in f or "attn" in f], floats  # codes only
 
     path = export_onnx(model, torch.randn(2, *shape), tmp_path / "int8.onnx")
     within, top1 = agreement(ort_run(path, x), expected.numpy(), output_lsb(converted))

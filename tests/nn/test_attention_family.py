@@ -125,3 +125,33 @@ def test_a_train_step_reaches_every_weight_and_to_float_gives_it_back() -> None:
     assert type(back) is nn.MultiheadAttention and back.in_proj_weight is attn.in_proj_weight
     assert not back._forward_pre_hooks and type(back.out_proj) is type(attn.out_proj)
     assert set(back.state_dict()) == set(attn.state_dict())
+
+
+def test_an_encoder_with_a_padding_mask_evaluates_through_the_quantized_layers() -> None:
+    torch.manual_seed(0)
+    layer = nn.TransformerEncoderLayer(16, 4, 32, dropout=0.0, batch_first=True)
+    encoder = nn.TransformerEncoder(layer, 2)  # enable_nested_tensor=True by default
+    float_encoder = copy.deepcopy(encoder).eval()
+    report = quantize_model(encoder)
+    assert encoder.use_nested_tensor is False and any(
+        "use_nested_tensor" in w for w in report.warnings
+    )
+    x, padding = torch.randn(4, 6, 16), torch.zeros(4, 6, dtype=torch.bool)
+    padding[:, 4:] = True
+    encoder.train()
+    with torch.no_grad():
+        encoder(x, src_key_padding_mask=padding)  # observers see data
+    for module in encoder.modules():
+        if isinstance(module, Quantizer):
+            module.enable_observer(False)
+    encoder.eval()
+    calls = []
+    hook = encoder.layers[0].self_attn.qk.register_forward_hook(lambda *a: calls.append(1))
+    with torch.no_grad():
+        out = encoder(x, src_key_padding_mask=padding)
+        reference = float_encoder(x, src_key_padding_mask=padding)
+    hook.remove()
+    assert calls and not out.is_nested
+    kept = ~padding
+    assert not torch.equal(out[kept], reference[kept])  # quantized, not the fused float layer
+    assert (out[kept] - reference[kept]).norm() < 0.2 * reference[kept].norm()
