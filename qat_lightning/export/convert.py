@@ -316,6 +316,10 @@ def convert(model: nn.Module) -> nn.Module:
     for name, module in list(_quant_modules(converted)):
         borrowed = producers.get(name, [None] * len(module.input_quantizers))
         _set_submodule(converted, name, _convert_module(name, module, borrowed))
+    for module in list(converted.modules()):  # containers drop what their children now hold
+        finish = getattr(module, "finish_convert", None)
+        if callable(finish):
+            finish()
     return converted.eval()
 
 

@@ -13,6 +13,11 @@ from qat_lightning.nn.activation import (
     QuantSiLU,
     QuantTanh,
 )
+from qat_lightning.nn.attention import (
+    QuantInProjection,
+    QuantMultiheadAttention,
+    QuantOutProjection,
+)
 from qat_lightning.nn.base import QuantModule, fake_quant_eval, integer_in_eval
 from qat_lightning.nn.batchnorm import QuantBatchNorm1d, QuantBatchNorm2d, QuantBatchNorm3d
 from qat_lightning.nn.conv_transpose import (
@@ -98,6 +103,7 @@ __all__ = [
     "QuantHardsigmoid",
     "QuantHardswish",
     "QuantHardtanh",
+    "QuantInProjection",
     "QuantLeakyReLU",
     "QuantLinear",
     "QuantLinearBn1d",
@@ -108,6 +114,8 @@ __all__ = [
     "QuantMaxPool3d",
     "QuantModule",
     "QuantMul",
+    "QuantMultiheadAttention",
+    "QuantOutProjection",
     "QuantReLU",
     "QuantReLU6",
     "QuantSiLU",

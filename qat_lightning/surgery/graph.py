@@ -72,6 +72,8 @@ class SurgeryTracer(fx.Tracer):
     def is_leaf_module(self, m: nn.Module, module_qualified_name: str) -> bool:
         if isinstance(m, (QuantModule, Quantizer)) or quant_type_for(m) is not None:
             return True  # registered types are swapped whole, never traced into
+        if getattr(type(m), "quantized_container", False):
+            return True  # a quantized container (QuantMultiheadAttention) wires its children
         if self.leaf_children and module_qualified_name and "." not in module_qualified_name:
             return True
         return super().is_leaf_module(m, module_qualified_name)

@@ -110,18 +110,26 @@ def test_a_subclass_that_changes_forward_stays_float_and_says_why() -> None:
     assert row.status == "float" and "overrides forward" in row.note, row.note
 
 
-def test_multihead_attention_children_stay_float_and_the_model_converts() -> None:
-    """MultiheadAttention reads out_proj.weight itself: a quantized out_proj would never run
-    (nor calibrate); it stays float, reported, and `convert` works."""
+def test_an_attention_subclass_with_its_own_forward_keeps_its_children_float() -> None:
+    """A MultiheadAttention subclass that overrides forward is not covered by
+    QuantMultiheadAttention, and it reads out_proj.weight itself: a quantized out_proj would
+    never run (nor calibrate); it stays float, reported, and `convert` works. The plain
+    MultiheadAttention beside it is quantized."""
+
+    class MyAttention(nn.MultiheadAttention):
+        def forward(self, query, key, value, **kwargs):
+            return super().forward(query, key, value, **kwargs)
 
     class Block(nn.Module):
         def __init__(self) -> None:
             super().__init__()
-            self.attn = nn.MultiheadAttention(8, 2, batch_first=True)
+            self.attn = MyAttention(8, 2, batch_first=True)
+            self.plain = nn.MultiheadAttention(8, 2, batch_first=True)
             self.fc = nn.Linear(8, 3)
 
         def forward(self, x: torch.Tensor) -> torch.Tensor:
-            return self.fc(self.attn(x, x, x, need_weights=False)[0])
+            y = self.attn(x, x, x, need_weights=False)[0]
+            return self.fc(self.plain(y, y, y, need_weights=False)[0])
 
     torch.manual_seed(0)
     model = Block()
@@ -129,6 +137,7 @@ def test_multihead_attention_children_stay_float_and_the_model_converts() -> Non
     row = next(r for r in report.rows if r.name == "attn.out_proj")
     assert row.status == "float" and "reads its parameters directly" in row.note
     assert type(model.attn.out_proj) is nn.modules.linear.NonDynamicallyQuantizableLinear
+    assert next(r for r in report.rows if r.name == "plain").status == "quantized"
     model.eval()
     x = torch.randn(2, 5, 8)
     with torch.no_grad():

@@ -1,0 +1,302 @@
+"""Quantized `nn.MultiheadAttention`: integer projections and integer attention matmuls.
+
+`QuantMultiheadAttention` is an `nn.MultiheadAttention` whose ``forward`` is written out from
+quantized pieces, so integer eval, `convert` and ONNX export follow from their protocols:
+
+- ``q_proj`` / ``k_proj`` / ``v_proj``: `QuantInProjection`, a `QuantLinear` MAC whose weight is
+  its rows of the attention's own ``in_proj_weight`` (or ``q/k/v_proj_weight`` when ``kdim`` /
+  ``vdim`` differ) and bias its slice of ``in_proj_bias``; the parameters stay the attention's.
+- ``qk``: `QuantMatMul` of the projected q and kᵀ (per head); scaling by ``1/sqrt(head_dim)``,
+  the masks and softmax run in float on its dequantized output.
+- ``pv``: `QuantMatMul` of the softmax output (its input 0, quantized **unsigned**) and v.
+- ``out_proj``: the attention's own out-projection, quantized as `QuantLinear`.
+
+``add_bias_kv`` and ``add_zero_attn`` are refused (`from_float` raises `ValueError`; surgery
+leaves the layer float with that reason). The module carries a no-op forward pre-hook: torch's
+`nn.TransformerEncoderLayer` eval fast path (``torch._transformer_encoder_layer_fwd``), which
+reads the weights without calling the submodules, is not taken by a layer holding hooks.
+"""
+
+from __future__ import annotations
+
+import copy
+import math
+from typing import Any, ClassVar
+
+import torch
+import torch.nn.functional as F
+from torch import nn
+
+from qat_lightning.nn.base import QuantModule
+from qat_lightning.nn.elementwise import QuantMatMul
+from qat_lightning.nn.linear import QuantLinear
+from qat_lightning.nn.registry import register_quant_module, specialise, unregistered_reason
+from qat_lightning.quant import Quantizer, QuantScheme
+
+_SEPARATE = ("q_proj_weight", "k_proj_weight", "v_proj_weight")
+_CHILDREN = ("q_proj", "k_proj", "v_proj", "qk", "pv")
+
+
+def _keep_off_fast_paths(module: nn.Module, args: Any) -> None:
+    """A forward pre-hook that does nothing: torch's fused transformer fast paths are not taken
+    by a layer whose modules hold hooks, so the quantized submodules are always called."""
+    return None
+
+
+def _weight_quantizer(params: QuantScheme | None, weight_t: torch.Tensor) -> Quantizer | None:
+    """A quantizer for a transposed ``(in, out)`` weight: per output channel along axis 1."""
+    if params is None:
+        return None
+    scheme = params.replace(axis=1) if params.per_channel else params
+    channels = weight_t.shape[1] if params.per_channel else None
+    return Quantizer(scheme, num_channels=channels).to(weight_t.device)
+
+
+class QuantOutProjection(QuantLinear):
+    """A linear layer quantized with its weight stored transposed, ``(in, out)``: ``x @ w``.
+
+    Why: exported as ``DequantizeLinear(w) -> Transpose -> MatMul`` (the ``F.linear`` form),
+    onnxruntime 1.2x fuses the Transpose into a float ``FusedMatMul`` for square weights, and
+    the projection runs in float; ``DequantizeLinear(wᵀ) -> MatMul`` fuses to an integer kernel.
+    """
+
+    mac_weight_input_axis: ClassVar[int] = 0
+    _quantized_params: ClassVar[dict[str, int]] = {"weight": 1}
+
+    @classmethod
+    def from_float(cls, module: nn.Module, inputs, params) -> QuantOutProjection:
+        qmodule = super().from_float(module, inputs, params)
+        weight, _ = qmodule.weight_and_bias()
+        qmodule.param_quantizers["weight"] = _weight_quantizer(QuantScheme.from_any(params), weight)
+        return qmodule
+
+    def weight_and_bias(self) -> tuple[torch.Tensor, torch.Tensor | None]:
+        return self.weight.t(), self.bias
+
+    @staticmethod
+    def mac_op(layer: nn.Module, x, w, b, *extra: Any) -> torch.Tensor:
+        y = torch.matmul(x, w)
+        return y if b is None else y + b
+
+
+class QuantInProjection(QuantOutProjection):
+    """The q, k or v projection of an attention (``index`` 0, 1, 2): rows
+    ``index * E ... (index + 1) * E`` of its packed ``in_proj_weight`` (or its separate
+    ``q/k/v_proj_weight``) and of ``in_proj_bias``, as a quantized linear layer.
+
+    It holds no parameter: ``weight_and_bias`` reads them from the attention (a plain
+    reference, not a submodule), so they stay the attention's parameters and its checkpoint
+    keys; it owns the input, weight and output quantizers of its projection.
+    """
+
+    @classmethod
+    def create(
+        cls,
+        owner: nn.MultiheadAttention,
+        index: int,
+        inputs: QuantScheme | None,
+        params: QuantScheme | None,
+    ) -> QuantInProjection:
+        layer = cls.__new__(cls)
+        nn.Module.__init__(layer)
+        layer.__dict__["_owner"] = owner
+        layer.index = index
+        layer.register_parameter("weight", None)  # (the attention's; see weight_and_bias)
+        layer.register_parameter("bias", None)
+        weight_t, _ = layer.weight_and_bias()
+        layer.in_features, layer.out_features = weight_t.shape
+        layer._init_quantizers(inputs, None)
+        quantizer = _weight_quantizer(params, weight_t)
+        layer.param_quantizers = nn.ModuleDict({"weight": quantizer})
+        layer.training = owner.training
+        return layer
+
+    def weight_and_bias(self) -> tuple[torch.Tensor, torch.Tensor | None]:
+        owner, i = self.__dict__["_owner"], self.index
+        e = owner.embed_dim
+        if owner._qkv_same_embed_dim:
+            weight = owner.in_proj_weight[i * e : (i + 1) * e]
+        else:
+            weight = getattr(owner, _SEPARATE[i])
+        bias = owner.in_proj_bias
+        return weight.t(), None if bias is None else bias[i * e : (i + 1) * e]
+
+    def extra_repr(self) -> str:
+        owner = self.__dict__["_owner"]
+        return (
+            f"{'qkv'[self.index]} projection of the attention: in_features={self.in_features}, "
+            f"out_features={self.out_features}, bias={owner.in_proj_bias is not None}"
+        )
+
+
+def _as_float_mask(mask: torch.Tensor | None, dtype: torch.dtype) -> torch.Tensor | None:
+    """A boolean mask (True: not allowed to attend) as an additive float mask."""
+    if mask is None or mask.is_floating_point():
+        return mask if mask is None else mask.to(dtype)
+    return torch.zeros(mask.shape, dtype=dtype, device=mask.device).masked_fill(mask, -math.inf)
+
+
+@register_quant_module(nn.MultiheadAttention)
+class QuantMultiheadAttention(nn.MultiheadAttention):
+    """`nn.MultiheadAttention` computed by quantized projections and matmuls (see the module
+    docstring). A container of quantized modules, not a `QuantModule` itself: surgery, `convert`
+    and export treat its children as layers; it answers ``quantizers``, ``input_quantizers``
+    and ``param_quantizers`` for the report."""
+
+    quantized_container: ClassVar[bool] = True  # traced as a leaf: its children are wired here
+
+    @classmethod
+    def from_float(
+        cls,
+        module: nn.MultiheadAttention,
+        inputs: QuantScheme | dict[str, Any] | None,
+        params: QuantScheme | dict[str, Any] | None,
+    ) -> QuantMultiheadAttention:
+        """A quantized twin of ``module`` sharing its parameters (and its ``out_proj``'s)."""
+        name = type(module).__name__
+        if module.bias_k is not None or module.bias_v is not None:
+            raise ValueError(f"{name}: add_bias_kv=True is not supported; allowed: False")
+        if module.add_zero_attn:
+            raise ValueError(f"{name}: add_zero_attn=True is not supported; allowed: False")
+        inputs, params = QuantScheme.from_any(inputs), QuantScheme.from_any(params)
+        qmodule = cls.__new__(cls)
+        nn.Module.__init__(qmodule)
+        skip = ("_parameters", "_buffers", "_modules")
+        qmodule.__dict__.update(
+            {
+                k: (copy.copy(v) if isinstance(v, dict) else v)
+                for k, v in module.__dict__.items()
+                if k not in skip
+            }
+        )
+        qmodule._parameters = dict(module._parameters)
+        qmodule._buffers = dict(module._buffers)
+        qmodule._modules = dict(module._modules)
+        out = module.out_proj
+        if not isinstance(out, nn.Linear) or unregistered_reason(out) is not None:
+            raise ValueError(
+                f"{name}: out_proj ({type(out).__name__}) is not an nn.Linear (or a subclass "
+                "that keeps Linear's forward); allowed: nn.Linear"
+            )
+        out_type = QuantOutProjection
+        if type(out) is not nn.Linear:
+            out_type = specialise(QuantOutProjection, type(out))
+        qmodule.out_proj = out_type.from_float(module.out_proj, inputs, params)
+        for i, child in enumerate(("q_proj", "k_proj", "v_proj")):
+            setattr(qmodule, child, QuantInProjection.create(qmodule, i, inputs, params))
+        qmodule.qk = QuantMatMul.create(inputs)
+        qmodule.pv = QuantMatMul.create(inputs)
+        if inputs is not None:  # the softmax output, in [0, 1]: unsigned codes
+            softmax = inputs.replace(signed=False, symmetric=False, narrow_range=False)
+            qmodule.pv.input_quantizers[0] = Quantizer(softmax)
+        hook = qmodule.register_forward_pre_hook(_keep_off_fast_paths)
+        qmodule.__dict__["_fast_path_hook"] = hook.id
+        qmodule.training = module.training
+        return qmodule
+
+    # -- what the report and surgery ask ---------------------------------------------------------
+    def _quant_children(self) -> list[QuantModule]:
+        return [m for m in self.children() if isinstance(m, QuantModule)]
+
+    def quantizers(self):
+        """Every quantizer of its quantized children."""
+        for child in self._quant_children():
+            yield from child.quantizers()
+
+    @property
+    def input_quantizers(self) -> list[Quantizer | None]:
+        """The quantizers of its q, k and v inputs."""
+        return [getattr(self, c).input_quantizers[0] for c in ("q_proj", "k_proj", "v_proj")]
+
+    @property
+    def param_quantizers(self) -> dict[str, Quantizer | None]:
+        """Weight quantizers by the attention's parameter names."""
+        found = {"out_proj.weight": self.out_proj.param_quantizers["weight"]}
+        names = ("in_proj_weight",) * 3 if self._qkv_same_embed_dim else _SEPARATE
+        for child, name in zip(("q_proj", "k_proj", "v_proj"), names, strict=True):
+            key = name if not self._qkv_same_embed_dim else f"{name}[{child[0]}]"
+            found[key] = getattr(self, child).param_quantizers["weight"]
+        return found
+
+    def finish_convert(self) -> None:
+        """In `convert`'s copy, once its children are converted: drop the float in-projection
+        parameters the integer q/k/v layers now hold as codes (kept where a projection still
+        computes from them, i.e. runs in fake quant)."""
+        projections = [getattr(self, c) for c in ("q_proj", "k_proj", "v_proj")]
+        if any(isinstance(m, QuantInProjection) for p in projections for m in p.modules()):
+            return
+        for name in ("in_proj_weight", "in_proj_bias", *_SEPARATE):
+            if self._parameters.get(name) is not None:
+                self._parameters[name] = None
+
+    def to_float(self) -> nn.MultiheadAttention:
+        """The float `nn.MultiheadAttention` again, with the same parameters."""
+        module = nn.MultiheadAttention.__new__(nn.MultiheadAttention)
+        module.__dict__.update(
+            {k: (copy.copy(v) if isinstance(v, dict) else v) for k, v in self.__dict__.items()}
+        )
+        module.__dict__.pop("_fast_path_hook", None)
+        module._forward_pre_hooks.pop(self.__dict__.get("_fast_path_hook"), None)
+        module._modules = {k: v for k, v in self._modules.items() if k not in _CHILDREN}
+        module._modules["out_proj"] = self.out_proj.to_float()
+        module._parameters = dict(self._parameters)
+        return module
+
+    # -- forward ---------------------------------------------------------------------------------
+    def forward(
+        self,
+        query: torch.Tensor,
+        key: torch.Tensor,
+        value: torch.Tensor,
+        key_padding_mask: torch.Tensor | None = None,
+        need_weights: bool = True,
+        attn_mask: torch.Tensor | None = None,
+        average_attn_weights: bool = True,
+        is_causal: bool = False,
+    ) -> tuple[torch.Tensor, torch.Tensor | None]:
+        """As `nn.MultiheadAttention.forward` (``is_causal`` is a hint that ``attn_mask`` is
+        causal, and needs it, as there)."""
+        if is_causal and attn_mask is None:
+            raise RuntimeError(
+                f"{type(self).__name__}: is_causal=True needs attn_mask (the causal mask), as "
+                "nn.MultiheadAttention does"
+            )
+        if query.is_nested:
+            raise ValueError(f"{type(self).__name__}: nested tensor inputs are not supported")
+        unbatched = query.dim() == 2
+        if unbatched:
+            query, key, value = query.unsqueeze(1), key.unsqueeze(1), value.unsqueeze(1)
+            if key_padding_mask is not None:
+                key_padding_mask = key_padding_mask.unsqueeze(0)
+            if self.batch_first:
+                query, key, value = (t.transpose(0, 1) for t in (query, key, value))
+        if not self.batch_first:  # internally (N, L, E)
+            query, key, value = (t.transpose(0, 1) for t in (query, key, value))
+        n, tgt, _ = query.shape
+        src = key.shape[1]
+        h, d = self.num_heads, self.head_dim
+        q = self.q_proj(query).reshape(n, tgt, h, d).transpose(1, 2)
+        k = self.k_proj(key).reshape(n, src, h, d).transpose(1, 2)
+        v = self.v_proj(value).reshape(n, src, h, d).transpose(1, 2)
+        scores = self.qk(q, k.transpose(-2, -1)) * (1.0 / math.sqrt(d))
+        mask = _as_float_mask(attn_mask, scores.dtype)
+        if mask is not None:
+            scores = scores + (mask.reshape(n, h, tgt, src) if mask.dim() == 3 else mask)
+        padding = _as_float_mask(key_padding_mask, scores.dtype)
+        if padding is not None:
+            scores = scores + padding.reshape(n, 1, 1, src)
+        probs = torch.softmax(scores, dim=-1)
+        if self.dropout > 0.0:
+            probs = F.dropout(probs, p=self.dropout, training=self.training)
+        out = self.pv(probs, v).transpose(1, 2).reshape(n, tgt, self.embed_dim)
+        out = self.out_proj(out)
+        if not self.batch_first or unbatched:
+            out = out.transpose(0, 1)
+        if unbatched:
+            out = out.squeeze(1)
+        weights = None
+        if need_weights:
+            weights = probs.mean(dim=1) if average_attn_weights else probs
+            if unbatched:
+                weights = weights.squeeze(0)
+        return out, weights
