@@ -142,8 +142,10 @@ def memory_of_sides(args: argparse.Namespace, sides: list[str], log) -> dict:
     for side in sides:
         log(f"memory: {side} ...")
         cmd = [sys.executable, __file__, "--memory-of", side, "--batch", str(args.batch)]
+        if side in BUILDERS:
+            cmd += ["--peers", side]
         if args.peer_dir is not None:
-            cmd += ["--peer-dir", str(args.peer_dir), "--peers", side]
+            cmd += ["--peer-dir", str(args.peer_dir)]
         done = subprocess.run(cmd, capture_output=True, text=True)
         lines = [line for line in done.stdout.splitlines() if line.startswith("{")]
         out[side] = json.loads(lines[-1]) if lines else {"error": done.stderr.strip()[-300:]}

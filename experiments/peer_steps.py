@@ -29,7 +29,8 @@ SCHEMES = {
     "brevitas": "graph quantize(), Int8WeightPerChannelFloat weights, int8/uint8 per-tensor "
     "activations, BN as preprocess_for_quantize leaves it",
     "aimet": "v2 QuantizationSimModel, default_config_per_channel.json, W8A8, "
-    "training_range_learning_with_tf_init (learned ranges)",
+    "training_range_learning_with_tf_init (learned ranges); AIMET disables the quantizers of a "
+    "module called twice (torchvision's shared ReLU in each BasicBlock)",
     "nncf": "nncf.quantize() (per-channel int8 weights, per-tensor int8 activations), then trained",
     "modelopt": "mtq.quantize(INT8_DEFAULT_CFG): per-channel int8 weights, per-tensor int8 "
     "activations, max calibration",
