@@ -67,6 +67,7 @@ from qat_lightning.quant import QuantScheme
 from qat_lightning.quant.quantizer import warn_only_zeros
 from qat_lightning.surgery import quantize_model
 from qat_lightning.surgery.config import DEFAULT_INPUTS, DEFAULT_PARAMS
+from qat_lightning.surgery.outside_reads import revert_unobserved
 
 EXPORT_FORMATS = ("onnx", "native")
 # Observers cheap enough to keep running on every QAT step; the others freeze after calibration.
@@ -293,6 +294,7 @@ class QATCallback(EvaluationHooks, Callback):
                 f"train loader has; calibrated on the {seen} batches there are"
             )
         sync_observers(pl_module)
+        revert_unobserved(pl_module, self.report)  # weights read outside forward: float
         # Under DDP each rank sees other data: activation observers stop here (their synced
         # ranges stay identical on all ranks); weight observers may go on, since DDP keeps
         # the weights identical.

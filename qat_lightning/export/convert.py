@@ -165,13 +165,14 @@ def find_producers(model: nn.Module) -> dict[str, list[Quantizer | None]]:
     input slot (None where none was found).
 
     Model surgery records each pruned input's producer (`QuantModule.input_encoding`); those
-    records are used as they are. Only modules quantized by hand, without records, are found
-    by tracing the model.
+    records are used as they are (also where other modules lack them). Only modules quantized
+    by hand, without records, are found by tracing the model. Modules whose input is indices
+    (``indexed_input``: Embedding) need no encoding.
     """
     needy = {
         name: m
         for name, m in _quant_modules(model)
-        if any(not _active(q) for q in m.input_quantizers)
+        if not m.indexed_input and any(not _active(q) for q in m.input_quantizers)
     }
     recorded = {
         name: [
@@ -192,10 +193,11 @@ def find_producers(model: nn.Module) -> dict[str, list[Quantizer | None]]:
     except Exception as error:  # untraceable: fall back to module order
         warnings.warn(
             f"convert: the model does not trace with torch.fx ({type(error).__name__}: "
-            f"{error}); input encodings are taken from the previous quantized module",
+            f"{error}); input encodings without a record of surgery are taken from the "
+            "previous quantized module",
             stacklevel=3,
         )
-        return _producers_by_order(model, needy)
+        return _with_records(_producers_by_order(model, needy), recorded)
     modules = dict(model.named_modules())
     found: dict[str, list[Quantizer | None]] = {}
     for node in graph.nodes:
@@ -212,6 +214,16 @@ def find_producers(model: nn.Module) -> dict[str, list[Quantizer | None]]:
                 p if p is q else None for p, q in zip(producers, found[node.target], strict=True)
             ]
         found[node.target] = producers
+    return _with_records(found, recorded)
+
+
+def _with_records(
+    found: dict[str, list[Quantizer | None]], recorded: dict[str, list[Quantizer | None]]
+) -> dict[str, list[Quantizer | None]]:
+    """``found`` with surgery's records taking precedence, slot by slot."""
+    for name, slots in recorded.items():
+        guessed = found.get(name, [None] * len(slots))
+        found[name] = [r if r is not None else g for r, g in zip(slots, guessed, strict=True)]
     return found
 
 

@@ -47,6 +47,7 @@ from qat_lightning.nn.fused import (
     QuantLinearBn1d,
     fused_bn_type,
 )
+from qat_lightning.nn.hf_conv1d import QuantHFConv1DMixin
 from qat_lightning.nn.integer import integer_mac, requantize
 from qat_lightning.nn.linear import QuantConv1d, QuantConv2d, QuantConv3d, QuantLinear, QuantMAC
 from qat_lightning.nn.pooling import (
@@ -63,7 +64,12 @@ from qat_lightning.nn.pooling import (
     QuantMaxPool2d,
     QuantMaxPool3d,
 )
-from qat_lightning.nn.registry import QUANT_MODULES, quant_type_for, register_quant_module
+from qat_lightning.nn.registry import (
+    QUANT_MODULES,
+    quant_type_for,
+    register_lazy_quant_module,
+    register_quant_module,
+)
 
 __all__ = [
     "FUSED_BN_MODULES",
@@ -100,6 +106,7 @@ __all__ = [
     "QuantConvTranspose3d",
     "QuantEmbedding",
     "QuantGELU",
+    "QuantHFConv1DMixin",
     "QuantHardsigmoid",
     "QuantHardswish",
     "QuantHardtanh",
@@ -126,6 +133,7 @@ __all__ = [
     "integer_in_eval",
     "integer_mac",
     "quant_type_for",
+    "register_lazy_quant_module",
     "register_quant_module",
     "requantize",
 ]

@@ -162,6 +162,8 @@ class QuantModule(nn.Module):
     """What `convert` makes of it: ``"mac"`` (integer weights, `integer_mac`; see `QuantMAC`),
     ``"lookup"`` (an integer table looked up by index) or ``"op"`` (the module itself with
     frozen quantizers, running its ``quantized_forward``)."""
+    indexed_input: ClassVar[bool] = False
+    """Its input is integer indices (Embedding): it never has an input encoding to find."""
     mac_output_axis: ClassVar[int] = 1
     """A MAC layer's channel axis of its input and of its accumulator (-1 for Linear)."""
     mac_weight_input_axis: ClassVar[int] = 1

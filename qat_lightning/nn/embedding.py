@@ -27,6 +27,7 @@ class QuantEmbedding(QuantModule, nn.Embedding):
     """
 
     _quantized_params: ClassVar[dict[str, int]] = {"weight": 0}
+    indexed_input: ClassVar[bool] = True
 
     @property
     def convert_as(self) -> str:  # type: ignore[override]

@@ -12,6 +12,12 @@ a method of its base (``forward``, ``_conv_forward``, ...; ``__init__``, ``reset
 ``extra_repr`` excepted) is not covered, and stays float with that reason in the report, until
 its own quantized type is registered. An exact registration always wins over the MRO.
 
+A float class from an optional dependency (Hugging Face ``transformers``' ``Conv1D``) is
+registered lazily, by module path and class name (`register_lazy_quant_module`): the package
+never imports the dependency, and the quantized type (which must subclass the float class) is
+made by a factory the first time a lookup meets that class in a module's MRO, which can only
+happen once the user's code has imported it.
+
 A specialised class is made on first use, in the process that quantizes: a whole pickled
 model holding one (``torch.save(model)``) loads back only where surgery has run for that
 subclass; checkpoints (``state_dict``) and the exported artifacts do not depend on it.
@@ -30,6 +36,9 @@ from qat_lightning.nn.base import QuantModule
 QUANT_MODULES: dict[type[nn.Module], type[nn.Module]] = {}
 # (quantized type, float subclass) -> the quantized type specialised to the subclass
 _SPECIALISED: dict[tuple[type, type], type] = {}
+
+# (module path, qualified name) of a float class -> factory of its quantized type
+_LAZY: dict[tuple[str, str], Callable[[type], type]] = {}
 
 # Methods a subclass may override and still compute what its registered base computes.
 _HARMLESS_OVERRIDES = frozenset({"__init__", "reset_parameters", "extra_repr", "__repr__"})
@@ -56,8 +65,41 @@ def register_quant_module(float_type: type[nn.Module]) -> Callable[[T], T]:
     return decorate
 
 
+def register_lazy_quant_module(
+    module: str, qualname: str, factory: Callable[[type[nn.Module]], type[nn.Module]]
+) -> None:
+    """Register a quantized type for the float class ``module.qualname`` without importing it.
+
+    ``factory(float_class)`` returns the quantized type (a class deriving from ``float_class``
+    with ``from_float``); it is called, and its result registered as `register_quant_module`
+    would, the first time a lookup (`quant_type_for`) meets a class of that module path and
+    name in a module's MRO. An exact registration made earlier wins.
+
+    Example:
+        >>> register_lazy_quant_module("transformers.pytorch_utils", "Conv1D", make_quant_conv1d)
+    """
+    if not module or not qualname or not callable(factory):
+        raise ValueError(
+            f"register_lazy_quant_module({module!r}, {qualname!r}, {factory!r}) is invalid: "
+            "allowed a module path, a class name and a callable taking the float class"
+        )
+    _LAZY[(module, qualname)] = factory
+
+
+def _resolve_lazy(float_type: type) -> None:
+    """Register the quantized type of every lazily registered class in ``float_type``'s MRO
+    that has none yet."""
+    if not _LAZY:
+        return
+    for base in float_type.__mro__:
+        factory = _LAZY.get((base.__module__, base.__qualname__))
+        if factory is not None and base not in QUANT_MODULES:
+            register_quant_module(base)(factory(base))
+
+
 def _registered_base(float_type: type) -> type | None:
     """The first class in ``float_type``'s MRO with a registration (itself first)."""
+    _resolve_lazy(float_type)
     return next((base for base in float_type.__mro__ if base in QUANT_MODULES), None)
 
 
@@ -102,6 +144,7 @@ def quant_type_for(module: nn.Module) -> type[nn.Module] | None:
     float_type = type(module)
     if isinstance(module, QuantModule):
         return None
+    _resolve_lazy(float_type)
     exact = QUANT_MODULES.get(float_type)
     if exact is not None:
         return exact

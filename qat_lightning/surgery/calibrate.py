@@ -16,6 +16,7 @@ from torch import nn
 
 from qat_lightning.quant import Quantizer
 from qat_lightning.surgery.config import QuantConfig
+from qat_lightning.surgery.outside_reads import revert_unobserved
 from qat_lightning.surgery.quantize import quantize_model
 from qat_lightning.surgery.report import QuantizationReport
 
@@ -53,13 +54,18 @@ def compute_encodings(
     batches: Iterable[Any],
     input_fn: InputFn | None = None,
     num_batches: int | None = None,
+    *,
+    report: QuantizationReport | None = None,
 ) -> int:
     """Calibrate a quantized ``model`` in place on ``batches``; return how many were used.
 
     Every quantizer's observer is reset and observes (fake quantization off) while the model
     runs in eval mode without gradients; then each encoding is fixed and fake quantization is
     switched on, observers off. Non-quantizer buffers (BatchNorm statistics) are restored, so
-    only the encodings change. The model's train/eval mode is restored.
+    only the encodings change. The model's train/eval mode is restored. A quantized layer
+    that observed nothing (its weight is read outside its forward, or it never runs) is
+    swapped back to float, with a warning and, in ``report``, a float row saying why
+    (`revert_unobserved`).
 
     Args:
         model: a model `quantize_model` has quantized.
@@ -103,6 +109,7 @@ def compute_encodings(
         model.train(was_training)
     if seen == 0:
         raise ValueError("calibrate(batches=...) is invalid: it yielded no batch")
+    revert_unobserved(model, report)
     return seen
 
 
@@ -143,5 +150,5 @@ def calibrate(
         >>> integer_model = convert(model)
     """
     report = quantize_model(model, config, **changes)
-    compute_encodings(model, batches, input_fn=input_fn, num_batches=num_batches)
+    compute_encodings(model, batches, input_fn=input_fn, num_batches=num_batches, report=report)
     return report

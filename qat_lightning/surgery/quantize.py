@@ -54,6 +54,7 @@ from qat_lightning.surgery.graph import (
     owner_of,
     trace_regions,
 )
+from qat_lightning.surgery.outside_reads import read_outside_forward
 from qat_lightning.surgery.prune import prune_input_quantizers
 from qat_lightning.surgery.report import LayerRow, QuantizationReport
 from qat_lightning.surgery.rewrite import ArgumentDependentGraph, rewrite_module
@@ -119,6 +120,10 @@ class _Surgery:
         for region in regions:
             if region.graph is None:
                 self._warn_untraced(region)
+        self.outside = read_outside_forward(self.model, regions)  # these stay float
+        for name, reason in self.outside.items():
+            self._row(name, self.model.get_submodule(name), "float", note=reason)
+            warnings.warn(f"quantize_model: layer {name!r}: {reason}", stacklevel=3)
         groups = []
         if self.config.fuse:
             for region in regions:
@@ -313,9 +318,11 @@ class _Surgery:
     # -- 4. swap by registry ---------------------------------------------------------------------
     def _swap(self, module: nn.Module, prefix: str) -> None:
         for name, child in list(module._modules.items()):
+            full = join(prefix, name)
             if child is None or id(child) in self.done or id(child) in self.made:
                 continue
-            full = join(prefix, name)
+            if full in self.outside:  # (a rewritten block holds a bare module with the weight)
+                continue
             qtype = quant_type_for(child)
             if qtype is not None:
                 self._swap_one(child, full, qtype)

@@ -1,0 +1,93 @@
+"""A layer whose weight the model reads outside the layer's own forward
+(``F.linear(x, self.proj.weight, self.proj.bias)``, torchvision's Swin attention) stays float,
+and the report says why: at `quantize_model` where the graph shows it, after calibration where
+it does not. Never an uncalibrated quantizer at `convert`, never an eval that runs float while
+claiming integers."""
+
+from __future__ import annotations
+
+import pytest
+import torch
+import torch.nn.functional as F
+from torch import nn
+
+from qat_lightning import convert
+from qat_lightning.nn import QuantModule
+from qat_lightning.surgery import calibrate
+
+REASON = "its weight is read outside its forward"
+
+
+class ReadsWeight(nn.Module):
+    """A user model that applies ``proj`` through its weight, never calling it."""
+
+    def __init__(self, branch: bool = False) -> None:
+        super().__init__()
+        self.fc = nn.Linear(8, 16)
+        self.proj = nn.Linear(16, 16)
+        self.head = nn.Linear(16, 4)
+        self.branch = branch
+
+    def forward(self, x: torch.Tensor) -> torch.Tensor:
+        h = torch.relu(self.fc(x))
+        if self.branch and bool(h.sum() > -1e9):  # data-dependent: torch.fx cannot trace it
+            h = h * 1.0
+        return self.head(F.linear(h, self.proj.weight, self.proj.bias))
+
+
+def _batches() -> list[torch.Tensor]:
+    return [torch.randn(32, 8) for _ in range(3)]
+
+
+def _check_integer_eval_is_convert(model: nn.Module, x: torch.Tensor) -> None:
+    model.eval()
+    converted = convert(model)  # raised NotCalibratedError before
+    with torch.no_grad():
+        assert torch.equal(model(x), converted(x))
+
+
+def test_a_weight_read_in_a_traced_forward_stays_float_from_quantize_model() -> None:
+    torch.manual_seed(0)
+    model = ReadsWeight()
+    with pytest.warns(UserWarning, match=rf"layer 'proj': {REASON}.*F?linear in the root"):
+        report = calibrate(model, _batches())
+    row = report.row("proj")
+    assert row.status == "float" and row.after == "Linear" and REASON in row.note
+    assert type(model.proj) is nn.Linear
+    assert isinstance(model.fc, QuantModule) and isinstance(model.head, QuantModule)
+    _check_integer_eval_is_convert(model, torch.randn(16, 8))
+
+
+def test_a_weight_read_in_untraced_code_is_reverted_to_float_after_calibration() -> None:
+    torch.manual_seed(0)
+    model = ReadsWeight(branch=True)
+    with pytest.warns(UserWarning, match=rf"layer 'proj' \(QuantLinear\).*{REASON}"):
+        report = calibrate(model, _batches())
+    assert type(model.proj) is nn.Linear  # swapped back, with its own Parameters
+    row = report.row("proj")
+    assert row.status == "float" and row.after == "Linear" and REASON in row.note
+    assert row.params is None and row.inputs is None
+    assert report.row("head").status == "quantized"
+    _check_integer_eval_is_convert(model, torch.randn(16, 8))
+
+
+@pytest.mark.slow
+def test_swin_attention_projections_stay_float_and_the_rest_converts() -> None:
+    swin = pytest.importorskip("torchvision.models.swin_transformer")
+    torch.manual_seed(0)
+    model = swin.SwinTransformer(
+        patch_size=[4, 4],
+        embed_dim=16,
+        depths=[1, 1],
+        num_heads=[2, 2],
+        window_size=[4, 4],
+        num_classes=10,
+    )
+    with pytest.warns(UserWarning, match=REASON):
+        report = calibrate(model, [torch.randn(4, 3, 32, 32) for _ in range(2)])
+    readers = [r for r in report.rows if REASON in r.note]
+    expected = {f"features.{i}.0.attn.{p}" for i in (1, 3) for p in ("qkv", "proj")}
+    assert {r.name for r in readers} == expected
+    assert all(r.status == "float" and "shifted_window_attention" in r.note for r in readers)
+    assert report.row("features.1.0.mlp.0").status == "quantized"
+    _check_integer_eval_is_convert(model, torch.randn(4, 3, 32, 32))
