@@ -50,10 +50,14 @@ def test_lightning_transformer_demo_exports_an_onnx_that_agrees_per_token(tmp_pa
     with pytest.warns(UserWarning) as caught:
         pl.Trainer(**trainer_kwargs(tmp_path, max_steps=3, callbacks=[qat])).fit(model)
     messages = [str(w.message) for w in caught]
-    # nn.MultiheadAttention stays float today: the report and the export say so.
-    float_rows = {r.name for r in qat.report.rows if r.status == "float"}
-    assert "model.transformer.encoder.layers.0.self_attn" in float_rows
-    assert any("left float" in m and "self_attn" in m for m in messages)
+    # Every attention of nn.Transformer is quantized (encoder and decoder, self and cross);
+    # only the LayerNorms stay float, and the report says why.
+    rows = {r.name: r for r in qat.report.rows}
+    for name in ("encoder.layers.0.self_attn", "decoder.layers.0.multihead_attn"):
+        row = rows[f"model.transformer.{name}"]
+        assert row.status == "quantized", row
+    floats = [r for r in rows.values() if r.status == "float"]
+    assert floats and all(r.before == "LayerNorm" and r.note for r in floats), floats
     # nn.Transformer checks whether its mask is causal (a branch on tensor values, which
     # torch.export cannot trace): the export traces on the example's values and says so.
     assert any("branches on tensor values" in m for m in messages)
