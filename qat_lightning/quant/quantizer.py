@@ -95,6 +95,11 @@ class Quantizer(nn.Module):
         self.register_buffer("initialized", torch.zeros((), dtype=torch.uint8))
         self._calibrating = False  # inside compute_encodings(): observe even in eval mode
         self._init_checked = False  # seen initialized, or warned that it is not (once)
+        # Quantizers made during this one's compute_encodings() (a rewrite's fallback gives
+        # back an input quantizer pruned against it), each with whether it calibrates on its
+        # own data (its source left the model) or, on exit, takes this one's final encoding
+        # (the grid its module was fed on).
+        self._followers: list[tuple[Quantizer, bool]] = []
         # What messages call this quantizer: its qualified name once `label_quantizers` ran.
         self.label: str | None = None
         if scheme.representation == "fixed_point":
@@ -181,6 +186,14 @@ class Quantizer(nn.Module):
             self._calibrating = False
             self.update_encodings()
             self.enable_observer(False).enable_fake_quant(True)
+            for follower, on_its_own in self._followers:
+                follower._calibrating = False
+                if on_its_own:
+                    follower.update_encodings()
+                else:
+                    follower.load_state_dict(self.state_dict())
+                follower.enable_observer(False).enable_fake_quant(True)
+            self._followers.clear()
         if self.saw_only_zeros:
             warn_only_zeros([("", self)])
 

@@ -173,7 +173,8 @@ def fall_back(check: RewriteCheck, reason: str) -> None:
     _float_graph(gm, [name for name in check.added if name in gm._modules])
     removed = [gm._modules.pop(name) for name in check.added if name in gm._modules]
     inside = {id(m) for m in gm.modules()} | {id(m) for r in removed for m in r.modules()}
-    restored = _give_back_input_quantizers(check.root or gm, inside)
+    gone = {id(m) for r in removed for m in r.modules()}
+    restored = _give_back_input_quantizers(check.root or gm, inside, gone)
     message = (
         f"functional ops in {check.name!r} ({check.kind}.forward) stay float: {reason}; the "
         f"block runs its own forward ({restored} input quantizer(s) given back around it)"
@@ -213,9 +214,12 @@ def _float_graph(gm: fx.GraphModule, names: list[str]) -> None:
     gm.recompile()
 
 
-def _give_back_input_quantizers(root: nn.Module, inside: set[int]) -> int:
+def _give_back_input_quantizers(root: nn.Module, inside: set[int], gone: set[int]) -> int:
     """Quantized modules in the block, or fed by a quantizer in it, quantize their inputs
-    themselves again: the code path that fed them is not the traced one."""
+    themselves again: the code path that fed them is not the traced one. A quantizer given
+    back starts from its source's encoding, or, where the source left the model with the
+    removed functional-op modules (``gone``), from nothing; during calibration it finishes
+    with its source (`Quantizer.compute_encodings`)."""
     count = 0
     for module in root.modules():
         if not isinstance(module, QuantModule):
@@ -233,8 +237,14 @@ def _give_back_input_quantizers(root: nn.Module, inside: set[int]) -> int:
                     "train; build the optimizer after the first forward",
                     stacklevel=4,
                 )
+            on_its_own = id(source) in gone
+            if not on_its_own:
+                quantizer.load_state_dict(source.state_dict())  # the grid pruning relied on
             quantizer.enable_observer(bool(source.observer_enabled))
             quantizer.enable_fake_quant(bool(source.fake_quant_enabled))
+            if source._calibrating:  # inside compute_encodings: it ends with the source
+                quantizer._calibrating = True
+                source._followers.append((quantizer, on_its_own))
             module.input_quantizers[index] = quantizer
             del sources[index]
             count += 1
