@@ -14,18 +14,37 @@ from __future__ import annotations
 from torch import nn
 
 from qat_lightning.nn import QuantModule
+from qat_lightning.nn.attention import QuantMultiheadAttention
 
 
 def disable_fast_paths(model: nn.Module) -> list[str]:
-    """Turn off the fused eval fast path of each `nn.TransformerEncoderLayer` holding a
-    quantized layer; returns their names."""
-    names = []
+    """Turn off the float fast paths that would bypass quantized layers; returns one report
+    line for each path turned off.
+
+    - Each `nn.TransformerEncoderLayer` holding a quantized layer: its fused eval path.
+    - Each `nn.TransformerEncoder` holding a quantized attention: in eval it turns a padded
+      batch into a nested tensor, which only torch's fused layer takes.
+    """
+    lines = []
     for name, module in model.named_modules():
-        if not isinstance(module, nn.TransformerEncoderLayer):
-            continue
-        if not any(isinstance(m, QuantModule) for m in module.modules()):
-            continue
-        if getattr(module, "activation_relu_or_gelu", 0):
-            module.activation_relu_or_gelu = 0
-            names.append(name or "<model>")
-    return names
+        label = repr(name or "<model>")
+        if isinstance(module, nn.TransformerEncoderLayer):
+            quantized = any(isinstance(m, QuantModule) for m in module.modules())
+            if quantized and getattr(module, "activation_relu_or_gelu", 0):
+                module.activation_relu_or_gelu = 0
+                lines.append(
+                    f"{label} (TransformerEncoderLayer): its fused eval fast path, which "
+                    "reads its children's float weights, is turned off so that its quantized "
+                    "layers run"
+                )
+        elif (
+            isinstance(module, nn.TransformerEncoder)
+            and module.use_nested_tensor
+            and any(isinstance(m, QuantMultiheadAttention) for m in module.modules())
+        ):
+            module.use_nested_tensor = False
+            lines.append(
+                f"{label}: use_nested_tensor set to False (torch's nested-tensor fast path "
+                "would bypass the quantized attention)"
+            )
+    return lines

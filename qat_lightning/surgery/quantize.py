@@ -33,7 +33,6 @@ from qat_lightning.nn import (
     QuantMatMul,
     QuantModule,
     QuantMul,
-    QuantMultiheadAttention,
     fused_bn_type,
     quant_type_for,
 )
@@ -141,12 +140,7 @@ class _Surgery:
         else:
             self._own_parameters("", self.model)
         self._swap(self.model, "")
-        for name in disable_fast_paths(self.model):
-            self.report.warnings.append(
-                f"{name!r} (TransformerEncoderLayer): its fused eval fast path, which reads its "
-                "children's float weights, is turned off so that its quantized layers run"
-            )
-        self._no_nested_tensors()
+        self.report.warnings.extend(disable_fast_paths(self.model))
         removed = prune_input_quantizers(trace_regions(self.model))
         self._finish(removed)
         return self.report
@@ -335,18 +329,6 @@ class _Surgery:
                     self._swap(child, full)
             else:
                 self._leaf(child, full)
-
-    def _no_nested_tensors(self) -> None:
-        """`nn.TransformerEncoder` turns a padded batch into a nested tensor in eval (its
-        fast path), which only torch's fused layer takes: off where a layer is quantized."""
-        for name, module in self.model.named_modules():
-            quantized = any(isinstance(m, QuantMultiheadAttention) for m in module.modules())
-            if isinstance(module, nn.TransformerEncoder) and quantized and module.use_nested_tensor:
-                module.use_nested_tensor = False
-                self.report.warnings.append(
-                    f"{name!r}: use_nested_tensor set to False (torch's nested-tensor fast "
-                    "path would bypass the quantized attention)"
-                )
 
     def _children_float(self, module: nn.Module, prefix: str) -> None:
         note = f"{type(module).__name__}.forward reads its parameters directly, not calling it"
