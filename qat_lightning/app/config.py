@@ -198,6 +198,8 @@ class SearchConfig:
 
     name: str = "none"  # none | mixed_precision
     size_budget: float = 0.15  # weight bytes, or a fraction of fp32 when in (0, 1]
+    # quantized activation bytes per sample, or a fraction of fp32 in (0, 1]; None: 8-bit
+    activation_budget: float | None = None
     bits: list[int] = field(default_factory=lambda: [2, 4, 8])
     calibration_batches: int = 4  # training batches that calibrate each trial
     eval_batches: int = 4  # validation batches of the per-layer top-1

@@ -52,12 +52,15 @@ class SearchOutcome:
     metric: str
 
     def quant_config(self, quant: DictConfig) -> DictConfig:
-        """``quant`` with the chosen weight bits added to its overrides (after the run's own,
-        so they win where both name a layer; the run's other fields for that layer stay)."""
+        """``quant`` with the chosen weight (and activation) bits added to its overrides
+        (after the run's own, so they win where both name a layer; the run's other fields for
+        that layer stay)."""
         merged = quant_overrides(quant.overrides)
         for name, change in self.choice.overrides.items():
             own = dict(merged.get(name) or {})
-            own["params"] = {**(own.get("params") or {}), **change["params"]}
+            for role in ("params", "inputs"):  # inputs: only with an activation budget
+                if role in change:
+                    own[role] = {**(own.get(role) or {}), **change[role]}
             merged[name] = own
         node = OmegaConf.create(OmegaConf.to_container(quant, resolve=True))
         node.overrides = merged
@@ -102,11 +105,13 @@ def run_search(
         calib,
         None if val is None else _top1(val, search.eval_batches),
         bits=tuple(search.bits),
-        which=("params",),
+        which=("params",) if search.activation_budget is None else ("params", "inputs"),
         config=config,
     )
     log.info("search: per-layer sensitivity\n%s", result)
-    choice = mixed_precision(result, search.size_budget)
+    choice = mixed_precision(result, search.size_budget, search.activation_budget)
+    if choice.activation_bits:
+        log.info("search: activation bits %s", choice.activation_bits)
     log.info(
         "search: weight bits %s, %.0f bytes (%.3f of fp32, budget %.0f)",
         choice.bits,

@@ -237,6 +237,11 @@ def _check_search(cfg: DictConfig) -> None:
     budget = cfg.search.size_budget
     if isinstance(budget, bool) or not isinstance(budget, (int, float)) or not budget > 0:
         raise invalid("search.size_budget", budget, "a fraction of fp32 in (0, 1] or bytes > 1")
+    act = cfg.search.get("activation_budget")
+    if act is not None and (isinstance(act, bool) or not isinstance(act, (int, float)) or act <= 0):
+        raise invalid(
+            "search.activation_budget", act, "null, a fraction of fp32 in (0, 1] or bytes > 1"
+        )
     bits = list(cfg.search.bits)
     if not bits or not all(isinstance(b, int) and 2 <= b <= 16 for b in bits):
         raise invalid("search.bits", bits, "a non-empty list of integers in 2..16")

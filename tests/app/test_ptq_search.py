@@ -102,6 +102,10 @@ def test_ptq_accuracy_does_not_stop_a_qat_run(tmp_path) -> None:
             r"search.size_budget=0.0 is invalid: allowed a fraction of fp32 in \(0, 1\]",
         ),
         ("search.bits=[1,4]", r"search.bits=\[1, 4\] is invalid: allowed a non-empty list"),
+        (
+            "search.activation_budget=-2",
+            r"search.activation_budget=-2.0 is invalid: allowed null, a fraction of fp32",
+        ),
     ],
 )
 def test_bad_search_and_ptq_values_fail_before_training(override, match) -> None:
@@ -172,3 +176,30 @@ def test_mixed_precision_search_chooses_bits_within_the_budget_and_qat_uses_them
         rows = {r["quantizer"]: int(r["bits"]) for r in csv.DictReader(f)}
     for name, bits in chosen.items():
         assert rows[f"{name}.param_quantizers.weight"] == bits  # one naming: model.<layer>
+
+
+@pytest.mark.slow
+def test_activation_budget_chooses_activation_bits_that_qat_uses(tmp_path) -> None:
+    overrides = [
+        *BASE,
+        "qat_epochs=1",
+        "fp32_epochs=1",
+        "search=mixed_precision",
+        "search.size_budget=0.5",
+        "search.activation_budget=0.2",  # below 8 bits on average: some layers must go lower
+        "search.bits=[4,8]",
+        "search.calibration_batches=1",
+        "search.eval_batches=1",
+        f"output_dir={tmp_path}",
+    ]
+    results = train(compose_config(overrides))
+    search = results["search"]
+    activation_bits = search["activation_bits"]
+    assert activation_bits and set(activation_bits.values()) <= {4, 8}
+    assert 4 in activation_bits.values()
+    assert search["activation_bytes"] <= search["activation_budget_bytes"]
+    with open(tmp_path / "quant_health.csv") as f:
+        rows = {r["quantizer"]: int(r["bits"]) for r in csv.DictReader(f)}
+    for name, bits in activation_bits.items():  # what QAT ran is what the search chose
+        own = [v for k, v in rows.items() if k.startswith(f"{name}.input_quantizers")]
+        assert all(v == bits for v in own), (name, bits, own)
