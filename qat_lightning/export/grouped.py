@@ -37,7 +37,7 @@ from qat_lightning.export.modules import (
     weightless_twin,
 )
 from qat_lightning.export.ops import QuantizedOp
-from qat_lightning.export.qdq import onnx_int4, pack_int4, packs_to_int4
+from qat_lightning.export.qdq import onnx_int4
 from qat_lightning.nn.base import QuantModule, exact_arithmetic
 from qat_lightning.nn.grouped import grouped_linear, uses_grouped_path
 from qat_lightning.quant import Quantizer
@@ -64,13 +64,8 @@ class GroupedIntegerLinear(IntegerLayer):
         if layer.input_quantizers[0] is None:
             layer.borrowed_encodings[0] = freeze(borrowed)
         layer.output_quantizers[0] = freeze(source.output_quantizers[0])
-        q_w = w_quantizer.quantize(weight.detach().float())
-        codes = pack_int4(q_w.codes) if packs_to_int4(scheme) else q_w.codes
-        layer.register_buffer("weight_codes", codes)
-        layer.register_buffer("weight_scale", q_w.scale.clone())
-        layer.register_buffer("weight_zero_point", q_w.zero_point.clone())
-        layer.register_buffer("bias_codes", None)
-        layer.register_buffer("float_bias", None if bias is None else bias.detach().clone())
+        layer.store_weight(w_quantizer, weight)
+        layer.store_float_bias(bias)
         return layer.to(weight.device)
 
     def forward(self, x: torch.Tensor) -> torch.Tensor:

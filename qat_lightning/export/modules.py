@@ -185,17 +185,27 @@ class IntegerLayer(_IntegerWeights):
         if layer.input_quantizers[0] is None:
             layer.borrowed_encodings[0] = freeze(borrowed)
         layer.output_quantizers[0] = freeze(source.output_quantizers[0])
-        q_w = w_quantizer.quantize(weight.detach().float())
-        codes = pack_int4(q_w.codes) if packs_to_int4(layer.weight_scheme) else q_w.codes
-        layer.register_buffer("weight_codes", codes)
-        layer.register_buffer("weight_scale", q_w.scale.clone())
-        layer.register_buffer("weight_zero_point", q_w.zero_point.clone())
+        layer.store_weight(w_quantizer, weight)
         acc_scale = layer.accumulator_scale()
         bias_codes = quantize_bias(bias, acc_scale)
         layer.register_buffer(
             "bias_codes", None if bias_codes is None else bias_codes.to(torch.int32)
         )
         return layer.to(weight.device)
+
+    def store_weight(self, w_quantizer: Quantizer, weight: torch.Tensor) -> None:
+        """Register ``weight``'s integer codes (int4 packed two per byte), scale and zero point."""
+        q_w = w_quantizer.quantize(weight.detach().float())
+        codes = pack_int4(q_w.codes) if packs_to_int4(self.weight_scheme) else q_w.codes
+        self.register_buffer("weight_codes", codes)
+        self.register_buffer("weight_scale", q_w.scale.clone())
+        self.register_buffer("weight_zero_point", q_w.zero_point.clone())
+
+    def store_float_bias(self, bias: torch.Tensor | None) -> None:
+        """For the layers whose bias stays float (weight-only, per group, dynamic inputs): no
+        int32 ``bias_codes``, the bias as ``float_bias``."""
+        self.register_buffer("bias_codes", None)
+        self.register_buffer("float_bias", None if bias is None else bias.detach().clone())
 
     # -- tensors --------------------------------------------------------------------------------
     @property
@@ -295,13 +305,8 @@ class WeightOnlyLayer(IntegerLayer):
         layer = cls(
             weightless_twin(source), type(source), scheme, tuple(weight.shape), source.output_relu
         )
-        q_w = w_quantizer.quantize(weight.detach().float())
-        codes = pack_int4(q_w.codes) if packs_to_int4(scheme) else q_w.codes
-        layer.register_buffer("weight_codes", codes)
-        layer.register_buffer("weight_scale", q_w.scale.clone())
-        layer.register_buffer("weight_zero_point", q_w.zero_point.clone())
-        layer.register_buffer("bias_codes", None)
-        layer.register_buffer("float_bias", None if bias is None else bias.detach().clone())
+        layer.store_weight(w_quantizer, weight)
+        layer.store_float_bias(bias)
         return layer.to(weight.device)
 
     def forward(self, x: torch.Tensor, *extra: Any) -> torch.Tensor:
