@@ -98,6 +98,14 @@ class _IntegerWeights(_Converted):
     _onnx_int4 = False
     _onnx_offset = 0  # added to codes and zero point in the ONNX initializer (see IntegerLayer)
 
+    def store_weight(self, w_quantizer: Quantizer, weight: torch.Tensor) -> None:
+        """Register ``weight``'s integer codes (int4 packed two per byte), scale and zero point."""
+        q_w = w_quantizer.quantize(weight.detach().float())
+        codes = pack_int4(q_w.codes) if packs_to_int4(self.weight_scheme) else q_w.codes
+        self.register_buffer("weight_codes", codes)
+        self.register_buffer("weight_scale", q_w.scale.clone())
+        self.register_buffer("weight_zero_point", q_w.zero_point.clone())
+
     def weight_int_codes(self) -> torch.Tensor:
         """The weight codes, unpacked, in their shape."""
         if packs_to_int4(self.weight_scheme):
@@ -192,14 +200,6 @@ class IntegerLayer(_IntegerWeights):
             "bias_codes", None if bias_codes is None else bias_codes.to(torch.int32)
         )
         return layer.to(weight.device)
-
-    def store_weight(self, w_quantizer: Quantizer, weight: torch.Tensor) -> None:
-        """Register ``weight``'s integer codes (int4 packed two per byte), scale and zero point."""
-        q_w = w_quantizer.quantize(weight.detach().float())
-        codes = pack_int4(q_w.codes) if packs_to_int4(self.weight_scheme) else q_w.codes
-        self.register_buffer("weight_codes", codes)
-        self.register_buffer("weight_scale", q_w.scale.clone())
-        self.register_buffer("weight_zero_point", q_w.zero_point.clone())
 
     def store_float_bias(self, bias: torch.Tensor | None) -> None:
         """For the layers whose bias stays float (weight-only, per group, dynamic inputs): no
@@ -348,11 +348,7 @@ class IntegerEmbedding(_IntegerWeights):
             weightless_twin(source), w_quantizer.scheme.replace(learnable=False), weight.shape
         )
         table.output_quantizers[0] = freeze(source.output_quantizers[0])
-        q_w = w_quantizer.quantize(weight)
-        codes = pack_int4(q_w.codes) if packs_to_int4(table.weight_scheme) else q_w.codes
-        table.register_buffer("weight_codes", codes)
-        table.register_buffer("weight_scale", q_w.scale.clone())
-        table.register_buffer("weight_zero_point", q_w.zero_point.clone())
+        table.store_weight(w_quantizer, weight)
         return table.to(weight.device)
 
     def forward(self, indices: torch.Tensor) -> torch.Tensor:
