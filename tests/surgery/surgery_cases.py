@@ -150,3 +150,21 @@ class SmallNet(nn.Module):
 class Merge(nn.Module):
     def forward(self, a: torch.Tensor, b: torch.Tensor) -> torch.Tensor:
         return torch.cat([a, b], dim=1)
+
+
+def tiny_bert() -> nn.Module:
+    """Hugging Face's ``BertModel`` from a tiny config, random init (nothing is downloaded),
+    in eval mode; skips the test where transformers is not installed."""
+    import pytest
+
+    transformers = pytest.importorskip("transformers")
+    torch.manual_seed(0)
+    config = transformers.BertConfig(
+        vocab_size=100,
+        hidden_size=32,
+        num_hidden_layers=2,
+        num_attention_heads=2,
+        intermediate_size=64,
+        max_position_embeddings=64,
+    )
+    return transformers.BertModel(config).eval()

@@ -12,6 +12,7 @@ from types import SimpleNamespace
 
 import pytest
 import torch
+from surgery_cases import tiny_bert
 from torch import nn
 
 from qat_lightning.export import convert
@@ -200,17 +201,7 @@ def test_torchvision_resnet_blocks_pass_the_check_and_keep_state_and_copies() ->
 
 
 def test_hugging_face_bert_output_blocks_rewrite_and_pass_the_check() -> None:
-    transformers = pytest.importorskip("transformers")
-    torch.manual_seed(0)
-    config = transformers.BertConfig(
-        vocab_size=100,
-        hidden_size=32,
-        num_hidden_layers=2,
-        num_attention_heads=2,
-        intermediate_size=64,
-        max_position_embeddings=64,
-    )
-    model = transformers.BertModel(config).eval()  # random init: nothing is downloaded
+    model = tiny_bert()
     ids = torch.randint(0, 100, (2, 10), generator=torch.Generator().manual_seed(1))
     with torch.no_grad():
         expected = model(ids).last_hidden_state

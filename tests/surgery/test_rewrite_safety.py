@@ -4,8 +4,8 @@ and their functional ops are reported as float."""
 
 from __future__ import annotations
 
-import pytest
 import torch
+from surgery_cases import tiny_bert
 from torch import nn
 
 from qat_lightning.quant import Quantizer
@@ -56,17 +56,7 @@ def test_a_block_with_an_optional_argument_keeps_its_forward_and_is_reported() -
 
 
 def test_hugging_face_bert_runs_after_surgery_and_computes_what_it_did() -> None:
-    transformers = pytest.importorskip("transformers")
-    torch.manual_seed(0)
-    config = transformers.BertConfig(
-        vocab_size=100,
-        hidden_size=32,
-        num_hidden_layers=2,
-        num_attention_heads=2,
-        intermediate_size=64,
-        max_position_embeddings=64,
-    )
-    model = transformers.BertModel(config).eval()  # random init: no weights are downloaded
+    model = tiny_bert()
     ids = torch.randint(0, 100, (2, 10), generator=torch.Generator().manual_seed(1))
     with torch.no_grad():
         expected = model(ids).last_hidden_state
