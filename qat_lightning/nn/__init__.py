@@ -70,6 +70,11 @@ from qat_lightning.nn.registry import (
     register_lazy_quant_module,
     register_quant_module,
 )
+from qat_lightning.nn.sdpa import (
+    QuantScaledDotProductAttention,
+    ScaledDotProductAttention,
+    attention_core,
+)
 
 __all__ = [
     "FUSED_BN_MODULES",
@@ -125,9 +130,12 @@ __all__ = [
     "QuantOutProjection",
     "QuantReLU",
     "QuantReLU6",
+    "QuantScaledDotProductAttention",
     "QuantSiLU",
     "QuantSigmoid",
     "QuantTanh",
+    "ScaledDotProductAttention",
+    "attention_core",
     "fake_quant_eval",
     "fused_bn_type",
     "integer_in_eval",

@@ -9,6 +9,8 @@ quantized pieces, so integer eval, `convert` and ONNX export follow from their p
 - ``qk``: `QuantMatMul` of the projected q and kᵀ (per head); scaling by ``1/sqrt(head_dim)``,
   the masks and softmax run in float on its dequantized output.
 - ``pv``: `QuantMatMul` of the softmax output (its input 0, quantized **unsigned**) and v.
+  These two and what runs between them are `nn.sdpa.attention_core`, the one quantized
+  attention core (`QuantScaledDotProductAttention` computes with it too).
 - ``out_proj``: the attention's own out-projection, quantized as `QuantLinear`.
 
 ``add_bias_kv`` and ``add_zero_attn`` are refused (`from_float` raises `ValueError`; surgery
@@ -24,13 +26,12 @@ import math
 from typing import Any, ClassVar
 
 import torch
-import torch.nn.functional as F
 from torch import nn
 
 from qat_lightning.nn.base import QuantModule
-from qat_lightning.nn.elementwise import QuantMatMul
 from qat_lightning.nn.linear import QuantLinear
 from qat_lightning.nn.registry import register_quant_module, specialise, unregistered_reason
+from qat_lightning.nn.sdpa import attention_core, attention_matmuls
 from qat_lightning.quant import Quantizer, QuantScheme
 
 _SEPARATE = ("q_proj_weight", "k_proj_weight", "v_proj_weight")
@@ -184,11 +185,7 @@ class QuantMultiheadAttention(nn.MultiheadAttention):
         qmodule.out_proj = out_type.from_float(module.out_proj, inputs, params)
         for i, child in enumerate(("q_proj", "k_proj", "v_proj")):
             setattr(qmodule, child, QuantInProjection.create(qmodule, i, inputs, params))
-        qmodule.qk = QuantMatMul.create(inputs)
-        qmodule.pv = QuantMatMul.create(inputs)
-        if inputs is not None:  # the softmax output, in [0, 1]: unsigned codes
-            softmax = inputs.replace(signed=False, symmetric=False, narrow_range=False)
-            qmodule.pv.input_quantizers[0] = Quantizer(softmax)
+        qmodule.qk, qmodule.pv = attention_matmuls(inputs)  # (the softmax output unsigned)
         hook = qmodule.register_forward_pre_hook(_keep_off_fast_paths)
         qmodule.__dict__["_fast_path_hook"] = hook.id
         qmodule.training = module.training
@@ -278,17 +275,17 @@ class QuantMultiheadAttention(nn.MultiheadAttention):
         q = self.q_proj(query).reshape(n, tgt, h, d).transpose(1, 2)
         k = self.k_proj(key).reshape(n, src, h, d).transpose(1, 2)
         v = self.v_proj(value).reshape(n, src, h, d).transpose(1, 2)
-        scores = self.qk(q, k.transpose(-2, -1)) * (1.0 / math.sqrt(d))
-        mask = _as_float_mask(attn_mask, scores.dtype)
-        if mask is not None:
-            scores = scores + (mask.reshape(n, h, tgt, src) if mask.dim() == 3 else mask)
-        padding = _as_float_mask(key_padding_mask, scores.dtype)
+        mask = _as_float_mask(attn_mask, q.dtype)
+        if mask is not None and mask.dim() == 3:
+            mask = mask.reshape(n, h, tgt, src)
+        padding = _as_float_mask(key_padding_mask, q.dtype)
         if padding is not None:
-            scores = scores + padding.reshape(n, 1, 1, src)
-        probs = torch.softmax(scores, dim=-1)
-        if self.dropout > 0.0:
-            probs = F.dropout(probs, p=self.dropout, training=self.training)
-        out = self.pv(probs, v).transpose(1, 2).reshape(n, tgt, self.embed_dim)
+            padding = padding.reshape(n, 1, 1, src)
+        out, probs = attention_core(
+            self.qk, self.pv, q, k, v, 1.0 / math.sqrt(d), (mask, padding),
+            self.dropout, self.training,
+        )  # fmt: skip
+        out = out.transpose(1, 2).reshape(n, tgt, self.embed_dim)
         out = self.out_proj(out)
         if not self.batch_first or unbatched:
             out = out.transpose(0, 1)

@@ -28,6 +28,8 @@ BINARY_FUNCTIONS = {
 BINARY_METHODS = {"add": "add", "add_": "add", "mul": "mul", "mul_": "mul", "matmul": "matmul"}
 INPLACE = {operator.iadd, operator.imul, "add_", "mul_"}
 CAT_FUNCTIONS = (torch.cat, torch.concat, torch.concatenate)
+ATTENTION_FUNCTIONS = (F.scaled_dot_product_attention,)
+_ATTENTION_ARGUMENTS = ("query", "key", "value")
 
 # Float calls whose output is some of the input's values, unchanged: on the input's grid.
 # (A quantized module says so itself: `QuantModule.keeps_input_grid`.)
@@ -186,15 +188,29 @@ class FunctionalOp:
     """A functional op that becomes a quantized module."""
 
     node: fx.Node
-    kind: str  # "add", "mul", "matmul" or "cat"
+    kind: str  # "add", "mul", "matmul", "cat" or "sdpa"
     dim: int = 0
 
     @property
     def operands(self) -> list[fx.Node]:
-        """The tensor inputs, read from the node now (earlier rewrites may have renamed them)."""
+        """The tensor inputs, read from the node now (earlier rewrites may have renamed them);
+        for attention: query, key, value (the mask is an argument, not a quantized input)."""
         if self.kind == "cat":
             return list(self.node.args[0] if self.node.args else self.node.kwargs["tensors"])
+        if self.kind == "sdpa":
+            args, kwargs = self.node.args, self.node.kwargs
+            return [args[i] if i < len(args) else kwargs.get(n) for i, n in
+                    enumerate(_ATTENTION_ARGUMENTS)]  # fmt: skip
         return list(self.node.args)
+
+    @property
+    def call(self) -> tuple[tuple, dict]:
+        """The arguments of the module call that replaces the node: ``(args, kwargs)``."""
+        if self.kind == "cat":
+            return (list(self.operands),), {}
+        if self.kind == "sdpa":  # the module takes the function's own arguments
+            return tuple(self.node.args), dict(self.node.kwargs)
+        return tuple(self.operands), {}
 
     @property
     def label(self) -> str:
@@ -213,6 +229,8 @@ def functional_op(node: fx.Node, is_tensor: TensorGuess) -> FunctionalOp | None:
         if not isinstance(tensors, (list, tuple)) or not isinstance(dim, int) or extra:
             return None
         op = FunctionalOp(node, "cat", dim)
+    elif node.op == "call_function" and node.target in ATTENTION_FUNCTIONS:
+        op = FunctionalOp(node, "sdpa")
     else:
         if node.op == "call_function" and node.target in BINARY_FUNCTIONS:
             kind = BINARY_FUNCTIONS[node.target]

@@ -6,8 +6,9 @@ The steps, in order, each on the user's model in place:
    it does not trace, each container child is traced on its own, recursively.
 2. **Fuse** Conv/Linear + BatchNorm (+ ReLU) found in the graph (by module order where there is
    no graph): the layer's slot gets the fused module, the BatchNorm's (and ReLU's) `Identity`.
-3. **Rewrite** modules whose ``forward`` has functional ``+``, ``*``, ``@`` or ``torch.cat`` on
-   activations into GraphModules calling `QuantAdd` / `QuantMul` / `QuantMatMul` / `QuantCat`.
+3. **Rewrite** modules whose ``forward`` has functional ``+``, ``*``, ``@``, ``torch.cat`` or
+   ``F.scaled_dot_product_attention`` on activations into GraphModules calling `QuantAdd` /
+   `QuantMul` / `QuantMatMul` / `QuantCat` / `QuantScaledDotProductAttention`.
    A rewrite must not change what the block computes: blocks whose graph would bake in a
    branch (optional arguments, ``self.training``, grad mode) keep their forward; every other
    one is checked against its own forward on its first real inputs and falls back (with a
@@ -33,6 +34,7 @@ from qat_lightning.nn import (
     QuantMatMul,
     QuantModule,
     QuantMul,
+    QuantScaledDotProductAttention,
     fused_bn_type,
     quant_type_for,
 )
@@ -59,7 +61,13 @@ from qat_lightning.surgery.report import LayerRow, QuantizationReport
 from qat_lightning.surgery.rewrite import ArgumentDependentGraph, rewrite_module
 from qat_lightning.surgery.rewrite_check import attach_check
 
-FUNCTIONAL_MODULES = {"add": QuantAdd, "mul": QuantMul, "matmul": QuantMatMul, "cat": QuantCat}
+FUNCTIONAL_MODULES = {
+    "add": QuantAdd,
+    "mul": QuantMul,
+    "matmul": QuantMatMul,
+    "cat": QuantCat,
+    "sdpa": QuantScaledDotProductAttention,
+}
 # Modules whose forward reads their children's parameters without calling them (MHA reads
 # ``out_proj.weight``): a quantized child would never run nor calibrate. They stay float.
 READS_CHILD_PARAMETERS = (nn.MultiheadAttention,)

@@ -2,10 +2,10 @@
 
 ``out += identity`` in a ResNet block is code, not a module, so nothing can be swapped for it.
 The block is traced (its children as leaves, so the graph is exactly its own code) into a
-``torch.fx.GraphModule``; each add / mul / matmul / cat node becomes a call of a new submodule
-(``add``, ``add_1``, ``cat``...), and the GraphModule takes the block's place in its parent. It
-holds the very same children, parameters and buffers, in the same order, so parameter identity
-and state_dict keys are unchanged.
+``torch.fx.GraphModule``; each add / mul / matmul / cat / scaled_dot_product_attention node
+becomes a call of a new submodule (``add``, ``add_1``, ``cat``, ``sdpa``...), and the
+GraphModule takes the block's place in its parent. It holds the very same children, parameters
+and buffers, in the same order, so parameter identity and state_dict keys are unchanged.
 
 A traced graph is the code path taken for the tracer's proxies: every ``if arg is None`` takes
 the branch of an argument that was passed. A block whose ``forward`` takes optional arguments
@@ -207,8 +207,8 @@ def rewrite_module(owner: nn.Module, build: Build) -> fx.GraphModule | None:
         added[name] = module
         gm.add_submodule(name, module)
         with graph.inserting_before(op.node):
-            args = (list(op.operands),) if op.kind == "cat" else tuple(op.operands)
-            call = graph.call_module(name, args)
+            args, kwargs = op.call
+            call = graph.call_module(name, args, kwargs)
         call.meta = dict(op.node.meta)
         relu = _sole_relu_user(op.node, owner) if hasattr(module, "fused_relu") else None
         op.node.replace_all_uses_with(call)

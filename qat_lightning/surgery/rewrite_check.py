@@ -25,15 +25,28 @@ from contextlib import ExitStack, contextmanager
 from typing import Any
 
 import torch
+import torch.nn.functional as F
 from torch import fx, nn
 from torch.utils._pytree import tree_flatten, tree_map
 
-from qat_lightning.nn import QuantAdd, QuantCat, QuantMatMul, QuantModule, QuantMul
+from qat_lightning.nn import (
+    QuantAdd,
+    QuantCat,
+    QuantMatMul,
+    QuantModule,
+    QuantMul,
+    QuantScaledDotProductAttention,
+)
 from qat_lightning.quant import Quantizer
 from qat_lightning.surgery.graph import error_line, join
 from qat_lightning.surgery.report import QuantizationReport
 
-_FLOAT_OPS = {QuantAdd: torch.add, QuantMul: torch.mul, QuantMatMul: torch.matmul}
+_FLOAT_OPS = {
+    QuantAdd: torch.add,
+    QuantMul: torch.mul,
+    QuantMatMul: torch.matmul,
+    QuantScaledDotProductAttention: F.scaled_dot_product_attention,
+}
 _NOT_SYNCED = ("_modules", "_parameters", "_buffers", "forward", "training")
 
 
@@ -205,7 +218,7 @@ def _float_graph(gm: fx.GraphModule, names: list[str]) -> None:
             if isinstance(module, QuantCat):
                 new = graph.call_function(torch.cat, node.args, {"dim": module.dim})
             else:
-                new = graph.call_function(_FLOAT_OPS[type(module)], node.args)
+                new = graph.call_function(_FLOAT_OPS[type(module)], node.args, node.kwargs)
             if getattr(module, "fused_relu", False):
                 new = graph.call_function(torch.relu, (new,))
         node.replace_all_uses_with(new)
