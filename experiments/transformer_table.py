@@ -74,13 +74,19 @@ def mac_counts(ops: Counter) -> dict[str, int]:
     }
 
 
-def export_fp32(model: torch.nn.Module, example: Any, path: Path) -> Path:
-    """``torch.onnx.export`` (dynamo) of the float model on ``example``, one file."""
+def export_fp32(model: torch.nn.Module, example: Any, path: Path) -> str:
+    """``torch.onnx.export`` of the float model on ``example`` to one file; returns the
+    exporter used: ``dynamo``, or ``torchscript`` where torch.export cannot trace the model
+    (``nn.Transformer`` branches on its mask's values)."""
     args, kwargs = _args_kwargs(example)
-    torch.onnx.export(
-        model, args, str(path), kwargs=kwargs, dynamo=True, external_data=False, verbose=False
-    )
-    return path
+    try:
+        torch.onnx.export(
+            model, args, str(path), kwargs=kwargs, dynamo=True, external_data=False, verbose=False
+        )
+        return "dynamo"
+    except Exception:  # torch.export's tracing; the legacy exporter traces
+        torch.onnx.export(model, args + ((kwargs,) if kwargs else ()), str(path), dynamo=False)
+        return "torchscript"
 
 
 def _args_kwargs(batch: Any) -> tuple[tuple, dict]:
@@ -126,7 +132,7 @@ def measure(c: Case, out: Path, calibration_batches: int, batch: int) -> dict[st
         try:
             converted = convert(model)
             row["convert_equals_eval"] = torch.equal(c.logits(call(converted, test)), integer)
-        except Exception as err:  # noqa: BLE001 - reported in the table
+        except Exception as err:  # reported in the table
             row["convert_equals_eval"] = None
             row["convert_error"] = _error(err)
     path = out / f"{c.name}_int8.onnx"
@@ -141,16 +147,17 @@ def measure(c: Case, out: Path, calibration_batches: int, batch: int) -> dict[st
         row["optimized_ops"] = dict(optimized_ops(path))
         row["mac_ops"] = mac_counts(Counter(row["optimized_ops"]))
         row["int8_bytes"] = path.stat().st_size
-    except Exception as err:  # noqa: BLE001 - reported in the table
+    except Exception as err:  # reported in the table
         row["export_error"] = _error(err)
     try:
         with warnings.catch_warnings():
             warnings.simplefilter("ignore")
-            fp32 = export_fp32(reference, c.batch(2, 7), out / f"{c.name}_fp32.onnx")
+            fp32 = out / f"{c.name}_fp32.onnx"
+            row["fp32_exporter"] = export_fp32(reference, c.batch(2, 7), fp32)
         row["fp32_bytes"] = fp32.stat().st_size
         if "int8_bytes" in row:
             row["size_ratio"] = round(row["int8_bytes"] / row["fp32_bytes"], 4)
-    except Exception as err:  # noqa: BLE001 - reported in the table
+    except Exception as err:  # reported in the table
         row["fp32_export_error"] = _error(err)
     return row
 
@@ -202,7 +209,7 @@ def main() -> None:
         print(f"{name} ...", file=sys.stderr, flush=True)
         try:
             row = measure(c, out, args.calibration_batches, args.batch)
-        except Exception as err:  # noqa: BLE001 - one model failing is one row saying so
+        except Exception as err:  # one model failing is one row saying so
             row = {"model": name, "error": _error(err)}
         rows.append(row | {"per_token": c.per_token})
     figures = {
