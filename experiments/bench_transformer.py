@@ -209,9 +209,7 @@ def print_tables(figures: dict) -> None:
             ratio = steps["ratio_over_float"][side]
             loss = steps["loss_after_steps"][side]
             print(f"| {name} | {side} | {seconds:.4f} | {ratio:.2f} | {loss} |")
-    print(
-        "\n| model | onnxruntime model | ms | over fp32 | size | integer / float MACs | top-1 vs fp32 |"
-    )
+    print("\n| model | onnxruntime model | ms | over fp32 | size | integer / float MACs | top-1 |")
     print("|---|---|---:|---:|---:|---:|---:|")
     for name, entry in figures["models"].items():
         for label, r in entry["latency"]["results"].items():
