@@ -137,6 +137,28 @@ def _as_float_mask(mask: torch.Tensor | None, dtype: torch.dtype) -> torch.Tenso
     return torch.zeros(mask.shape, dtype=dtype, device=mask.device).masked_fill(mask, -math.inf)
 
 
+def _quantize_once(attention: QuantMultiheadAttention) -> None:
+    """q, k and v reach ``qk`` / ``pv``, and ``pv``'s output reaches ``out_proj``, through
+    reshapes and transposes only, which keep a per-tensor grid: those inputs are quantized
+    once, by their producer's output quantizer, as surgery prunes between modules (the
+    container is a leaf to surgery's graph, so it wires this itself). Without it each of these
+    tensors is fake-quantized twice a step, observed twice, and rounded twice."""
+    for consumer, index, producer in (
+        (attention.qk, 0, attention.q_proj),
+        (attention.qk, 1, attention.k_proj),
+        (attention.pv, 1, attention.v_proj),
+        (attention.out_proj, 0, attention.pv),
+    ):
+        source = producer.output_quantizers[0]
+        own = consumer.input_quantizers[index]
+        if source is None or own is None or source.scheme.granularity != "per_tensor":
+            continue  # a per-channel or per-token grid does not survive the transposes
+        if source.scheme.dynamic or source.scheme != own.scheme:
+            continue
+        consumer.input_quantizers[index] = None
+        consumer.set_input_source(index, source)
+
+
 @register_quant_module(nn.MultiheadAttention)
 class QuantMultiheadAttention(nn.MultiheadAttention):
     """`nn.MultiheadAttention` computed by quantized projections and matmuls (see the module
@@ -186,6 +208,8 @@ class QuantMultiheadAttention(nn.MultiheadAttention):
         for i, child in enumerate(("q_proj", "k_proj", "v_proj")):
             setattr(qmodule, child, QuantInProjection.create(qmodule, i, inputs, params))
         qmodule.qk, qmodule.pv = attention_matmuls(inputs)  # (the softmax output unsigned)
+        if inputs is not None:
+            _quantize_once(qmodule)
         hook = qmodule.register_forward_pre_hook(_keep_off_fast_paths)
         qmodule.__dict__["_fast_path_hook"] = hook.id
         qmodule.training = module.training

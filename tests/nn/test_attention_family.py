@@ -155,3 +155,41 @@ def test_an_encoder_with_a_padding_mask_evaluates_through_the_quantized_layers()
     kept = ~padding
     assert not torch.equal(out[kept], reference[kept])  # quantized, not the fused float layer
     assert (out[kept] - reference[kept]).norm() < 0.2 * reference[kept].norm()
+
+
+def test_q_k_v_and_the_attention_output_are_quantized_once_by_their_producer() -> None:
+    """q, k, v reach the two matmuls and ``pv``'s output reaches ``out_proj`` through reshapes
+    and transposes: their producers' output quantizers own the grid (no second fake quant, no
+    second rounding), and integer eval still equals `convert`."""
+    from qat_lightning import convert
+    from qat_lightning.surgery import calibrate
+
+    torch.manual_seed(0)
+    model = Wrap(nn.MultiheadAttention(16, 4, batch_first=True))
+    x = torch.randn(4, 6, 16)
+    calibrate(model, [(x, x, x)])
+    attn = model.attn
+    owners = {
+        (attn.qk, 0): attn.q_proj, (attn.qk, 1): attn.k_proj,
+        (attn.pv, 1): attn.v_proj, (attn.out_proj, 0): attn.pv,
+    }  # fmt: skip
+    for (consumer, index), producer in owners.items():
+        assert consumer.input_quantizers[index] is None
+        assert consumer.input_encoding(index) is producer.output_quantizers[0]
+    assert attn.pv.input_quantizers[0] is not None  # the softmax output: its own, unsigned
+    seen = []
+    hooks = [
+        m.register_forward_hook(lambda m, a, out: seen.append(m))
+        for m in model.modules()
+        if isinstance(m, Quantizer)
+    ]
+    model.train()
+    model(x, x, x)[0].sum().backward()
+    for hook in hooks:
+        hook.remove()
+    # each quantizer once: inputs of q/k/v (3), outputs of q/k/v, qk, pv, out_proj (6), the
+    # softmax output (1) and 4 weights; the inputs of qk (2), pv's v and out_proj have none
+    assert len(seen) == len(set(map(id, seen))) == 3 + 6 + 1 + 4
+    model.eval()
+    with torch.no_grad():
+        assert torch.equal(model(x, x, x)[0], convert(model)(x, x, x)[0])
