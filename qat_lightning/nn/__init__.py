@@ -70,6 +70,7 @@ from qat_lightning.nn.registry import (
     register_lazy_quant_module,
     register_quant_module,
 )
+from qat_lightning.nn.rnn import QuantGRU, QuantLSTM, QuantRNN
 
 __all__ = [
     "FUSED_BN_MODULES",
@@ -106,11 +107,13 @@ __all__ = [
     "QuantConvTranspose3d",
     "QuantEmbedding",
     "QuantGELU",
+    "QuantGRU",
     "QuantHFConv1DMixin",
     "QuantHardsigmoid",
     "QuantHardswish",
     "QuantHardtanh",
     "QuantInProjection",
+    "QuantLSTM",
     "QuantLeakyReLU",
     "QuantLinear",
     "QuantLinearBn1d",
@@ -123,6 +126,7 @@ __all__ = [
     "QuantMul",
     "QuantMultiheadAttention",
     "QuantOutProjection",
+    "QuantRNN",
     "QuantReLU",
     "QuantReLU6",
     "QuantSiLU",
