@@ -167,6 +167,24 @@ class IntegerRNN(QuantizedOp):
             c_n = c_n.squeeze(1) if c_n is not None else None
         return (output, (h_n, c_n)) if lstm else (output, h_n)
 
+    def report_row(self, name: str) -> dict[str, Any]:
+        """Its row in `layer_report`: every weight matrix and bias, as stored."""
+        rnn = self.module
+        integer = [getattr(self, f"{n}_codes") for n in self.integer_names]
+        floats = list(rnn.parameters())
+        params = sum(t.numel() for t in integer + floats)
+        bits = {rnn.param_quantizers[n].scheme.bits for n in self.integer_names}
+        stored = sum(t.numel() * t.element_size() for t in [*self.buffers(), *floats])
+        return {
+            "name": name,
+            "type": type(rnn).__name__,
+            "status": "integer" if integer else "float",
+            "weight_bits": max(bits) if bits else None,
+            "params": params,
+            "float_bytes": 4 * params,
+            "stored_bytes": stored,
+        }
+
     def extra_repr(self) -> str:
         bits = {self.module.param_quantizers[n].scheme.bits for n in self.integer_names}
         weights = f"W{'/'.join(map(str, sorted(bits)))}" if bits else "float"

@@ -18,6 +18,7 @@ from torch import nn
 from torch.nn.utils.rnn import pack_padded_sequence
 
 from qat_lightning import convert, export_onnx, load_quantized, save_quantized
+from qat_lightning.export.report import layer_report
 from qat_lightning.export.rnn import IntegerRNN
 from qat_lightning.nn import QuantGRU, QuantLSTM, QuantRNN
 from qat_lightning.surgery import QuantConfig, calibrate, quantize_model
@@ -275,3 +276,13 @@ def test_weight_only_and_float_weights_convert_exactly() -> None:
             assert torch.equal(model(x), converted(x)), config
         stored = [n for n, _ in converted.rnn.named_buffers() if n.endswith("_codes")]
         assert bool(stored) == (config.get("params", 1) is not None), config
+
+
+def test_layer_report_counts_the_recurrent_weights_as_int8() -> None:
+    torch.manual_seed(0)
+    model = SequenceClassifier("lstm", tokens=False, dim=64, hidden=128, bidirectional=True)
+    _quantized(model)
+    row = {r["name"]: r for r in layer_report(convert(model))["layers"]}["rnn"]
+    params = sum(p.numel() for p in model.rnn.parameters())
+    assert row["status"] == "integer" and row["weight_bits"] == 8 and row["params"] == params
+    assert row["stored_bytes"] <= 0.30 * row["float_bytes"]
