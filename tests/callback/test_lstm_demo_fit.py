@@ -4,6 +4,7 @@ through ``QATCallback`` + ``Trainer.fit``: its LSTM is quantized, trained, and e
 from __future__ import annotations
 
 import lightning.pytorch as pl
+import onnx
 import pytest
 import torch
 from lightning_modules import trainer_kwargs
@@ -11,7 +12,7 @@ from test_multi_input_callback import RandomTokens
 from torch.utils.data import DataLoader
 
 from qat_lightning.callback import QATCallback
-from qat_lightning.export import load_quantized
+from qat_lightning.export import OnnxModel, export_onnx, load_quantized
 from qat_lightning.export.rnn import IntegerRNN
 from qat_lightning.nn import QuantLSTM
 
@@ -60,3 +61,18 @@ def test_lightning_lstm_demo_trains_quantized_and_loads_back_bit_exact(tmp_path)
     with torch.no_grad():
         got, (h2, c2) = loaded.model(tokens, hidden)
     assert torch.equal(got, expected) and torch.equal(h, h2) and torch.equal(c, c2)
+
+    # ONNX of the demo's SimpleLSTM with its state left to the LSTM (hidden=None: zeros,
+    # baked in as a constant): DequantizeLinear -> LSTM nodes, per-token argmax as eval
+    with torch.no_grad():
+        zero_state, _ = model.model(tokens, None)
+    with pytest.warns(UserWarning, match="hidden=None"):
+        path = export_onnx(loaded.model, (tokens[:2], None), tmp_path / "lstm.onnx")
+    ops = [node.op_type for node in onnx.load(str(path)).graph.node]
+    assert ops.count("LSTM") == 2, ops
+    onnx_model = OnnxModel(path)
+    outputs = onnx_model(tokens)  # {name: tensor}: the log-probabilities, then h_n and c_n
+    got = outputs[onnx_model.output_names[0]]
+    assert got.shape == zero_state.shape
+    agree = (got.argmax(-1) == zero_state.argmax(-1)).float().mean()
+    assert agree >= 0.99, agree
