@@ -286,3 +286,28 @@ def test_layer_report_counts_the_recurrent_weights_as_int8() -> None:
     params = sum(p.numel() for p in model.rnn.parameters())
     assert row["status"] == "integer" and row["weight_bits"] == 8 and row["params"] == params
     assert row["stored_bytes"] <= 0.30 * row["float_bytes"]
+
+
+def test_unbatched_sequence_runs_in_onnxruntime_as_in_convert(tmp_path) -> None:
+    """An unbatched ``(seq, features)`` input, as torch's recurrent layers take it."""
+
+    class Unbatched(nn.Module):
+        def __init__(self) -> None:
+            super().__init__()
+            self.rnn = nn.GRU(6, 10, 2, bidirectional=True)
+
+        def forward(self, x: torch.Tensor) -> torch.Tensor:
+            return self.rnn(x)[0]
+
+    torch.manual_seed(0)
+    model = Unbatched()
+    calibrate(model, [torch.randn(7, 6) for _ in range(2)])
+    model.eval()
+    x = torch.randn(7, 6)
+    converted = convert(model)
+    with torch.no_grad():
+        expected = converted(x)
+        assert torch.equal(model(x), expected) and expected.shape == (7, 20)
+    path = export_onnx(model, x, tmp_path / "unbatched.onnx", dynamic_batch=False)
+    (got,) = _feed(path, x)
+    torch.testing.assert_close(torch.from_numpy(got), expected, atol=1e-5, rtol=1e-5)

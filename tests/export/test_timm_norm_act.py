@@ -25,6 +25,7 @@ def _densenet() -> nn.Module:
     return DenseNet(growth_rate=8, block_config=(2, 2), num_classes=10)
 
 
+@pytest.mark.slow
 def test_timm_densenet_norm_acts_fold_or_become_integer_affines(tmp_path) -> None:
     torch.manual_seed(0)
     model = _densenet()
