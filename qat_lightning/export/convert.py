@@ -33,6 +33,7 @@ from qat_lightning.export.modules import (
 )
 from qat_lightning.export.ops import QuantizedOp
 from qat_lightning.export.qdq import on_grid_for_onnx, qdq_or_identity
+from qat_lightning.export.rnn import convert_recurrent
 from qat_lightning.nn.base import QuantModule
 from qat_lightning.quant import Quantizer
 
@@ -253,6 +254,8 @@ def _convert_module(name: str, module: QuantModule, borrowed: list[Quantizer | N
         for own, b in zip(module.input_quantizers, borrowed, strict=True)
     ]
     form = module.convert_as
+    if form == "recurrent":  # LSTM / GRU / RNN: integer weight matrices (`export.rnn`)
+        return convert_recurrent(module, borrowed)
     if form == "lookup" and _active(weight_q):
         return IntegerEmbedding.from_quant(module)
     mac = form == "mac"

@@ -55,6 +55,9 @@ def layer_report(model: nn.Module) -> dict[str, Any]:
                     "stored_bytes": _nbytes(module.buffers()),
                 }
             )
+        elif callable(getattr(module, "report_row", None)):  # a family's own (`IntegerRNN`)
+            inside.append(name)
+            rows.append(module.report_row(name))
         elif isinstance(module, QuantizedOp):
             inside.append(name)
             inner = module.module

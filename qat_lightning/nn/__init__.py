@@ -70,6 +70,7 @@ from qat_lightning.nn.registry import (
     register_lazy_quant_module,
     register_quant_module,
 )
+from qat_lightning.nn.rnn import QuantGRU, QuantLSTM, QuantRNN
 from qat_lightning.nn.sdpa import (
     QuantScaledDotProductAttention,
     ScaledDotProductAttention,
@@ -111,11 +112,13 @@ __all__ = [
     "QuantConvTranspose3d",
     "QuantEmbedding",
     "QuantGELU",
+    "QuantGRU",
     "QuantHFConv1DMixin",
     "QuantHardsigmoid",
     "QuantHardswish",
     "QuantHardtanh",
     "QuantInProjection",
+    "QuantLSTM",
     "QuantLeakyReLU",
     "QuantLinear",
     "QuantLinearBn1d",
@@ -128,6 +131,7 @@ __all__ = [
     "QuantMul",
     "QuantMultiheadAttention",
     "QuantOutProjection",
+    "QuantRNN",
     "QuantReLU",
     "QuantReLU6",
     "QuantScaledDotProductAttention",

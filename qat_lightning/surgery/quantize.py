@@ -55,6 +55,7 @@ from qat_lightning.surgery.graph import (
     owner_of,
     trace_regions,
 )
+from qat_lightning.surgery.norm_act import split_norm_acts
 from qat_lightning.surgery.outside_reads import read_outside_forward
 from qat_lightning.surgery.prune import prune_input_quantizers
 from qat_lightning.surgery.report import LayerRow, QuantizationReport
@@ -103,7 +104,11 @@ def quantize_model(
                 f"({type(module).__name__}); surgery runs once on a float model. To start "
                 "again, rebuild the float model (or swap back with each module's to_float())"
             )
-    return _Surgery(model, config).run()
+    split = split_norm_acts(model, config)  # timm's BatchNormAct2d -> BatchNorm, act
+    report = _Surgery(model, config).run()
+    for old, new in split.items():  # a split BatchNorm may then fold into its conv
+        report.renamed[old] = report.renamed.pop(new, new)
+    return report
 
 
 class _Surgery:
