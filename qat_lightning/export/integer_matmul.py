@@ -28,6 +28,7 @@ import torch
 
 from qat_lightning.export.onnx_dynamic import onnx_dynamic_codes
 from qat_lightning.export.qdq import (
+    KEEP_NODE,
     ONNX_INT4,
     ONNX_UINT4,
     FrozenQuantizer,
@@ -106,9 +107,10 @@ def _weight_initializer(codes: torch.Tensor, int4: bool) -> torch.Tensor:
     return torch.onnx.ops.symbolic(
         "Cast",
         [packed],
-        {"to": 3 if codes.dtype == torch.int8 else 2},
+        {"to": 3 if codes.dtype == torch.int8 else 2},  # INT8 / UINT8
         dtype=codes.dtype,
         shape=codes.shape,
+        metadata_props={KEEP_NODE: "int4 weight widened by onnxruntime"},
     )
 
 
