@@ -34,13 +34,12 @@ from torch import nn
 
 from qat_lightning.export._files import ExportError, atomic_directory
 from qat_lightning.export.convert import _set_submodule, convert, is_converted
-from qat_lightning.export.grouped import check_exportable
+from qat_lightning.export.encoding_entries import apply_entry, entry, quantizer_entry
 from qat_lightning.export.modules import IntegerEmbedding, IntegerLayer
 from qat_lightning.export.ops import QuantizedOp
-from qat_lightning.export.qdq import onnx_container
 from qat_lightning.export.report import layer_report
 from qat_lightning.nn.base import QuantModule
-from qat_lightning.quant import Quantizer, QuantScheme
+from qat_lightning.quant import QuantScheme
 
 FORMAT = "qat_lightning.native/1"
 FILES = ("model.safetensors", "encodings.json", "report.json")
@@ -48,36 +47,6 @@ MANIFEST = "manifest.json"  # {"format", "files": {name: {"sha256": hex}}} of FI
 
 
 # -- encodings ---------------------------------------------------------------------------------
-def _entry(
-    name: str, scheme: QuantScheme | None, scale: torch.Tensor, zero_point: torch.Tensor
-) -> dict[str, Any]:
-    scale = scale.detach().float().cpu().reshape(-1)
-    zero_point = zero_point.detach().round().to(torch.int64).cpu().reshape(-1)
-    per_channel = scheme is None or (scheme.per_channel and scale.numel() > 0)
-    if scheme is None:  # an int32 bias at the accumulator scale
-        fields = {"bits": 32, "symmetric": True, "signed": True, "narrow_range": False}
-        fields |= {"representation": "int", "frac_bits": None, "dtype": "int32"}
-        fields |= {"qmin": -(2**31), "qmax": 2**31 - 1}
-    else:
-        fields = {k: getattr(scheme, k) for k in ("bits", "symmetric", "signed", "narrow_range")}
-        fields |= {"representation": scheme.representation, "frac_bits": scheme.frac_bits}
-        fields |= {"dtype": str(onnx_container(scheme)).removeprefix("torch.")}
-        fields |= {"qmin": scheme.qmin, "qmax": scheme.qmax}
-    return {
-        "name": name,
-        **fields,
-        "granularity": "per_channel" if per_channel and scale.dim() else "per_tensor",
-        "axis": (0 if scheme is None else scheme.axis) if per_channel else None,
-        "scale": scale.tolist(),
-        "zero_point": zero_point.tolist(),
-    }
-
-
-def _quantizer_entry(name: str, quantizer: Quantizer) -> dict[str, Any]:
-    scale, zero_point = quantizer.encoding()
-    return _entry(name, quantizer.scheme, scale, zero_point)
-
-
 def encodings(model: nn.Module) -> dict[str, Any]:
     """Every encoding of a converted model, as the JSON-ready dict of ``encodings.json``."""
     activations: dict[str, Any] = {}
@@ -87,21 +56,21 @@ def encodings(model: nn.Module) -> dict[str, Any]:
             inner = module.module
             for i, q in enumerate(inner.input_quantizers):
                 if q is not None:
-                    activations[f"{name}.input.{i}"] = _quantizer_entry(f"{name}.input.{i}", q)
+                    activations[f"{name}.input.{i}"] = quantizer_entry(f"{name}.input.{i}", q)
             for param, q in inner.param_quantizers.items():
                 if q is not None:
-                    params[f"{name}.{param}"] = _quantizer_entry(f"{name}.{param}", q)
+                    params[f"{name}.{param}"] = quantizer_entry(f"{name}.{param}", q)
         elif isinstance(module, (IntegerLayer, IntegerEmbedding)):
             for i, q in enumerate(module.input_quantizers):
                 if q is not None:
-                    activations[f"{name}.input.{i}"] = _quantizer_entry(f"{name}.input.{i}", q)
+                    activations[f"{name}.input.{i}"] = quantizer_entry(f"{name}.input.{i}", q)
             w = f"{name}.weight"
-            params[w] = _entry(
+            params[w] = entry(
                 w, module.weight_scheme, module.weight_scale, module.weight_zero_point
             )
             if getattr(module, "bias_codes", None) is not None:
                 scale = module.accumulator_scale().float()
-                params[f"{name}.bias"] = _entry(
+                params[f"{name}.bias"] = entry(
                     f"{name}.bias", None, scale, torch.zeros_like(scale, dtype=torch.int32)
                 )
         else:
@@ -112,7 +81,7 @@ def encodings(model: nn.Module) -> dict[str, Any]:
             else (module.output_quantizers)
         )
         if len(outs) and outs[0] is not None:
-            activations[f"{name}.output"] = _quantizer_entry(f"{name}.output", outs[0])
+            activations[f"{name}.output"] = quantizer_entry(f"{name}.output", outs[0])
     return {"format": FORMAT, "activation_encodings": activations, "param_encodings": params}
 
 
@@ -172,7 +141,6 @@ def save_quantized(model: nn.Module, directory: str | Path, *, config: Any = Non
     """
     directory = Path(directory)
     converted = model if is_converted(model) else convert(model)
-    check_exportable(converted, "save_quantized")  # per-group / dynamic: not yet
     state = {k: v.detach().cpu().contiguous().clone() for k, v in converted.state_dict().items()}
     report = {"format": FORMAT, "config": _config_dict(config), **layer_report(converted)}
     texts = [json.dumps(encodings(converted), indent=1), json.dumps(report, indent=1)]
@@ -192,32 +160,17 @@ def save_quantized(model: nn.Module, directory: str | Path, *, config: Any = Non
 
 
 # -- load ----------------------------------------------------------------------------------------
-def _apply(quantizer: Quantizer | None, entry: dict[str, Any] | None) -> None:
-    """Give a (fresh) QAT quantizer the saved encoding, or switch it off if it had none."""
-    if quantizer is None:
-        return
-    if entry is None:
-        quantizer.enable_fake_quant(False).enable_observer(False)
-        return
-    shape = quantizer.scale.shape if not quantizer.scheme.per_channel else (len(entry["scale"]),)
-    scale = torch.tensor(entry["scale"], dtype=torch.float32).reshape(shape)
-    zero_point = torch.tensor(entry["zero_point"], dtype=torch.int32).reshape(shape)
-    quantizer._set_encoding(scale, zero_point)
-    quantizer.initialized.fill_(1)
-    quantizer.enable_fake_quant(True).enable_observer(False)
-
-
 def _load_encodings(model: nn.Module, saved: dict[str, Any]) -> None:
     acts, params = saved["activation_encodings"], saved["param_encodings"]
     for name, module in model.named_modules():
         if not isinstance(module, QuantModule):
             continue
         for i, q in enumerate(module.input_quantizers):
-            _apply(q, acts.get(f"{name}.input.{i}"))
+            apply_entry(q, acts.get(f"{name}.input.{i}"))
         if len(module.output_quantizers):
-            _apply(module.output_quantizers[0], acts.get(f"{name}.output"))
+            apply_entry(module.output_quantizers[0], acts.get(f"{name}.output"))
         for param, q in module.param_quantizers.items():
-            _apply(q, params.get(f"{name}.{param}"))
+            apply_entry(q, params.get(f"{name}.{param}"))
 
 
 def _read_json(path: Path) -> dict[str, Any]:

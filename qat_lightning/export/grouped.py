@@ -3,9 +3,12 @@
 - `GroupedIntegerLinear`: a Linear whose weight is per group, or whose input encoding is
   dynamic, with quantized activations. It stores the weight as codes (4 bits and fewer packed
   two per byte) with its group scales, keeps the float bias, and runs `nn.grouped.grouped_linear`
-  exactly as the QAT model's eval-mode integer simulation does (bit for bit).
+  exactly as the QAT model's eval-mode integer simulation does (bit for bit). ONNX:
+  ``MatMulInteger`` on the input's codes (a dynamic encoding computed in the graph with our
+  own formula) and the weight's, scaled in float (`export.integer_matmul`).
 - Any other layer with a dynamic input encoding (a Conv, an add, ...) has no integer
-  simulation here: it is converted to a fake-quant `QuantizedOp`, with a warning naming it.
+  simulation here: it is converted to a fake-quant `QuantizedOp`, with a warning naming it;
+  in ONNX its dynamic fake quantization is float ops (`export.onnx_dynamic`).
 
 - `MatMulNBitsLinear`: a weight-only (``inputs=None``) per-group Linear. Eager: the float op
   on the dequantized weight (as `WeightOnlyLayer`). ONNX: onnxruntime's ``MatMulNBits``
@@ -16,10 +19,12 @@
   blocked ``DequantizeLinear`` (opset 21: ``axis=1``, ``block_size`` = the group size) of the
   integer table, then ``Gather``.
 
-Other weight-only layers are `WeightOnlyLayer`s whatever their weight granularity. The ONNX
-form of dynamic activations (DynamicQuantizeLinear) and the per-block entries of the native
-artifact's ``encodings.json`` are not written yet:
-`check_exportable` refuses them in `export_onnx` and `save_quantized` with one clear error.
+Other weight-only layers are `WeightOnlyLayer`s whatever their weight granularity. What has
+no ONNX form (`check_exportable`: a MatMulNBits group size that is not a power of two >= 16,
+codes wider than 8 bits for MatMulInteger, a per-group quantizer on another layer) is
+refused by `export_onnx` with one `ExportError` naming the layer, the value and what is
+allowed. The native artifact writes every converted layer (per-block and dynamic entries in
+``encodings.json``, see `export.encoding_entries`).
 """
 
 from __future__ import annotations
@@ -29,6 +34,13 @@ import warnings
 import torch
 from torch import nn
 
+from qat_lightning.export._files import ExportError
+from qat_lightning.export.integer_matmul import (
+    CONSTANT_NAMES,
+    integer_matmul_constants,
+    integer_matmul_problem,
+    onnx_integer_linear,
+)
 from qat_lightning.export.modules import (
     IntegerEmbedding,
     IntegerLayer,
@@ -37,7 +49,7 @@ from qat_lightning.export.modules import (
     weightless_twin,
 )
 from qat_lightning.export.ops import QuantizedOp
-from qat_lightning.export.qdq import onnx_int4
+from qat_lightning.export.qdq import onnx_int4, packs_to_int4
 from qat_lightning.nn.base import QuantModule, exact_arithmetic
 from qat_lightning.nn.grouped import grouped_linear, uses_grouped_path
 from qat_lightning.quant import Quantizer
@@ -68,12 +80,29 @@ class GroupedIntegerLinear(IntegerLayer):
         layer.store_float_bias(bias)
         return layer.to(weight.device)
 
+    def onnx_problem(self) -> str | None:
+        """Why this layer has no ``MatMulInteger`` form, or None."""
+        return integer_matmul_problem(self.weight_scheme, self.input_encoding(0))
+
+    def prepare_onnx(self, int4: bool) -> None:
+        self._onnx_int4 = int4 and packs_to_int4(self.weight_scheme)
+        for name, value in integer_matmul_constants(self.weight_qtensor()).items():
+            self.register_buffer(name, value, persistent=False)
+
+    def finish_onnx(self) -> None:
+        for name in CONSTANT_NAMES:
+            self._buffers.pop(name, None)
+
     def forward(self, x: torch.Tensor) -> torch.Tensor:
         if torch.onnx.is_in_onnx_export():
-            raise NotImplementedError(
-                "GroupedIntegerLinear has no ONNX form yet (MatMulNBits / "
-                "DynamicQuantizeLinear export is a later step)"
+            constants = {name: self._buffers[name] for name in CONSTANT_NAMES}
+            grouped = self.weight_scheme.per_group
+            y = onnx_integer_linear(
+                x, self.input_encoding(0), constants, self.float_bias, grouped, self._onnx_int4
             )
+            y = torch.relu(y) if self.relu else y
+            out = self.output_quantizers[0]
+            return y if out is None else out(y)
         with exact_arithmetic(x.device):
             q_in = self.input_encoding(0).quantize(x)
             y = grouped_linear(q_in, self.weight_qtensor(), self.float_bias)
@@ -108,9 +137,12 @@ class MatMulNBitsLinear(WeightOnlyLayer):
         s = self.weight_scheme
         size = s.group_size
         if s.bits > 8:
-            return f"MatMulNBits takes 8-bit codes at most, the weight has {s.bits}"
+            return f"weight bits={s.bits}: MatMulNBits takes 8-bit codes; allowed bits <= 8"
         if size < 16 or size & (size - 1):
-            return f"MatMulNBits needs a block_size that is a power of two >= 16, not {size}"
+            return (
+                f"weight group_size={size}: MatMulNBits needs a block_size that is a power "
+                "of two >= 16; allowed group_size 16, 32, 64, 128, ..."
+            )
         return None
 
     def _offset_codes(self, codes: torch.Tensor) -> torch.Tensor:
@@ -222,38 +254,35 @@ def convert_grouped(
     return op
 
 
-def check_exportable(model: nn.Module, writer: str) -> None:
-    """Refuse, in one line naming ``writer`` and the layer, a converted model with per-group
-    or dynamic layers (not written by the exporters yet)."""
-    for name, module in model.named_modules():
-        if isinstance(module, GroupedEmbedding) and writer == "export_onnx":
-            continue
-        if isinstance(module, MatMulNBitsLinear):
-            problem = module.onnx_problem() if writer == "export_onnx" else "per-block encodings"
-            if problem is None:
-                continue
-            raise NotImplementedError(
-                f"{writer}: layer {name!r} (weight-only per group) cannot be written: {problem}"
-                + ("" if writer == "export_onnx" else " are not implemented yet")
-            )
-        scheme = getattr(module, "weight_scheme", None)
-        dynamic = any(
-            q is not None and q.scheme.dynamic
-            for q in (
-                *getattr(module, "input_quantizers", ()),
-                *getattr(module, "borrowed_encodings", ()),
-            )
-            if isinstance(q, Quantizer)
-        )
-        if (
-            isinstance(module, GroupedIntegerLinear)
-            or dynamic
-            or (scheme is not None and scheme.per_group)
+def _onnx_problem(module: nn.Module) -> str | None:
+    """Why ``module`` (of a converted model) has no ONNX form, or None."""
+    if isinstance(module, (MatMulNBitsLinear, GroupedIntegerLinear)):
+        return module.onnx_problem()
+    if isinstance(module, QuantizedOp):
+        for role, quantizer in (
+            *(("input", q) for q in module.input_quantizers),
+            *(("output", q) for q in module.module.output_quantizers),
+            *((f"param {k!r}", q) for k, q in module.module.param_quantizers.items()),
         ):
-            raise NotImplementedError(
-                f"{writer}: layer {name!r} ({type(module).__name__}) is "
-                f"{'dynamic' if dynamic else 'per group'}; exporting per-group weights "
-                "(ONNX MatMulNBits, per-block encodings) and dynamic activations "
-                "(DynamicQuantizeLinear) is not implemented yet: evaluate or convert() the "
-                "model in torch, or use per_channel weights and static activations to export"
+            if quantizer is not None and quantizer.scheme.per_group:
+                return (
+                    f"its {role} quantizer has granularity='per_group' (group_size="
+                    f"{quantizer.scheme.group_size}), which only Linear (MatMulNBits, "
+                    "MatMulInteger) and Embedding tables export as; allowed per_tensor or "
+                    "per_channel here (an override for this layer)"
+                )
+    return None
+
+
+def check_exportable(model: nn.Module, writer: str) -> None:
+    """Raise `ExportError` naming ``writer``, the layer, the scheme value and what is
+    allowed, for a layer of a converted model that ``writer`` cannot write (ONNX only: the
+    native artifact writes every converted layer)."""
+    if writer != "export_onnx":
+        return
+    for name, module in model.named_modules():
+        problem = _onnx_problem(module)
+        if problem is not None:
+            raise ExportError(
+                f"{writer}: layer {name!r} ({type(module).__name__}) cannot be written: {problem}"
             )

@@ -251,7 +251,7 @@ def export_onnx(
     path = Path(path)
     example = ExampleInput.parse(example_input, "export_onnx")
     converted, example = _prepared(model, example)
-    check_exportable(converted, "export_onnx")  # per-group / dynamic layers: not yet
+    check_exportable(converted, "export_onnx")  # a layer with no ONNX form: ExportError
     bound = bind(converted, example, "export_onnx")
     example = ordered(bound, example)
     arguments = leaves(bound)

@@ -16,6 +16,7 @@ from __future__ import annotations
 import torch
 import torch.nn.functional as F
 
+from qat_lightning.export.onnx_dynamic import onnx_dynamic_fake_quant
 from qat_lightning.quant import Quantizer, QuantScheme
 from qat_lightning.quant.functional import channel_view, fake_quantize
 
@@ -206,6 +207,8 @@ class FrozenQuantizer(Quantizer):
         return self.scheme.axis % ndim
 
     def forward(self, x: torch.Tensor) -> torch.Tensor:
+        if torch.onnx.is_in_onnx_export() and self.scheme.dynamic:
+            return onnx_dynamic_fake_quant(x, self.scheme)  # its encoding computed in the graph
         if torch.onnx.is_in_onnx_export():
             axis = self.axis_for(x.dim())
             q = onnx_quantize(

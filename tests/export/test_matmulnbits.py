@@ -8,7 +8,7 @@ import torch
 from export_helpers import optimized_op_types, ort_run
 from torch import nn
 
-from qat_lightning.export import convert, export_onnx
+from qat_lightning.export import ExportError, convert, export_onnx
 from qat_lightning.export.grouped import MatMulNBitsLinear
 from qat_lightning.surgery import QuantConfig, quantize_model
 
@@ -67,7 +67,7 @@ def test_a_group_size_matmulnbits_cannot_take_is_refused_naming_the_layer(tmp_pa
     converted = convert(model)  # the torch model is fine
     with torch.no_grad():
         converted(torch.randn(2, 64))
-    with pytest.raises(NotImplementedError, match=r"layer '0'.*power of two >= 16, not 8"):
+    with pytest.raises(ExportError, match=r"layer .0.*group_size=8.*power of two >= 16"):
         export_onnx(converted, torch.randn(2, 64), tmp_path / "m.onnx")
     assert not (tmp_path / "m.onnx").exists()
 

@@ -201,17 +201,11 @@ def test_dynamic_activations_need_no_calibration() -> None:
     assert "quant/up.param_quantizers.weight/scale" in metrics
 
 
-@pytest.mark.parametrize("name", ["8da4w", "a8_w4g32"])
-def test_exporters_refuse_per_group_and_dynamic_activations_in_one_line(name, tmp_path) -> None:
+@pytest.mark.parametrize("name", list(CONFIGS))
+def test_both_exporters_write_every_grouped_and_dynamic_config(name, tmp_path) -> None:
+    """(Refused until the exporters wrote them; tests/export/test_dynamic_integer_export.py
+    and test_per_block_encodings.py check what they write.)"""
     model, idx = _quantized(name)
-    with pytest.raises(NotImplementedError, match=r"export_onnx: layer '.*' .*not implemented"):
-        export_onnx(copy.deepcopy(model), idx, tmp_path / "m.onnx")
-    with pytest.raises(NotImplementedError, match=r"save_quantized: layer"):
-        save_quantized(model, tmp_path / "native")
-    assert not (tmp_path / "m.onnx").exists() and not (tmp_path / "native").exists()
-
-
-def test_the_native_artifact_refuses_weight_only_per_group_for_now(tmp_path) -> None:
-    model, _ = _quantized("w4g32_only")
-    with pytest.raises(NotImplementedError, match=r"save_quantized: layer .*per-block encodings"):
-        save_quantized(model, tmp_path / "native")
+    path = export_onnx(copy.deepcopy(model), idx, tmp_path / "m.onnx")
+    directory = save_quantized(model, tmp_path / "native")
+    assert path.is_file() and (directory / "encodings.json").is_file()
