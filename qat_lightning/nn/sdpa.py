@@ -187,15 +187,17 @@ class QuantScaledDotProductAttention(ScaledDotProductAttention):
         return {}
 
     def _all_off(self) -> bool:
-        """No quantizer fake-quantizes or observes (checked outside export only: the flags are
-        buffers, and an exported graph always has the quantized form)."""
+        """No quantizer would fake-quantize or observe (checked outside export only: the flags
+        are buffers, and an exported graph always has the quantized form)."""
         if torch.compiler.is_exporting() or torch.onnx.is_in_onnx_export():
             return False
-        return not any(
-            bool(q.fake_quant_enabled) or bool(q.observer_enabled)
-            for q in self.modules()
-            if isinstance(q, Quantizer)
-        )
+        for q in self.modules():
+            if not isinstance(q, Quantizer):
+                continue
+            observing = (q.training or q._calibrating) and bool(q.observer_enabled)
+            if observing or bool(q.fake_quant_enabled):
+                return False
+        return True
 
     def forward(
         self,

@@ -27,6 +27,7 @@ fix (``model.set_attn_implementation("sdpa")`` before `quantize_model`).
 
 from __future__ import annotations
 
+import importlib
 import inspect
 import sys
 from dataclasses import dataclass, field
@@ -70,14 +71,20 @@ def attention_layers(model: nn.Module) -> list[tuple[str, nn.Module]]:
     ]
 
 
+def _transformers(module: str) -> Any:
+    """``transformers.<module>``, imported when surgery meets a transformers model (so the
+    user's code has imported transformers already); the package has no import of it."""
+    return importlib.import_module(f"transformers.{module}")
+
+
 def register_implementation() -> None:
     """Register ``"qat_lightning_sdpa"`` with transformers' attention and mask interfaces
     (idempotent; imports transformers, which the caller's model has imported already)."""
-    from transformers.masking_utils import AttentionMaskInterface, sdpa_mask
-    from transformers.modeling_utils import AttentionInterface
-
-    AttentionInterface.register(IMPLEMENTATION, quantized_sdpa_forward)
-    AttentionMaskInterface.register(IMPLEMENTATION, sdpa_mask)
+    masks = _transformers("masking_utils")
+    _transformers("modeling_utils").AttentionInterface.register(
+        IMPLEMENTATION, quantized_sdpa_forward
+    )
+    masks.AttentionMaskInterface.register(IMPLEMENTATION, masks.sdpa_mask)
 
 
 def unsupported_reason(layer: nn.Module) -> str | None:
@@ -134,7 +141,7 @@ def plan(model: nn.Module, config: QuantConfig) -> list[Plan]:
 def route(layer: nn.Module, attention: QuantScaledDotProductAttention) -> None:
     """Give ``layer`` its quantized attention and switch its config to the routed function."""
     register_implementation()
-    layer.add_module(CHILD, attention)
+    layer.add_module(CHILD, attention.train(layer.training))  # in the layer's mode
     layer.config._attn_implementation = IMPLEMENTATION
 
 
@@ -152,8 +159,7 @@ def quantized_sdpa_forward(
 ) -> tuple[torch.Tensor, None]:
     """transformers' ``sdpa_attention_forward`` (same arguments, same result) whose scaled
     dot-product attention is ``module.quantized_sdpa``; ``module`` without one runs ``sdpa``."""
-    from transformers.integrations import sdpa_attention as hf
-
+    hf = _transformers("integrations.sdpa_attention")
     attention = module._modules.get(CHILD)
     if not isinstance(attention, QuantScaledDotProductAttention):
         return hf.sdpa_attention_forward(

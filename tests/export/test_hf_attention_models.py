@@ -5,18 +5,15 @@ surgery to onnxruntime."""
 
 from __future__ import annotations
 
-import ast
 import copy
 import os
 import warnings
-from pathlib import Path
 
 import pytest
 import torch
 from export_helpers import optimized_op_types, ort_session
 from torch import nn
 
-import qat_lightning
 from qat_lightning import convert, export_onnx, quantize_model
 from qat_lightning.export.ops import QuantizedOp
 from qat_lightning.nn import QuantModule, QuantScaledDotProductAttention
@@ -116,35 +113,6 @@ def test_a_skipped_attention_runs_sdpa_and_another_implementation_is_reported() 
     assert rows and all(r.status == "float" and "'eager'" in r.note for r in rows)
     assert any("set_attn_implementation('sdpa')" in w for w in report.warnings)
     assert eager.config._attn_implementation == "eager"
-
-
-def _transformers_imports(path: Path) -> tuple[list[int], list[int]]:
-    """Lines importing transformers in ``path``: (at module level, inside functions)."""
-    tree = ast.parse(path.read_text())
-    functions = [
-        (f.lineno, f.end_lineno or f.lineno)
-        for f in ast.walk(tree)
-        if isinstance(f, ast.FunctionDef | ast.AsyncFunctionDef)
-    ]
-    top, inside = [], []
-    for node in ast.walk(tree):
-        names = []
-        if isinstance(node, ast.Import):
-            names = [alias.name for alias in node.names]
-        elif isinstance(node, ast.ImportFrom):
-            names = [node.module or ""]
-        if any(n.split(".")[0] == "transformers" for n in names):
-            in_function = any(a <= node.lineno <= b for a, b in functions)
-            (inside if in_function else top).append(node.lineno)
-    return top, inside
-
-
-def test_no_module_of_the_package_imports_transformers_at_import_time() -> None:
-    # (torchmetrics, which the callback uses, may import it: that is not the package's doing)
-    package = Path(qat_lightning.__file__).parent
-    at_import = {p.name: top for p in package.rglob("*.py") if (top := _transformers_imports(p)[0])}
-    assert not at_import, at_import
-    assert _transformers_imports(package / "surgery" / "hf_attention.py")[1]  # lazily, in calls
 
 
 def _float_weights_left(model: nn.Module, report) -> list[str]:
