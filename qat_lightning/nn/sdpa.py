@@ -186,6 +186,17 @@ class QuantScaledDotProductAttention(ScaledDotProductAttention):
     def param_quantizers(self) -> dict[str, Quantizer | None]:
         return {}
 
+    @property
+    def container_output(self) -> Quantizer | None:
+        """The encoding of its output (``pv``'s output quantizer): input pruning reads it."""
+        return self.pv.output_quantizers[0]
+
+    def input_slots(self) -> list[tuple[QuantMatMul, list[int | None]]]:
+        """Which of its arguments (query 0, key 1, value 2) each matmul's inputs are, for
+        input pruning: ``qk`` takes q and kᵀ, ``pv`` the probabilities (None: made here)
+        and v. (Transposing a per-tensor encoded k keeps its grid.)"""
+        return [(self.qk, [0, 1]), (self.pv, [None, 2])]
+
     def _all_off(self) -> bool:
         """No quantizer would fake-quantize or observe (checked outside export only: the flags
         are buffers, and an exported graph always has the quantized form)."""
