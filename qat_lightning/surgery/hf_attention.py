@@ -142,7 +142,12 @@ def route(layer: nn.Module, attention: QuantScaledDotProductAttention) -> None:
     """Give ``layer`` its quantized attention and switch its config to the routed function."""
     register_implementation()
     layer.add_module(CHILD, attention.train(layer.training))  # in the layer's mode
-    layer.config._attn_implementation = IMPLEMENTATION
+    # This config only (not recursively into sub-configs, whose layers are planned on their own)
+    config = layer.config
+    if hasattr(config, "_attn_implementation_internal"):
+        config._attn_implementation_internal = IMPLEMENTATION
+    else:
+        config._attn_implementation = IMPLEMENTATION
 
 
 def quantized_sdpa_forward(
