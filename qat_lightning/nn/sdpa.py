@@ -186,16 +186,29 @@ class QuantScaledDotProductAttention(ScaledDotProductAttention):
     def param_quantizers(self) -> dict[str, Quantizer | None]:
         return {}
 
+    @property
+    def container_output(self) -> Quantizer | None:
+        """The encoding of its output (``pv``'s output quantizer): input pruning reads it."""
+        return self.pv.output_quantizers[0]
+
+    def input_slots(self) -> list[tuple[QuantMatMul, list[int | None]]]:
+        """Which of its arguments (query 0, key 1, value 2) each matmul's inputs are, for
+        input pruning: ``qk`` takes q and kᵀ, ``pv`` the probabilities (None: made here)
+        and v. (Transposing a per-tensor encoded k keeps its grid.)"""
+        return [(self.qk, [0, 1]), (self.pv, [None, 2])]
+
     def _all_off(self) -> bool:
-        """No quantizer fake-quantizes or observes (checked outside export only: the flags are
-        buffers, and an exported graph always has the quantized form)."""
+        """No quantizer would fake-quantize or observe (checked outside export only: the flags
+        are buffers, and an exported graph always has the quantized form)."""
         if torch.compiler.is_exporting() or torch.onnx.is_in_onnx_export():
             return False
-        return not any(
-            bool(q.fake_quant_enabled) or bool(q.observer_enabled)
-            for q in self.modules()
-            if isinstance(q, Quantizer)
-        )
+        for q in self.modules():
+            if not isinstance(q, Quantizer):
+                continue
+            observing = (q.training or q._calibrating) and bool(q.observer_enabled)
+            if observing or bool(q.fake_quant_enabled):
+                return False
+        return True
 
     def forward(
         self,

@@ -67,12 +67,20 @@ class _Sources:
                     return None
                 own = module.input_quantizers[0] if len(module.input_quantizers) else None
                 return own if own is not None else self(first)
+            container_output = getattr(module, "container_output", None)  # quantized SDPA
+            if container_output is not None:
+                return container_output
             return self(first) if type(module) in GRID_MODULES else None
         if node.op == "call_function" and node.target in GRID_FUNCTIONS:
             return self(first)
         if node.op == "call_method" and node.target in GRID_METHODS:
             return self(first)
         return None
+
+
+def _per_tensor(source: Quantizer | None) -> Quantizer | None:
+    """A source a container may pass through reshapes and transposes: per-tensor only."""
+    return None if source is None or source.scheme.per_channel else source
 
 
 def _operands(node: fx.Node) -> list[object]:
@@ -102,6 +110,13 @@ def _call_sites(
             if isinstance(module, QuantModule):
                 modules[id(module)] = module
                 sites[id(module)].append([sources(a) for a in _operands(node)])
+            for child, slots in getattr(module, "input_slots", list)():  # a container's
+                operands = [sources(a) for a in _operands(node)]
+                modules[id(child)] = child
+                sites[id(child)].append(
+                    [_per_tensor(operands[i]) if i is not None and i < len(operands) else None
+                     for i in slots]
+                )  # fmt: skip
     return sites, modules, unsure
 
 

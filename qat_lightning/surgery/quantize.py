@@ -41,6 +41,7 @@ from qat_lightning.nn import (
 from qat_lightning.nn.registry import unregistered_reason
 from qat_lightning.quant import Quantizer
 from qat_lightning.quant.grouped import GroupSizeError
+from qat_lightning.surgery import hf_attention
 from qat_lightning.surgery.config import QuantConfig
 from qat_lightning.surgery.fast_path import disable_fast_paths
 from qat_lightning.surgery.fuse import FusionGroup, plan_graph, plan_order
@@ -58,17 +59,17 @@ from qat_lightning.surgery.graph import (
 from qat_lightning.surgery.norm_act import split_norm_acts
 from qat_lightning.surgery.outside_reads import read_outside_forward
 from qat_lightning.surgery.prune import prune_input_quantizers
-from qat_lightning.surgery.report import LayerRow, QuantizationReport
+from qat_lightning.surgery.report import (
+    ATTENTION_SOFTMAX,
+    LayerRow,
+    QuantizationReport,
+    stays_float_reason,
+)
 from qat_lightning.surgery.rewrite import ArgumentDependentGraph, rewrite_module
 from qat_lightning.surgery.rewrite_check import attach_check
 
-FUNCTIONAL_MODULES = {
-    "add": QuantAdd,
-    "mul": QuantMul,
-    "matmul": QuantMatMul,
-    "cat": QuantCat,
-    "sdpa": QuantScaledDotProductAttention,
-}
+FUNCTIONAL_MODULES = {"add": QuantAdd, "mul": QuantMul, "matmul": QuantMatMul, "cat": QuantCat}
+FUNCTIONAL_MODULES["sdpa"] = QuantScaledDotProductAttention
 # Modules whose forward reads their children's parameters without calling them (MHA reads
 # ``out_proj.weight``): a quantized child would never run nor calibrate. They stay float.
 READS_CHILD_PARAMETERS = (nn.MultiheadAttention,)
@@ -153,6 +154,7 @@ class _Surgery:
         else:
             self._own_parameters("", self.model)
         self._swap(self.model, "")
+        self._route_attention()
         self.report.warnings.extend(disable_fast_paths(self.model))
         removed = prune_input_quantizers(trace_regions(self.model))
         self._finish(removed)
@@ -301,10 +303,22 @@ class _Surgery:
             before=op.label,
             after=type(module).__name__,
             inputs=inputs,
-            note=f"{where} (module rewritten as a GraphModule)",
+            note=f"{where} (module rewritten as a GraphModule)"
+            + (f"; {ATTENTION_SOFTMAX}" if op.kind == "sdpa" else ""),
         )
         self._made(module, row)
         return module
+
+    def _route_attention(self) -> None:
+        """transformers attention layers' attention (`surgery.hf_attention`)."""
+        for plan in hf_attention.plan(self.model, self.config):
+            self.names.append(plan.name)
+            row = self._row(plan.name, None, plan.status, **plan.fields)
+            if plan.module is not None:
+                self._made(plan.module, row)
+                hf_attention.route(plan.layer, plan.module)
+            elif plan.warning:
+                self.report.warnings.append(plan.warning)
 
     def _root_ops(self, region: Region) -> None:
         """Functional ops in the root's own forward: the root keeps its class, so they stay."""
@@ -392,7 +406,9 @@ class _Surgery:
         stateful = any(v is not None for v in state)
         torch_layer = type(module).__module__.startswith("torch.nn")
         empty = isinstance(module, (nn.Sequential, nn.ModuleList, nn.ModuleDict))
-        if not stateful and (isinstance(module, NO_COMPUTE) or empty or not torch_layer):
+        kept = stays_float_reason(module)  # LayerNorm, Softmax, GELU: float by design
+        trivial = isinstance(module, NO_COMPUTE) or empty or not torch_layer
+        if not stateful and not kept and trivial:
             return  # no parameters and no compute worth a row (Identity, Dropout, Flatten...)
         pattern = self.config.skip_pattern(name)
         if pattern is not None:
@@ -403,8 +419,10 @@ class _Surgery:
                 "not fused: no Conv/Linear feeds it" if self.config.fuse else "fuse=False"
             )
         else:
-            note = unregistered_reason(module) or (
-                f"no quantized type registered for {type(module).__name__}"
+            note = (
+                unregistered_reason(module)
+                or kept
+                or f"no quantized type registered for {type(module).__name__}"
             )
         self._row(name, module, "float", note=note)
 

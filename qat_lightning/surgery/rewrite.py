@@ -204,7 +204,7 @@ def rewrite_module(owner: nn.Module, build: Build) -> fx.GraphModule | None:
         module = build(op, name)
         if module is None:
             continue
-        added[name] = module
+        added[name] = module.train(owner.training)  # in the block's mode (eval: no observing)
         gm.add_submodule(name, module)
         with graph.inserting_before(op.node):
             args, kwargs = op.call

@@ -49,6 +49,13 @@ def test_surgery_rewrites_the_function_checks_clean_and_exports_integer_matmuls(
         assert (row.status, row.after) == ("quantized", "QuantScaledDotProductAttention")
         assert row.before == "scaled_dot_product_attention()"
     assert isinstance(model[0].sdpa.qk, QuantMatMul)
+    # Each activation is quantized once: q, k, v by the qkv projection, the attention output
+    # by p·v (the probabilities, made inside, keep their own unsigned quantizer).
+    for block in model:
+        assert block.sdpa.input_quantizers == [None, None, None]
+        assert block.sdpa.pv.input_quantizers[0] is not None
+        assert block.out.input_quantizers[0] is None
+        assert block.out.input_encoding(0) is block.sdpa.pv.output_quantizers[0]
     with warnings.catch_warnings():
         warnings.simplefilter("error")  # no fallback: the rewrite computes what the block did
         compute_encodings(model, [x] + [torch.randn(3, 6, 16) for _ in range(3)])
