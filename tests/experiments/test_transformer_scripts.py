@@ -32,7 +32,7 @@ def test_transformer_table_measures_every_column(tmp_path) -> None:
     models = ["vit", "swin", "bert"]
     figures, stdout = _run(
         "transformer_table.py", "--size", "tiny", "--models", *models, "--batch", "4",
-        "--calibration-batches", "1", "--threads", "1", "--out", str(tmp_path),
+        "--calibration-batches", "1", "--test-batch", "8", "--threads", "1", "--out", str(tmp_path),
     )  # fmt: skip
     assert figures["cpu"] and [r["model"] for r in figures["rows"]] == models
     for row in figures["rows"]:
