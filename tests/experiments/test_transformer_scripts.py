@@ -77,3 +77,16 @@ def test_bench_transformer_reports_steps_and_latencies(tmp_path) -> None:
             "int8 ours <= best of quantize_static / quantize_dynamic",
         }
         assert f"| {name} | int8 ours |" in stdout
+
+
+@pytest.mark.slow
+def test_profile_qat_step_counts_ops_of_both_sides() -> None:
+    figures, stdout = _run(
+        "profile_qat_step.py", "--size", "tiny", "--batch", "2", "--rounds", "1", "--top", "3"
+    )
+    assert figures["cpu"] and figures["ratio_over_float"] > 0
+    float_side, ours = figures["profile"]["float"], figures["profile"]["qat_lightning"]
+    assert float_side["fake_quant_per_tensor"] == float_side["fake_quant_per_channel"] == 0
+    assert ours["fake_quant_per_tensor"] > 0 and ours["fake_quant_per_channel"] > 0
+    assert ours["aten_ops"] > float_side["aten_ops"] > 0
+    assert len(ours["top_self_cpu"]) == 3 and "| qat_lightning |" in stdout
