@@ -46,9 +46,9 @@ def test_transformer_table_measures_every_column(tmp_path) -> None:
         assert counts["quantized"] > 0 and counts["float"] == len(row["float_rows"]), name
         assert all(r["note"] for r in row["float_rows"]), name  # every float layer says why
         assert f"| {name} |" in stdout
-    swin = figures["rows"][1]
-    # torchvision's Swin reads qkv/proj weights outside their forward: float, and said so
-    assert swin["float_types"].get("Linear", 0) >= 2 and swin["mac_ops"]["float"] > 0
+    for row in figures["rows"]:  # a Linear left float (Swin's qkv/proj today) runs float MACs
+        if row["float_types"].get("Linear"):
+            assert row["mac_ops"]["float"] > 0, row["model"]
 
 
 @pytest.mark.slow
