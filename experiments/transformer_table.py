@@ -111,7 +111,9 @@ def float_rows(report) -> list[dict[str, str]]:
     ]
 
 
-def measure(c: Case, out: Path, calibration_batches: int, batch: int) -> dict[str, Any]:
+def measure(
+    c: Case, out: Path, calibration_batches: int, batch: int, test_batch: int
+) -> dict[str, Any]:
     """Every column of the table for one case (a failing stage records its error)."""
     torch.manual_seed(0)
     model = c.build().eval()
@@ -125,7 +127,7 @@ def measure(c: Case, out: Path, calibration_batches: int, batch: int) -> dict[st
     row["float_rows"] = float_rows(report)
     row["float_types"] = dict(Counter(r["type"] for r in row["float_rows"]))
     model.eval()
-    test = c.batch(2 * batch, 1000)
+    test = c.batch(test_batch, 1000)
     with torch.no_grad():
         integer = c.logits(call(model, test))
         row["sqnr_db"] = round(sqnr_db(c.logits(call(reference, test)), integer), 2)
@@ -196,6 +198,7 @@ def main() -> None:
     parser.add_argument("--models", nargs="*", default=list(BUILDERS), choices=list(BUILDERS))
     parser.add_argument("--batch", type=int, default=8, help="calibration batch size")
     parser.add_argument("--calibration-batches", type=int, default=4)
+    parser.add_argument("--test-batch", type=int, default=64, help="samples compared")
     parser.add_argument("--threads", type=int, default=2)
     parser.add_argument("--out", type=Path, default=None, help="keep the ONNX files here")
     parser.add_argument("--json", type=Path, default=None, help="also write the JSON here")
@@ -208,7 +211,7 @@ def main() -> None:
         c = case(name, args.size)
         print(f"{name} ...", file=sys.stderr, flush=True)
         try:
-            row = measure(c, out, args.calibration_batches, args.batch)
+            row = measure(c, out, args.calibration_batches, args.batch, args.test_batch)
         except Exception as err:  # one model failing is one row saying so
             row = {"model": name, "error": _error(err)}
         rows.append(row | {"per_token": c.per_token})
