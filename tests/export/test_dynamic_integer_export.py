@@ -190,3 +190,18 @@ def test_weights_wider_than_8_bits_are_refused_naming_the_layer(tmp_path):
     with pytest.raises(ExportError, match=r"layer 'mlp.0'.*bits=12.*allowed bits <= 8"):
         export_onnx(converted, torch.randint(0, 50, (2, 8)), tmp_path / "lm.onnx")
     assert not (tmp_path / "lm.onnx").exists()
+
+
+def test_a_per_group_quantizer_on_a_layer_without_a_grouped_onnx_form_is_refused(tmp_path):
+    """An Embedding with ``max_norm`` renormalizes its rows at lookup: it is a fake-quant op
+    after `convert`, whose per-group weight quantizer has no ONNX form."""
+    model = nn.Sequential(nn.Embedding(50, 64, max_norm=1.0))
+    quantize_model(model, QuantConfig(inputs=None, params=PARAMS["w4_g32"]))
+    idx = torch.randint(0, 50, (2, 8))
+    model.train()
+    model(idx)
+    converted = convert(model.eval())
+    message = r"layer '0'.*param 'weight'.*granularity='per_group'.*allowed per_tensor or per_chan"
+    with pytest.raises(ExportError, match=message):
+        export_onnx(converted, idx, tmp_path / "e.onnx")
+    assert not (tmp_path / "e.onnx").exists()
