@@ -11,8 +11,10 @@ with int4 g32 weights). It computes what `qat_lightning.nn.grouped.grouped_linea
 2. ``MatMulInteger`` (int32 accumulation) of those codes with the weight's codes. A per-tensor
    input's zero point goes to ``MatMulInteger`` itself; a per-token one (one per row) is
    taken off in int32 afterwards: ``acc - zp[m] * sum_k (w[k, n] - zp_w[n])``, the column
-   sums being constants. A per-group weight is a batched product ``[G, M, g] x [G, g, N]``
-   (one ``MatMulInteger``), each group's int32 sums scaled by its own scales.
+   sums computed from the weight initializer by graph ops that onnxruntime folds into a
+   constant when it loads the model (the file does not carry them). A per-group weight is a
+   batched product ``[G, M, g] x [G, g, N]`` (one ``MatMulInteger``), each group's int32
+   sums scaled by its own scales.
 3. The float part: ``acc * s_w`` (summed over groups), ``* s_x``, ``+ bias`` in float32
    (`convert` scales in float64: the two agree to float32 rounding).
 
@@ -38,7 +40,7 @@ from qat_lightning.export.qdq import (
 from qat_lightning.quant import QTensor, QuantScheme
 
 # The buffers `integer_matmul_constants` returns (registered on the layer while it exports).
-CONSTANT_NAMES = ("mmi_weight", "mmi_weight_zero_point", "mmi_weight_scale", "mmi_column_sums")
+CONSTANT_NAMES = ("mmi_weight", "mmi_weight_zero_point", "mmi_weight_scale")
 
 
 def integer_matmul_problem(weight: QuantScheme, encoding: FrozenQuantizer | None) -> str | None:
@@ -68,8 +70,8 @@ def _weight_offset(q_w: QTensor) -> int:
 
 def integer_matmul_constants(q_w: QTensor) -> dict[str, torch.Tensor | None]:
     """The weight as ``MatMulInteger`` takes it: codes ``[K, N]`` (``[G, g, N]`` per group),
-    their zero point (None when 0), the weight scale and the int32 column sums of the
-    centered codes (``[N]``, or ``[G, 1, N]`` per group), keyed by `CONSTANT_NAMES`."""
+    their zero point (None when 0; ``[N]`` or ``[G, 1, N]``) and the weight scale (``[N]``
+    or ``[G, 1, N]``), keyed by `CONSTANT_NAMES`."""
     scheme = q_w.scheme
     out_features, in_features = q_w.codes.shape
     offset = _weight_offset(q_w)
@@ -84,17 +86,10 @@ def integer_matmul_constants(q_w: QTensor) -> dict[str, torch.Tensor | None]:
         scale = scale.t().reshape(groups, 1, out_features)
     else:
         codes = codes.t()  # [K, N]
-    centered = codes.to(torch.int32) - zero_point.to(torch.int32)
-    column_sums = centered.sum(dim=-2, keepdim=scheme.per_group, dtype=torch.int32)
     if not bool((zero_point != 0).any()):
         zero_point = None
-    return dict(
-        zip(
-            CONSTANT_NAMES,
-            (codes.contiguous(), zero_point, scale.contiguous(), column_sums.contiguous()),
-            strict=True,
-        )
-    )
+    values = (codes.contiguous(), zero_point, scale.contiguous())
+    return dict(zip(CONSTANT_NAMES, values, strict=True))
 
 
 def _weight_initializer(codes: torch.Tensor, int4: bool) -> torch.Tensor:
@@ -112,6 +107,16 @@ def _weight_initializer(codes: torch.Tensor, int4: bool) -> torch.Tensor:
         shape=codes.shape,
         metadata_props={KEEP_NODE: "int4 weight widened by onnxruntime"},
     )
+
+
+def _column_sums(weight: torch.Tensor, zero_point: torch.Tensor | None, grouped: bool):
+    """``sum_k (w[k, n] - zp[n])`` in int32 (``[N]``, or ``[G, 1, N]`` per group), as graph
+    ops on the weight initializer: onnxruntime folds them into a constant when it loads the
+    model, so the file does not carry them (4 bytes a column a group: 1/8 byte a weight)."""
+    centered = weight.to(torch.int32)
+    if zero_point is not None:
+        centered = centered - zero_point.to(torch.int32)
+    return centered.sum(dim=-2, keepdim=grouped, dtype=torch.int32)
 
 
 def _input_codes(x: torch.Tensor, encoding: FrozenQuantizer):
@@ -139,7 +144,7 @@ def onnx_integer_linear(
 ) -> torch.Tensor:
     """``linear(x, w) + bias`` as ``MatMulInteger`` and float scaling (see the module
     docstring); ``constants`` from `integer_matmul_constants`."""
-    weight, weight_zp, weight_scale, column_sums = (constants[k] for k in CONSTANT_NAMES)
+    weight, weight_zp, weight_scale = (constants[k] for k in CONSTANT_NAMES)
     out_features = weight.shape[-1]
     lead = x.shape[:-1]
     codes, scale, zero_point = _input_codes(x, encoding)
@@ -151,14 +156,15 @@ def onnx_integer_linear(
             zero_point = zero_point.reshape(1, -1, 1)
             scale = scale.reshape(-1, 1)
     a_zp = None if per_token else zero_point
+    weight = _weight_initializer(weight, int4)
     acc = torch.onnx.ops.symbolic(
         "MatMulInteger",
-        [codes, _weight_initializer(weight, int4), a_zp, weight_zp],
+        [codes, weight, a_zp, weight_zp],
         dtype=torch.int32,
         shape=(*codes.shape[:-1], out_features),
     )
     if per_token:  # the activation zero point, one per row, taken off in int32
-        acc = acc - zero_point * column_sums
+        acc = acc - zero_point * _column_sums(weight, weight_zp, grouped)
     if grouped:
         y = (acc.float() * weight_scale).sum(0) * scale  # [M, N]
     else:

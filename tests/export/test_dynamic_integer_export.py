@@ -115,6 +115,8 @@ def test_int4_weights_are_int4_in_the_file_and_int8_once_onnxruntime_loads_them(
     weights = [inits[producers[n.input[1]].input[0]] for n in matmuls]  # Cast(INT4 init)
     assert len(weights) == 3
     assert {i.data_type for i in weights} == {onnx.TensorProto.INT4}
+    int32 = [i.name for i in inits.values() if i.data_type == onnx.TensorProto.INT32]
+    assert not int32, int32  # the per-token column sums are graph ops, not stored
     optimized = tmp_path / "optimized.onnx"
     ort_session(path, optimized)
     graph = onnx.load(str(optimized)).graph
@@ -122,9 +124,21 @@ def test_int4_weights_are_int4_in_the_file_and_int8_once_onnxruntime_loads_them(
     for node in graph.node:
         if node.op_type == "MatMulInteger":  # its weight: a constant int8 initializer
             assert folded[node.input[1]] == onnx.TensorProto.INT8, node.input[1]
+    assert ops_of(graph)["ReduceSum"] == 3  # one per layer (its groups); column sums folded
     linear_params = 64 * 128 + 128 * 64 + 64 * 50
     stored = sum(len(i.raw_data) for i in weights)
     assert stored <= linear_params / 2 + 3  # 4 bits a weight (one pad nibble per tensor)
+    scales = [i for name, i in inits.items() if name.endswith("mmi_weight_scale")]
+    assert len(scales) == 3 and all(i.data_type == onnx.TensorProto.FLOAT for i in scales)
+    with_scales = stored + sum(len(i.raw_data) for i in scales)
+    assert with_scales <= 0.16 * 4 * linear_params  # 4 bits + one float32 scale per 32
+
+
+def ops_of(graph) -> dict[str, int]:
+    counts: dict[str, int] = {}
+    for node in graph.node:
+        counts[node.op_type] = counts.get(node.op_type, 0) + 1
+    return counts
 
 
 @pytest.fixture(scope="module")
@@ -143,20 +157,21 @@ def one_layer(tmp_path_factory):
 
 @settings(max_examples=25, deadline=None)
 @given(
-    rows=st.integers(1, 6),
+    batch=st.integers(1, 6),
     magnitude=st.sampled_from([1e-3, 1.0, 30.0, 1e4]),
     offset=st.floats(-2.0, 2.0),
     outlier=st.booleans(),
     seed=st.integers(0, 2**16),
 )
 def test_one_8da4w_layer_matches_the_integer_simulation_on_any_input(
-    one_layer, rows, magnitude, offset, outlier, seed
+    one_layer, batch, magnitude, offset, outlier, seed
 ):
     """The model's input is the layer's input: onnxruntime sees the very floats torch
     quantizes, so the codes are the same and only the float scaling differs."""
     path, layer = one_layer
     g = torch.Generator().manual_seed(seed)
-    x = (torch.randn(2, rows, 64, generator=g) + offset) * magnitude
+    x = (torch.randn(batch, 3, 64, generator=g) + offset) * magnitude  # (a float input's
+    # sequence axis is fixed: dynamic_sequence applies to token ids)
     if outlier:
         x[0, 0, 3] = 50 * magnitude
     with torch.no_grad():
@@ -175,3 +190,18 @@ def test_weights_wider_than_8_bits_are_refused_naming_the_layer(tmp_path):
     with pytest.raises(ExportError, match=r"layer 'mlp.0'.*bits=12.*allowed bits <= 8"):
         export_onnx(converted, torch.randint(0, 50, (2, 8)), tmp_path / "lm.onnx")
     assert not (tmp_path / "lm.onnx").exists()
+
+
+def test_a_per_group_quantizer_on_a_layer_without_a_grouped_onnx_form_is_refused(tmp_path):
+    """An Embedding with ``max_norm`` renormalizes its rows at lookup: it is a fake-quant op
+    after `convert`, whose per-group weight quantizer has no ONNX form."""
+    model = nn.Sequential(nn.Embedding(50, 64, max_norm=1.0))
+    quantize_model(model, QuantConfig(inputs=None, params=PARAMS["w4_g32"]))
+    idx = torch.randint(0, 50, (2, 8))
+    model.train()
+    model(idx)
+    converted = convert(model.eval())
+    message = r"layer '0'.*param 'weight'.*granularity='per_group'.*allowed per_tensor or per_chan"
+    with pytest.raises(ExportError, match=message):
+        export_onnx(converted, idx, tmp_path / "e.onnx")
+    assert not (tmp_path / "e.onnx").exists()
