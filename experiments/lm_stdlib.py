@@ -47,7 +47,7 @@ from lm_data import StdlibCorpus
 from lm_models import SKIP, ByteGPT, LMModule, fit, perplexity
 from timing import cpu_model, round_robin
 
-from qat_lightning import QATCallback, calibrate, convert, export_onnx
+from qat_lightning import QATCallback, QuantModule, calibrate, convert, export_onnx
 from qat_lightning.export import OnnxModel
 
 W4_G32 = {"bits": 4, "granularity": "per_group", "group_size": 32}
@@ -140,10 +140,16 @@ def run_fp32_continued(exp: Experiment) -> dict:
     return {"train_s": time.perf_counter() - start, **exp.evaluate(module)}
 
 
+def quantized_linears(model: torch.nn.Module) -> int:
+    return sum(
+        isinstance(m, QuantModule) and isinstance(m, torch.nn.Linear) for m in model.modules()
+    )
+
+
 def run_ptq(exp: Experiment, inputs, params) -> dict:
     module = exp.module(exp.args.qat_lr, exp.args.qat_steps)
     calibrate(module, exp.calibration_batches(), inputs=inputs, params=params, skip=list(SKIP))
-    return exp.evaluate(module)
+    return {"quantized_linears": quantized_linears(module), **exp.evaluate(module)}
 
 
 def run_qat_ours(exp: Experiment, name: str, inputs, params) -> tuple[LMModule, dict]:
@@ -159,7 +165,9 @@ def run_qat_ours(exp: Experiment, name: str, inputs, params) -> tuple[LMModule, 
     )
     start = time.perf_counter()
     fit(module, exp.corpus.train_loader(), a.qat_steps, f"qat ours {name}", [callback], a.seed)
-    return module, {"train_s": time.perf_counter() - start, **exp.evaluate(module)}
+    train_s = time.perf_counter() - start
+    count = quantized_linears(module)
+    return module, {"train_s": train_s, "quantized_linears": count, **exp.evaluate(module)}
 
 
 def run_qat_torchao(exp: Experiment, name: str, inputs) -> dict:
