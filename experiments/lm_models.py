@@ -124,10 +124,11 @@ def perplexity(model, loader) -> float:
 
 
 def fit(
-    module: LMModule, loader, steps: int, label: str, callbacks=(), seed: int = 0
+    module: LMModule, loader, steps: int, label: str, callbacks=(), seed: int = 0, root=None
 ) -> pl.Trainer:
     """Train ``module`` for ``steps`` optimizer steps on ``loader`` (seeded, CPU, no logger
-    or checkpoints), with a progress line every tenth of the run."""
+    or checkpoints; what callbacks write goes under ``root``), with a progress line every
+    tenth of the run."""
     pl.seed_everything(seed, verbose=False)
     trainer = pl.Trainer(
         max_steps=steps,
@@ -138,6 +139,7 @@ def fit(
         enable_progress_bar=False,
         enable_model_summary=False,
         num_sanity_val_steps=0,
+        default_root_dir=root,
         callbacks=[*callbacks, StepProgress(label, steps)],
     )
     trainer.fit(module, train_dataloaders=loader)

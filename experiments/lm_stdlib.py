@@ -125,7 +125,7 @@ def run_fp32(exp: Experiment) -> tuple[LMModule, dict]:
     a = exp.args
     module = exp.module(a.lr, a.fp32_steps, warmup=max(1, a.fp32_steps // 20))
     start = time.perf_counter()
-    fit(module, exp.corpus.train_loader(), a.fp32_steps, "fp32", seed=a.seed)
+    fit(module, exp.corpus.train_loader(), a.fp32_steps, "fp32", seed=a.seed, root=a.out)
     exp.fp32_state = copy.deepcopy(module.state_dict())
     return module, {"train_s": time.perf_counter() - start, **exp.evaluate(module)}
 
@@ -136,7 +136,7 @@ def run_fp32_continued(exp: Experiment) -> dict:
     a = exp.args
     module = exp.module(a.qat_lr, a.qat_steps)
     start = time.perf_counter()
-    fit(module, exp.corpus.train_loader(), a.qat_steps, "fp32 continued", seed=a.seed)
+    fit(module, exp.corpus.train_loader(), a.qat_steps, "fp32 continued", seed=a.seed, root=a.out)
     return {"train_s": time.perf_counter() - start, **exp.evaluate(module)}
 
 
@@ -164,7 +164,15 @@ def run_qat_ours(exp: Experiment, name: str, inputs, params) -> tuple[LMModule, 
         export_formats=(),
     )
     start = time.perf_counter()
-    fit(module, exp.corpus.train_loader(), a.qat_steps, f"qat ours {name}", [callback], a.seed)
+    fit(
+        module,
+        exp.corpus.train_loader(),
+        a.qat_steps,
+        f"qat ours {name}",
+        [callback],
+        a.seed,
+        a.out,
+    )
     train_s = time.perf_counter() - start
     count = quantized_linears(module)
     return module, {"train_s": train_s, "quantized_linears": count, **exp.evaluate(module)}
@@ -193,7 +201,14 @@ def run_qat_torchao(exp: Experiment, name: str, inputs) -> dict:
         config = QATConfig(activation_config=activation, weight_config=weight, step="prepare")
         quantize_(module.model, config)  # every nn.Linear; the embeddings stay float
         start = time.perf_counter()
-        fit(module, exp.corpus.train_loader(), a.qat_steps, f"qat torchao {name}", seed=a.seed)
+        fit(
+            module,
+            exp.corpus.train_loader(),
+            a.qat_steps,
+            f"qat torchao {name}",
+            seed=a.seed,
+            root=a.out,
+        )
         train_s = time.perf_counter() - start
         return {"version": torchao.__version__, "train_s": train_s, **exp.evaluate(module)}
     except Exception as error:

@@ -35,6 +35,7 @@ def smoke(tmp_path_factory) -> tuple[dict, str, Path]:
         cwd=cwd,
     )
     assert result.returncode == 0, result.stderr[-3000:]
+    assert list(cwd.iterdir()) == []  # everything it writes goes under --out
     return json.loads((out / "results.json").read_text()), result.stdout, out
 
 
