@@ -13,9 +13,12 @@ converted integer codes keep the ``(in, out)`` layout of a Hugging Face checkpoi
 the user's model has imported ``transformers`` already.
 
 Schemes: per-tensor and per-channel weights at any bit width, static activations. A per-group
-weight scheme is refused by surgery, naming the layer (groups run along a Linear's input
-dimension, the last axis; here it is the first); a dynamic activations scheme leaves its
-activations float (weight-only), as for the other non-Linear MAC layers.
+weight scheme is refused (`GroupSizeError`; surgery names the layer): groups run along a
+Linear's input dimension, the last axis of its weight, here the first, and the per-group
+integer forms (`nn.grouped.grouped_linear`, convert's ``MatMulNBitsLinear``) are Linear
+forms. The way there is the ``nn.Linear(nx, nf)`` a ``Conv1D`` is, weight transposed (the
+LM experiment's ``experiments/lm_models.conv1d_to_linear``). A dynamic activations scheme
+leaves its activations float (weight-only), as for the other non-Linear MAC layers.
 """
 
 from __future__ import annotations
@@ -27,6 +30,8 @@ from torch import nn
 
 from qat_lightning.nn.linear import QuantMAC
 from qat_lightning.nn.registry import register_lazy_quant_module
+from qat_lightning.quant import QuantScheme
+from qat_lightning.quant.grouped import GroupSizeError
 
 HF_MODULE = "transformers.pytorch_utils"
 HF_NAME = "Conv1D"
@@ -46,6 +51,21 @@ class QuantHFConv1DMixin(QuantMAC):
         """``x @ w + b`` for ``x`` of shape ``(..., in)`` and ``w`` of shape ``(in, out)``."""
         y = torch.matmul(x, w)
         return y if b is None else y + b
+
+    def _init_quantizers(
+        self,
+        inputs: QuantScheme | None,
+        params: QuantScheme | None,
+        outputs: QuantScheme | None = None,
+    ) -> None:
+        if params is not None and params.per_group:
+            raise GroupSizeError(
+                f"Conv1D.weight of shape {tuple(self.weight.shape)} (in, out): per_group "
+                f"(group_size={params.group_size}) is not supported for transformers' Conv1D; "
+                "allowed per_tensor or per_channel, or replace it by the nn.Linear(nx, nf) "
+                "it is (weight transposed), which takes per_group"
+            )
+        super()._init_quantizers(inputs, params, outputs)
 
     # Conv1D's own ``__repr__`` prints only its sizes; show the quantizers too.
     __repr__ = nn.Module.__repr__

@@ -130,7 +130,7 @@ def test_convert_keeps_the_in_out_weight_layout() -> None:
 
 def test_per_group_weights_are_refused_naming_the_layer() -> None:
     model = nn.Sequential(nn.Linear(8, 16), Conv1D(8, 16))
-    with pytest.raises(GroupSizeError, match=r"layer '1' \(Conv1D\).*per_group"):
+    with pytest.raises(GroupSizeError, match=r"layer '1' \(Conv1D\).*per_group.*nn\.Linear"):
         quantize_model(model, params={"granularity": "per_group", "group_size": 8, "bits": 4})
 
 

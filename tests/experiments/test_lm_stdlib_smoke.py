@@ -1,0 +1,108 @@
+"""experiments/lm_stdlib.py --smoke: issue 14's whole LM pipeline on a few hundred bytes of the
+standard library's own source (tiny GPT-2, a few steps): fp32, PTQ, QAT (ours, and torchao
+where it is installed in the side folder), the MatMulNBits export in onnxruntime."""
+
+from __future__ import annotations
+
+import argparse
+import json
+import math
+import subprocess
+import sys
+from pathlib import Path
+
+import onnx
+import pytest
+
+EXPERIMENTS = Path(__file__).resolve().parents[2] / "experiments"
+sys.path.insert(0, str(EXPERIMENTS))
+
+import lm_data  # noqa: E402
+import lm_stdlib  # noqa: E402
+
+pytest.importorskip("transformers")
+
+
+@pytest.fixture(scope="module")
+def smoke(tmp_path_factory) -> tuple[dict, str, Path]:
+    out = tmp_path_factory.mktemp("lm")
+    cwd = tmp_path_factory.mktemp("cwd")
+    result = subprocess.run(
+        [sys.executable, str(EXPERIMENTS / "lm_stdlib.py"), "--smoke", "--out", str(out)],
+        capture_output=True,
+        text=True,
+        timeout=300,
+        cwd=cwd,
+    )
+    assert result.returncode == 0, result.stderr[-3000:]
+    assert list(cwd.iterdir()) == []  # everything it writes goes under --out
+    return json.loads((out / "results.json").read_text()), result.stdout, out
+
+
+@pytest.mark.slow
+def test_every_perplexity_is_finite_and_each_qat_side_ran(smoke) -> None:
+    results, stdout, _ = smoke
+    assert results["corpus_bytes"] == {"train": 600, "val": 600, "test": 600}
+    phases = [results["fp32"], results["fp32_continued"]]
+    for name in ("w4_g32", "8da4w"):
+        r = results["schemes"][name]
+        phases += [r["ptq"], r["qat_ours"]]
+        assert r["qat_ours"]["quantized_linears"] == 5, r  # 4 projections + the LM head
+        torchao = r["qat_torchao"]
+        if (lm_stdlib.DEFAULT_PEERS / "torchao").is_dir():
+            assert "test" in torchao, torchao  # installed: it runs, or says why in "skipped"
+            phases.append(torchao)
+        else:
+            assert "not installed" in torchao["skipped"]
+    for phase in phases:
+        for split in ("val", "test"):
+            assert math.isfinite(phase[split]) and phase[split] > 1.0, phase
+    assert "| w4_g32 |" in stdout and "| 8da4w |" in stdout and "CPU:" in stdout
+
+
+@pytest.mark.slow
+def test_the_onnx_model_scores_what_the_converted_model_scores(smoke) -> None:
+    results, _, out = smoke
+    o = results["onnx"]
+    assert o["onnx_test"] == pytest.approx(o["converted_test"], rel=1e-4)
+    # eval mode of the QAT model is the converted model
+    assert o["converted_test"] == pytest.approx(results["schemes"]["w4_g32"]["qat_ours"]["test"])
+    assert o["fp32_onnx_test"] == pytest.approx(results["fp32"]["test"], rel=1e-4)
+    ops = [n.op_type for n in onnx.load(str(out / "lm_w4_g32.onnx")).graph.node]
+    assert ops.count("MatMulNBits") == 5, ops
+    assert o["bytes"]["w4_g32_onnx"] < o["bytes"]["fp32_onnx"]
+    assert all(ms > 0 for ms in o["ms_per_token"].values())
+
+
+def test_torchao_missing_is_reported_not_raised(tmp_path) -> None:
+    args = argparse.Namespace(peer_dir=tmp_path / "nowhere")
+    result = lm_stdlib.run_qat_torchao(
+        argparse.Namespace(args=args), "w4_g32", None
+    )  # no model is built before the check
+    assert result == {"skipped": f"torchao is not installed in --peer-dir {args.peer_dir}"}
+
+
+def test_splits_are_by_file_and_deterministic() -> None:
+    files = lm_data.stdlib_files()
+    root = lm_data.stdlib_root()
+    names = {s: {p.relative_to(root).as_posix() for p in files[s]} for s in lm_data.SPLITS}
+    assert all(names.values())
+    assert not (names["train"] & names["val"] or names["train"] & names["test"])
+    assert not names["val"] & names["test"]
+    assert all(lm_data.split_of(n) == s for s, group in names.items() for n in group)
+    assert not any("site-packages" in n for group in names.values() for n in group)
+    head = lm_data.split_bytes("val", max_bytes=500)
+    assert len(head) == 500 and head == lm_data.split_bytes("val", max_bytes=500)
+    assert head == files["val"][0].read_bytes()[:500] or len(files["val"][0].read_bytes()) < 500
+
+
+def test_training_order_does_not_depend_on_batches_read_before() -> None:
+    corpus = lm_data.StdlibCorpus(length=16, batch_size=4, eval_windows=4, max_bytes=800)
+    loader = corpus.train_loader()
+    first = [x.tolist() for x, _ in loader]
+    next(iter(loader))  # e.g. a calibration pass
+    assert [x.tolist() for x, _ in loader] == first
+    loader.sampler.set_epoch(1)
+    assert [x.tolist() for x, _ in loader] != first
+    x, y = corpus.eval["test"][0]
+    assert x.shape == y.shape == (16,) and (x[1:] == y[:-1]).all()
