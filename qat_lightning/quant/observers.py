@@ -357,7 +357,11 @@ class HistogramObserver(Observer):
             return mn, mx
         lo, hi = self._histogram_range(float(self.histogram_max))
         lo_t, hi_t = torch.tensor(lo, dtype=mn.dtype), torch.tensor(hi, dtype=mx.dtype)
-        return torch.clamp(lo_t, min=mn).to(mn.device), torch.clamp(hi_t, max=mx).to(mx.device)
+        # Inside the observed range, also where the histogram's bins are wider than it (a
+        # range of denormals): [lo, hi] never reaches beyond [min, max].
+        lo_t = torch.clamp(lo_t, min=mn, max=mx)
+        hi_t = torch.clamp(hi_t, min=lo_t, max=mx)
+        return lo_t.to(mn.device), hi_t.to(mx.device)
 
     def _histogram_range(self, hist_max: float) -> tuple[float, float]:
         raise NotImplementedError  # abstract: each subclass defines its statistic
