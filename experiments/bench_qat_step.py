@@ -169,6 +169,7 @@ def data(args: argparse.Namespace) -> tuple[torch.Tensor, list]:
 def op_counts(step: TrainSteps) -> dict[str, int]:
     """ATen ops of one train step (forward, backward, optimizer), by name: the total and the
     elementwise bookkeeping ops around the fake-quant kernels."""
+    step.model.train()  # the validation forwards left it in eval mode
     with torch.profiler.profile() as prof:
         step()
     counts = Counter(e.name for e in prof.events() if e.name.startswith("aten::"))
