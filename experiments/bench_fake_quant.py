@@ -92,14 +92,16 @@ def _sync(device: torch.device) -> None:
         torch.cuda.synchronize(device)
 
 
-def time_step(module: nn.Module, x: torch.Tensor, grad: torch.Tensor) -> float:
+def time_step(
+    module: nn.Module, x: torch.Tensor, grad: torch.Tensor, clock=time.perf_counter
+) -> float:
     """Seconds for one forward + backward."""
     x.grad = None
     _sync(x.device)
-    start = time.perf_counter()
+    start = clock()
     module(x).backward(grad)
     _sync(x.device)
-    return time.perf_counter() - start
+    return clock() - start
 
 
 def run_case(
@@ -107,6 +109,7 @@ def run_case(
     x: torch.Tensor,
     repeats: int,
     warmup: int,
+    clock=time.perf_counter,
 ) -> dict[str, float]:
     """Median milliseconds per implementation, the implementations interleaved."""
     grad = torch.randn_like(x)
@@ -114,7 +117,7 @@ def run_case(
     times: dict[str, list[float]] = {name: [] for name in modules}
     for step in range(warmup + repeats):
         for name, module in modules.items():
-            elapsed = time_step(module, x, grad)
+            elapsed = time_step(module, x, grad, clock)
             if step >= warmup:
                 times[name].append(elapsed)
     return {name: statistics.median(t) * 1e3 for name, t in times.items()}
@@ -125,7 +128,14 @@ def main() -> None:
     parser.add_argument("--quick", action="store_true", help="small tensors (smoke run)")
     parser.add_argument("--repeats", type=int, default=None)
     parser.add_argument("--device", default="cuda" if torch.cuda.is_available() else "cpu")
+    parser.add_argument(
+        "--clock",
+        choices=("wall", "cpu"),
+        default="wall",
+        help="wall time, or this process's CPU time (steadier on a shared machine)",
+    )
     args = parser.parse_args()
+    clock = time.process_time if args.clock == "cpu" else time.perf_counter
     device = torch.device(args.device)
     repeats = args.repeats or (3 if args.quick else 7)
     shapes = QUICK_SHAPES if args.quick else FULL_SHAPES
@@ -141,7 +151,7 @@ def main() -> None:
                     "ao_fakequant": partial(torch_ao, granularity, observe, fused=False),
                     "ao_fused": partial(torch_ao, granularity, observe, fused=True),
                 }
-                ms = run_case(impls, x, repeats, warmup=1 if args.quick else 2)
+                ms = run_case(impls, x, repeats, 1 if args.quick else 2, clock)
                 name = f"{tensor_name}/{granularity}/{'observe' if observe else 'fixed'}"
                 cases[name] = {
                     **{f"{k}_ms": round(v, 3) for k, v in ms.items()},
@@ -158,6 +168,7 @@ def main() -> None:
             else f"cpu {platform.machine()} x{os.cpu_count()}"
         ),
         "threads": torch.get_num_threads(),
+        "clock": args.clock,
         "torch": torch.__version__,
         "quick": args.quick,
         "repeats": repeats,

@@ -13,7 +13,8 @@ forward (eval mode, no autograd) of float, of our model in fake quant and of our
 eval's default integer simulation.
 
 Usage: python experiments/bench_qat_step.py [--steps 6] [--batch 64] [--device cpu]
-       [--peers brevitas aimet nncf modelopt torchao --peer-dir /work/peers] [--memory]
+       [--clock cpu] [--ops] [--memory]
+       [--peers brevitas aimet nncf modelopt torchao --peer-dir /work/peers]
 Prints one JSON line, then a markdown table.
 """
 
@@ -24,14 +25,17 @@ import contextlib
 import copy
 import gc
 import json
+import statistics
 import subprocess
 import sys
+import time
+from collections import Counter
 from pathlib import Path
 
 import torch
 import torchvision
 from peer_steps import BUILDERS, SCHEMES, add_peer_paths, build_peers
-from timing import cpu_model, round_robin
+from timing import cpu_model, round_robin_times
 from torch import nn
 
 from qat_lightning.nn import fake_quant_eval
@@ -162,6 +166,17 @@ def data(args: argparse.Namespace) -> tuple[torch.Tensor, list]:
     return batches[0][0], batches
 
 
+def op_counts(step: TrainSteps) -> dict[str, int]:
+    """ATen ops of one train step (forward, backward, optimizer), by name: the total and the
+    elementwise bookkeeping ops around the fake-quant kernels."""
+    step.model.train()  # the validation forwards left it in eval mode
+    with torch.profiler.profile() as prof:
+        step()
+    counts = Counter(e.name for e in prof.events() if e.name.startswith("aten::"))
+    shown = ("mul", "div", "copy_", "neg", "where", "isfinite", "item", "to")
+    return {"total": sum(counts.values()), **{op: counts[f"aten::{op}"] for op in shown}}
+
+
 def eval_forward(model: nn.Module, x: torch.Tensor, fake_quant: bool = False):
     """A validation forward (eval mode, no autograd): our QAT model runs the integer
     simulation there unless ``fake_quant`` (`fake_quant_eval`, the training arithmetic)."""
@@ -198,6 +213,18 @@ def main() -> None:
         action="store_true",
         help="also measure each side's train-step memory (a child process each)",
     )
+    parser.add_argument(
+        "--clock",
+        choices=("wall", "cpu"),
+        default="wall",
+        help="wall time, or this process's CPU time (steadier on a shared machine; "
+        "use it with OMP_NUM_THREADS=1)",
+    )
+    parser.add_argument(
+        "--ops",
+        action="store_true",
+        help="also count the ATen ops of one train step per side (torch.profiler)",
+    )
     parser.add_argument("--memory-of", default=None, help=argparse.SUPPRESS)
     args = parser.parse_args()
     add_peer_paths(args.peer_dir)
@@ -216,14 +243,17 @@ def main() -> None:
     sync = torch.cuda.synchronize if device.type == "cuda" else None
     steps = {name: TrainSteps(model, batches) for name, model in models.items()}
     log(f"timing {len(steps)} sides, {args.warmup} + {args.steps} rounds ...")
-    median = round_robin(steps, args.steps, args.warmup, sync)
+    clock = time.process_time if args.clock == "cpu" else time.perf_counter
+    step_times = round_robin_times(steps, args.steps, args.warmup, sync, clock)
+    median = {k: statistics.median(v) for k, v in step_times.items()}
     x = x.to(device)
     evals = {
         "float": eval_forward(models["float"], x),
         "qat_lightning_fake_quant": eval_forward(models["qat_lightning"], x, fake_quant=True),
         "qat_lightning_integer": eval_forward(models["qat_lightning"], x),
     }
-    eval_median = round_robin(evals, args.steps, args.warmup, sync)
+    eval_times = round_robin_times(evals, args.steps, args.warmup, sync, clock)
+    eval_median = {k: statistics.median(v) for k, v in eval_times.items()}
     figures = {
         "bench": "qat_step",
         "model": "resnet18-cifar",
@@ -231,13 +261,20 @@ def main() -> None:
         "batch": args.batch,
         "device": str(device),
         "threads": torch.get_num_threads(),
+        "clock": args.clock,
         "median_step_s": {k: round(v, 4) for k, v in median.items()},
+        "min_step_s": {k: round(min(v), 4) for k, v in step_times.items()},
         "ratio_over_float": {
             k: round(v / median["float"], 3) for k, v in median.items() if k != "float"
         },
         "loss_after_steps": {k: round(float(s.losses[-1]), 4) for k, s in steps.items()},
         "steps_trained": args.warmup + args.steps,
         "goal": "qat_lightning <= 1.25x float and below every peer",
+        "min_ratio_over_float": {
+            k: round(min(v) / min(step_times["float"]), 3)
+            for k, v in step_times.items()
+            if k != "float"
+        },
         "eval_forward_s": {k: round(v, 4) for k, v in eval_median.items()},
         "eval_ratio_over_float": {
             k: round(v / eval_median["float"], 3) for k, v in eval_median.items()
@@ -245,6 +282,8 @@ def main() -> None:
         "peer_errors": errors,
         "schemes": {k: SCHEMES[k] for k in models if k in SCHEMES},
     }
+    if args.ops:
+        figures["aten_ops_per_step"] = {name: op_counts(step) for name, step in steps.items()}
     if args.memory:
         memory = memory_of_sides(args, list(models), log)
         base = memory["float"].get("step_peak_mib")
@@ -259,20 +298,36 @@ def main() -> None:
 
 def print_table(figures: dict) -> None:
     memory = figures.get("step_memory", {})
-    print(f"\n{figures['cpu']}, batch {figures['batch']}, {figures['threads']} threads")
     print(
-        "| side | step s | over float | loss after {} steps | step memory over float |".format(
-            figures["steps_trained"]
-        )
+        f"\n{figures['cpu']}, batch {figures['batch']}, {figures['threads']} threads, "
+        f"{figures['clock']} clock"
+    )
+    print(
+        "| side | step s median (min) | over float median (min) | loss after {} steps "
+        "| step memory over float |".format(figures["steps_trained"])
     )
     print("|---|---:|---:|---:|---:|")
     for side, seconds in figures["median_step_s"].items():
         ratio = figures["ratio_over_float"].get(side, 1.0)
+        min_ratio = figures["min_ratio_over_float"].get(side, 1.0)
         mem = memory.get(side, {}).get("ratio_over_float", "")
         loss = figures["loss_after_steps"][side]
-        print(f"| {side} | {seconds:.3f} | {ratio:.3f} | {loss:.4f} | {mem} |")
+        print(
+            f"| {side} | {seconds:.3f} ({figures['min_step_s'][side]:.3f}) "
+            f"| {ratio:.3f} ({min_ratio:.3f}) | {loss:.4f} | {mem} |"
+        )
     for side, error in figures["peer_errors"].items():
         print(f"| {side} | failed: {error} | | | |")
+    print("\n| validation forward | median s | over float |\n|---|---:|---:|")
+    for side, seconds in figures["eval_forward_s"].items():
+        print(f"| {side} | {seconds:.3f} | {figures['eval_ratio_over_float'][side]:.3f} |")
+    if "aten_ops_per_step" in figures:
+        ops = figures["aten_ops_per_step"]
+        names = list(next(iter(ops.values())))
+        print("\n| ATen ops in one step | " + " | ".join(ops) + " |")
+        print("|---|" + "---:|" * len(ops))
+        for name in names:
+            print(f"| {name} | " + " | ".join(str(ops[side][name]) for side in ops) + " |")
 
 
 if __name__ == "__main__":

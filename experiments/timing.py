@@ -13,6 +13,7 @@ def round_robin(
     runs: int,
     warmup: int,
     sync: Callable[[], None] | None = None,
+    clock: Callable[[], float] = time.perf_counter,
 ) -> dict[str, float]:
     """Median seconds of each function over ``runs`` rounds, after ``warmup`` untimed rounds.
 
@@ -22,19 +23,33 @@ def round_robin(
         warmup: untimed rounds first.
         sync: called before starting and before stopping the clock (``torch.cuda.synchronize``
             on a GPU, so the time covers the kernels and not only their launch).
+        clock: the clock (wall time by default; ``time.process_time`` counts this process's
+            CPU time only, which other jobs on a shared machine disturb far less).
     """
+    times = round_robin_times(fns, runs, warmup, sync, clock)
+    return {label: statistics.median(t) for label, t in times.items()}
+
+
+def round_robin_times(
+    fns: dict[str, Callable[[], object]],
+    runs: int,
+    warmup: int,
+    sync: Callable[[], None] | None = None,
+    clock: Callable[[], float] = time.perf_counter,
+) -> dict[str, list[float]]:
+    """Every timed round's seconds of each function (see `round_robin`)."""
     times: dict[str, list[float]] = {label: [] for label in fns}
     for round_ in range(warmup + runs):
         for label, fn in fns.items():
             if sync is not None:
                 sync()
-            start = time.perf_counter()
+            start = clock()
             fn()
             if sync is not None:
                 sync()
             if round_ >= warmup:
-                times[label].append(time.perf_counter() - start)
-    return {label: statistics.median(t) for label, t in times.items()}
+                times[label].append(clock() - start)
+    return times
 
 
 def cpu_model() -> str:

@@ -32,6 +32,41 @@ from qat_lightning.quant import QuantScheme
 M = TypeVar("M", bound="_FusedBn")
 
 
+class _DivideByChannel(torch.autograd.Function):
+    """``y / d`` for a per-channel ``d``, saving the quotient for backward instead of ``y``.
+
+    Autograd's own division saves its numerator (here the conv output, a second activation
+    beside the quotient that BatchNorm saves) and in backward recomputes the quotient:
+    ``grad_y = g / d``, ``grad_d = sum(-g * ((y / d) / d))`` (torch's derivatives.yaml).
+    With the quotient saved the gradients are bit-identical, one full-size division and the
+    full-size negation fewer (negating the reduced sum instead is exact: rounding is
+    symmetric), and the tensor saved is the one BatchNorm holds anyway.
+    """
+
+    @staticmethod
+    def forward(ctx, y: torch.Tensor, d: torch.Tensor) -> torch.Tensor:
+        quotient = y / d
+        ctx.save_for_backward(quotient, d)
+        return quotient
+
+    @staticmethod
+    def backward(ctx, grad: torch.Tensor):
+        quotient, d = ctx.saved_tensors
+        grad_y = grad / d if ctx.needs_input_grad[0] else None
+        grad_d = None
+        if ctx.needs_input_grad[1]:
+            grad_d = (grad * (quotient / d)).sum_to_size(d.shape).neg()
+        return grad_y, grad_d
+
+
+def divide_by_channel(y: torch.Tensor, d: torch.Tensor) -> torch.Tensor:
+    """``y / d`` (``d`` broadcast along channels) with the gradients of autograd's division,
+    bit for bit, at less cost; see `_DivideByChannel`."""
+    if not (y.requires_grad or d.requires_grad) or not torch.is_grad_enabled():
+        return y / d
+    return _DivideByChannel.apply(y, d)
+
+
 class _FusedBn:
     """The BN-folding behaviour every fused class shares.
 
@@ -225,8 +260,8 @@ class _FusedBn:
         scale = self._bn_scale()
         weight = self.fq_param("weight", self.weight * scale.reshape(self._weight_view()))
         # gamma = 0 zeroes a channel's weight; dividing 0 by 1 keeps it finite (BN gives beta).
-        divisor = torch.where(scale == 0, torch.ones_like(scale), scale)
-        y = self._mac(x, weight, None) / divisor.reshape(self._output_view())
+        divisor = scale.masked_fill(scale == 0, 1.0)
+        y = divide_by_channel(self._mac(x, weight, None), divisor.reshape(self._output_view()))
         if self.bias is not None:
             y = y + self.bias.reshape(self._output_view())
         return self.bn(y)

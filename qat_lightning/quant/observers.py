@@ -88,10 +88,17 @@ class Observer(nn.Module):
 
     @torch.no_grad()
     def forward(self, x: torch.Tensor) -> torch.Tensor:
-        self._check_channels(x)
-        if x.numel() > 0:
-            self._observe(x.detach().float())
+        self.observe(x)
         return x
+
+    @torch.no_grad()
+    def observe(self, x: torch.Tensor) -> bool:
+        """Update the statistics with ``x``; True when they are then known to be finite
+        everywhere (so `has_data` holds without another host sync), False when unknown."""
+        self._check_channels(x)
+        if x.numel() == 0:
+            return False
+        return bool(self._observe(x.detach().float()))
 
     def _check_channels(self, x: torch.Tensor) -> None:
         if self.scheme.per_group:
@@ -122,6 +129,29 @@ class Observer(nn.Module):
                 f"shape {tuple(self.min_val.shape)}), now a tensor of shape {tuple(x.shape)} "
                 f"with {x.shape[axis]}: one quantizer must see one channel count"
             )
+
+    def _raw_minmax(self, x: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
+        """Min and max of one batch in the statistics' shape, non-finite values included."""
+        if self.scheme.per_channel or self.scheme.per_group:
+            mn, mx = _rows_aminmax(_scheme_rows(x, self.scheme))
+            return self._shaped(mn, x), self._shaped(mx, x)
+        return torch.aminmax(x)
+
+    def _merge_if_finite(self, mn, mx, reduce_min, reduce_max) -> bool:
+        """The common case in one host sync: if the batch's and the running statistics are all
+        finite, set them to ``reduce(old, new)`` (what `_merge` computes there) and say True.
+
+        ``(mx - mn) + (max_val - min_val)`` is finite exactly when all four are; an overflowing
+        sum only sends a finite batch down the general path, which gives the same result.
+        """
+        old_mn, old_mx = self.min_val, self.max_val
+        if old_mn.shape != mn.shape:
+            return False
+        if not bool(torch.isfinite((mx - mn) + (old_mx - old_mn)).all()):
+            return False
+        old_mn.copy_(reduce_min(old_mn, mn))
+        old_mx.copy_(reduce_max(old_mx, mx))
+        return True
 
     def _batch_minmax(self, x: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor] | None:
         """Min and max of one batch, per channel if the scheme says so, non-finite ignored
@@ -159,12 +189,21 @@ class Observer(nn.Module):
         merged = torch.where(torch.isfinite(old), reduce(old, new), new)
         old.copy_(torch.where(torch.isfinite(new), merged, old))
 
-    def _observe(self, x: torch.Tensor) -> None:
+    def _observe(self, x: torch.Tensor) -> bool:
+        """Update the statistics; True when they are known to be finite afterwards."""
+        return self._observe_range(x, torch.minimum, torch.maximum)
+
+    def _observe_range(self, x: torch.Tensor, reduce_min, reduce_max) -> bool:
+        """Merge the batch's min and max into the running ones with ``reduce_*(old, new)``
+        (`_merge`'s rules for non-finite values); True when all is known to be finite."""
+        mn, mx = self._raw_minmax(x)
+        if self._merge_if_finite(mn, mx, reduce_min, reduce_max):
+            return True
         batch = self._batch_minmax(x)
-        if batch is None:
-            return
-        self._merge("min_val", batch[0], torch.minimum)
-        self._merge("max_val", batch[1], torch.maximum)
+        if batch is not None:
+            self._merge("min_val", batch[0], reduce_min)
+            self._merge("max_val", batch[1], reduce_max)
+        return False
 
     def calculate_range(self) -> tuple[torch.Tensor, torch.Tensor]:
         """The range to quantize, ``[0, 0]`` where nothing finite was seen."""
@@ -194,17 +233,13 @@ class MinMaxObserver(Observer):
 class MovingMinMaxObserver(Observer):
     """An exponential moving average of each batch's min and max (the first batch sets them)."""
 
-    def _observe(self, x: torch.Tensor) -> None:
-        batch = self._batch_minmax(x)
-        if batch is None:
-            return
+    def _observe(self, x: torch.Tensor) -> bool:
         c = self.scheme.averaging_constant
 
         def ema(old, new):
             return old + c * (new - old)
 
-        self._merge("min_val", batch[0], ema)
-        self._merge("max_val", batch[1], ema)
+        return self._observe_range(x, ema, ema)
 
 
 # -- per-batch statistics (per-channel percentile and mse; batch_percentile) ---------------------
@@ -311,9 +346,10 @@ class HistogramObserver(Observer):
         self.register_buffer("histogram_sum", torch.zeros(2, self.bins, dtype=torch.float64))
         self.register_buffer("histogram_max", torch.zeros((), dtype=torch.float64))
 
-    def _observe(self, x: torch.Tensor) -> None:
-        super()._observe(x)  # the running min/max: the range never goes beyond them
+    def _observe(self, x: torch.Tensor) -> bool:
+        finite = super()._observe(x)  # the running min/max: the range never goes beyond them
         add_to_histogram(self.histogram, self.histogram_sum, self.histogram_max, x)
+        return finite
 
     def calculate_range(self):
         mn, mx = super().calculate_range()
@@ -321,7 +357,11 @@ class HistogramObserver(Observer):
             return mn, mx
         lo, hi = self._histogram_range(float(self.histogram_max))
         lo_t, hi_t = torch.tensor(lo, dtype=mn.dtype), torch.tensor(hi, dtype=mx.dtype)
-        return torch.clamp(lo_t, min=mn).to(mn.device), torch.clamp(hi_t, max=mx).to(mx.device)
+        # Inside the observed range, also where the histogram's bins are wider than it (a
+        # range of denormals): [lo, hi] never reaches beyond [min, max].
+        lo_t = torch.clamp(lo_t, min=mn, max=mx)
+        hi_t = torch.clamp(hi_t, min=lo_t, max=mx)
+        return lo_t.to(mn.device), hi_t.to(mx.device)
 
     def _histogram_range(self, hist_max: float) -> tuple[float, float]:
         raise NotImplementedError  # abstract: each subclass defines its statistic

@@ -131,9 +131,13 @@ class Quantizer(nn.Module):
         Does nothing for fixed point (its scale is fixed), for a dynamic scheme (its scale
         is each tensor's own) or before any observation.
         """
+        self._update_encodings(has_data=False)
+
+    def _update_encodings(self, has_data: bool) -> None:
+        """`update_encodings`; ``has_data``: the observer just said it has (no sync to ask)."""
         if self.scheme.representation == "fixed_point" or self.scheme.dynamic:
             return
-        if not self.observer.has_data:
+        if not (has_data or self.observer.has_data):
             return
         scale, zero_point = encodings_from_range(*self.observer.calculate_range(), self.scheme)
         self._set_encoding(scale, zero_point)
@@ -212,11 +216,11 @@ class Quantizer(nn.Module):
             return fake_quantize(x, *dynamic_encoding(x, self.scheme), self.scheme)
         if (self.training or self._calibrating) and self.observer_enabled:
             try:
-                self.observer(x)
+                has_data = self.observer.observe(x)
             except ChannelCountError as error:
                 raise ChannelCountError(f"{self.describe()}: {error}") from error
             if fake_quant_enabled and not self.scheme.learnable:
-                self.update_encodings()
+                self._update_encodings(has_data)
         if not fake_quant_enabled:
             return x
         if not self._init_checked:

@@ -53,10 +53,14 @@ def test_bench_qat_step_reports_ratios_memory_and_missing_peers():
     # not crash the benchmark nor vanish from the table.
     stdout = run(
         "bench_qat_step.py", "--steps", "1", "--warmup", "0", "--batch", "4",
-        "--peers", "torchao", "--memory",
+        "--peers", "torchao", "--memory", "--clock", "cpu", "--ops",
     )  # fmt: skip
     figures = last_json_line(stdout)
     assert set(figures["ratio_over_float"]) == {"qat_lightning", "torch_ao"}
+    assert set(figures["min_ratio_over_float"]) == {"qat_lightning", "torch_ao"}
+    ops = figures["aten_ops_per_step"]
+    assert set(ops) == {"float", "qat_lightning", "torch_ao"}
+    assert all(side["total"] > 0 for side in ops.values())
     evals = {"float", "qat_lightning_fake_quant", "qat_lightning_integer"}
     assert set(figures["eval_ratio_over_float"]) == evals
     assert "ModuleNotFoundError" in figures["peer_errors"]["torchao"]

@@ -6,6 +6,8 @@ import warnings
 
 import pytest
 import torch
+from hypothesis import given, settings
+from hypothesis import strategies as st
 
 from qat_lightning.quant import Quantizer, QuantScheme, make_observer
 from qat_lightning.quant.functional import EPS
@@ -240,3 +242,35 @@ def test_observer_reset_forgets():
         assert not obs.has_data, observer
         mn, mx = obs.calculate_range()
         assert float(mn) == 0.0 and float(mx) == 0.0
+
+
+_SPECIAL = st.sampled_from([float("nan"), float("inf"), float("-inf"), 3e38, -3e38, 0.0])
+
+
+@settings(max_examples=40, deadline=None)
+@given(
+    observer=st.sampled_from(["minmax", "moving_minmax", "percentile", "histogram"]),
+    granularity=st.sampled_from(["per_tensor", "per_channel", "per_group"]),
+    seed=st.integers(0, 2**31 - 1),
+    specials=st.lists(st.tuples(st.integers(0, 3), st.integers(0, 23), _SPECIAL), max_size=5),
+)
+def test_the_one_sync_merge_equals_the_general_one(observer, granularity, seed, specials):
+    """Finite batches take a shortcut (one host sync); its statistics must be those of the
+    general, non-finite-aware merge, bit for bit, also after batches that were not finite."""
+    if granularity != "per_tensor" and observer in HISTOGRAM_OBSERVERS:
+        observer = "minmax"
+    group = {"group_size": 4} if granularity == "per_group" else {}
+    scheme = QuantScheme(observer=observer, granularity=granularity, axis=0, **group)
+    fast, general = make_observer(scheme), make_observer(scheme)
+    general._merge_if_finite = lambda *args: False  # always the general path
+    generator = torch.Generator().manual_seed(seed)
+    batches = [torch.randn(3, 8, generator=generator) * 10 for _ in range(4)]
+    for batch, index, value in specials:
+        batches[batch].view(-1)[index] = value
+    for batch in batches:
+        fast(batch)
+        general(batch)
+        for name in ("min_val", "max_val"):
+            a, b = getattr(fast, name), getattr(general, name)
+            assert torch.equal(a.isnan(), b.isnan()) and torch.equal(a.nan_to_num(), b.nan_to_num())
+    assert fast.has_data == general.has_data
