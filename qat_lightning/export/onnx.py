@@ -279,7 +279,8 @@ def export_onnx(
     if floats:
         warnings.warn(
             f"export_onnx: {len(floats)} layer(s) are left float and export as float: "
-            f"{', '.join(floats[:8])}{' ...' if len(floats) > 8 else ''}",
+            f"{', '.join(n or '(the model itself)' for n in floats[:8])}"
+            f"{' ...' if len(floats) > 8 else ''}",
             stacklevel=2,
         )
     with atomic_paths([path], "export_onnx") as (temp,):
