@@ -1,15 +1,32 @@
-"""Calibration helpers: run training batches through the model without changing it."""
+"""Calibration: run training batches through the model without changing it, then start QAT.
+
+`observe_batches` runs the first training batches with observers on and fake quant off (no
+gradient, BN buffers restored after each batch); `start_fake_quant` fixes the encodings and
+turns fake quantization on.
+"""
 
 from __future__ import annotations
 
 import contextlib
+import time
+from dataclasses import dataclass
 
 import lightning.pytorch as pl
 import torch
+from lightning.pytorch.utilities import CombinedLoader
+from lightning.pytorch.utilities.rank_zero import rank_zero_info, rank_zero_warn
 from torch import nn
 
+from qat_lightning.callback.distributed import sync_observers
+from qat_lightning.callback.health import named_quantizers
 from qat_lightning.export.example_input import ExampleInput
 from qat_lightning.nn import QuantModule
+from qat_lightning.quant.quantizer import warn_only_zeros
+from qat_lightning.surgery import QuantizationReport
+from qat_lightning.surgery.outside_reads import revert_unobserved
+
+# Observers cheap enough to keep running on every QAT step; the others freeze after calibration.
+_TRACKING_OBSERVERS = ("minmax", "moving_minmax")
 
 
 def is_quantized(module: nn.Module) -> bool:
@@ -98,3 +115,101 @@ class InputCapture:
         if self.order:
             return self.seen[self.order[0]], self.order[0], None
         return None, None, self.refused.get("") or next(iter(self.refused.values()), None)
+
+
+@dataclass
+class CalibrationPass:
+    """What `observe_batches` saw."""
+
+    seen: int  # batches observed
+    quantizers: int  # quantizers observing them
+    started: float  # time.perf_counter() when they started
+    captured: tuple[ExampleInput | None, str | None, str | None] | None  # InputCapture.finish()
+
+
+@torch.no_grad()
+def observe_batches(
+    trainer: pl.Trainer, pl_module: pl.LightningModule, batches: int, capture: bool
+) -> CalibrationPass:
+    """Run the first ``batches`` training batches with observers on and fake quant off.
+
+    Args:
+        trainer: the fitting Trainer (its train loader, strategy and precision plugin).
+        pl_module: the quantized LightningModule; only its observers change.
+        batches: how many batches to observe at most.
+        capture: keep the first forward call's arguments as the export's example input.
+
+    Returns:
+        the batches seen, the quantizer count, the start time and the captured input.
+    """
+    if not pl_module.automatic_optimization:
+        raise ValueError(
+            "QATCallback calibrates by running training_step without gradients, which a "
+            "LightningModule with manual optimization (automatic_optimization=False) would "
+            "step; calibrate the model yourself (Quantizer.compute_encodings) before fit"
+        )
+    quantizers = [q for _, q in named_quantizers(pl_module)]
+    for quantizer in quantizers:
+        quantizer.observer.reset()
+        quantizer.enable_observer(True).enable_fake_quant(False)
+    loader = trainer.train_dataloader
+    if isinstance(loader, (dict, list, tuple)):
+        loader = CombinedLoader(loader, mode="max_size_cycle")
+    frozen_buffers = non_quantizer_buffers(pl_module)
+    capturing = InputCapture(pl_module) if capture else None
+    start, seen = time.perf_counter(), 0
+    rank_zero_info(f"QATCallback: calibrating on {batches} batches")
+    with silenced_logging(pl_module), trainer.precision_plugin.train_step_context():
+        for batch_idx, batch in enumerate(loader):
+            if batch_idx >= batches:
+                break
+            batch = trainer.strategy.batch_to_device(batch)
+            pl_module.training_step(batch, batch_idx)
+            seen += 1
+            restore_buffers(pl_module, frozen_buffers)
+    captured = capturing.finish() if capturing is not None else None
+    return CalibrationPass(seen, len(quantizers), start, captured)
+
+
+@torch.no_grad()
+def start_fake_quant(
+    trainer: pl.Trainer,
+    pl_module: pl.LightningModule,
+    run: CalibrationPass,
+    batches: int,
+    report: QuantizationReport | None,
+) -> None:
+    """After `observe_batches`: sync the observed ranges across ranks, fix the encodings and
+    turn fake quant on; observers keep tracking where cheap (min/max, not learnable, weights
+    only under DDP). Nothing happens, but a warning, when no batch was seen.
+    """
+    if run.seen == 0:
+        rank_zero_warn(
+            "QATCallback: the train loader gave no batches, so nothing was calibrated: "
+            "the model trains in float and is not exported"
+        )
+        return
+    if run.seen < batches:
+        rank_zero_warn(
+            f"QATCallback(calibration_batches={batches}) is more than the "
+            f"train loader has; calibrated on the {run.seen} batches there are"
+        )
+    sync_observers(pl_module)
+    revert_unobserved(pl_module, report)  # weights read outside forward: float
+    # Under DDP each rank sees other data: activation observers stop here (their synced
+    # ranges stay identical on all ranks); weight observers may go on, since DDP keeps
+    # the weights identical.
+    distributed = trainer.world_size > 1
+    for name, quantizer in named_quantizers(pl_module):
+        quantizer.update_encodings()
+        quantizer.enable_fake_quant(True)
+        tracking = quantizer.scheme.observer in _TRACKING_OBSERVERS
+        if distributed and "param_quantizers" not in name:
+            tracking = False
+        quantizer.enable_observer(tracking and not quantizer.scheme.learnable)
+    if trainer.is_global_zero:
+        warn_only_zeros(named_quantizers(pl_module))
+    rank_zero_info(
+        f"QATCallback: calibrated {run.quantizers} quantizers on {run.seen} batches in "
+        f"{time.perf_counter() - run.started:.1f} s; QAT starts"
+    )

@@ -9,11 +9,12 @@ When things happen, and why there:
   ``trainer.test(model, ckpt_path=...)`` on a fresh model loads a QAT checkpoint. Lightning
   calls ``configure_model`` after all ``setup`` hooks, so the callback chains onto that hook
   of the module instance (and restores it at teardown).
-- **Calibrate** at ``on_train_start`` on the first ``calibration_batches`` batches of the train
-  loader: observers on, fake quant off, no gradient, BN buffers restored after each batch. No
-  optimizer step happens, so nothing in the model changes except the observers. Whether a
-  model is calibrated is read from its quantizers' ``initialized`` buffers, never kept here:
-  one callback on a second model calibrates it, a resumed checkpoint is not recalibrated.
+- **Calibrate** at ``on_train_start`` (`callback.calibration`) on the first
+  ``calibration_batches`` batches of the train loader: observers on, fake quant off, no
+  gradient, BN buffers restored after each batch. No optimizer step happens, so nothing in the
+  model changes except the observers. Whether a model is calibrated is read from its
+  quantizers' ``initialized`` buffers, never kept here: one callback on a second model
+  calibrates it, a resumed checkpoint is not recalibrated.
 - **Schedule** BN freeze, observer freeze and quant delay at epoch or step milestones.
 - **Export** at ``on_fit_end`` on global rank 0 (``export_dir`` is checked writable at fit
   start), then one summary line: last validation metrics, export paths and sizes.
@@ -21,7 +22,6 @@ When things happen, and why there:
 
 from __future__ import annotations
 
-import time
 from collections.abc import Sequence
 from pathlib import Path
 from typing import Any
@@ -29,19 +29,11 @@ from typing import Any
 import lightning.pytorch as pl
 import torch
 from lightning.pytorch.callbacks import Callback
-from lightning.pytorch.utilities import CombinedLoader
 from lightning.pytorch.utilities.rank_zero import rank_zero_info, rank_zero_warn
 from typing_extensions import override
 
 from qat_lightning.callback import arguments
-from qat_lightning.callback.calibration import (
-    InputCapture,
-    is_quantized,
-    non_quantizer_buffers,
-    restore_buffers,
-    silenced_logging,
-)
-from qat_lightning.callback.distributed import sync_observers
+from qat_lightning.callback.calibration import is_quantized, observe_batches, start_fake_quant
 from qat_lightning.callback.evaluation import EvaluationHooks
 from qat_lightning.callback.exporting import QATExportError, export_trained
 from qat_lightning.callback.health import HealthProbe, named_quantizers
@@ -64,14 +56,10 @@ from qat_lightning.callback.reporting import (
 from qat_lightning.callback.schedule import Milestone, apply_schedule
 from qat_lightning.export.example_input import ExampleInput
 from qat_lightning.quant import QuantScheme
-from qat_lightning.quant.quantizer import warn_only_zeros
 from qat_lightning.surgery import quantize_model
 from qat_lightning.surgery.config import DEFAULT_INPUTS, DEFAULT_PARAMS
-from qat_lightning.surgery.outside_reads import revert_unobserved
 
 EXPORT_FORMATS = ("onnx", "native")
-# Observers cheap enough to keep running on every QAT step; the others freeze after calibration.
-_TRACKING_OBSERVERS = ("minmax", "moving_minmax")
 
 
 class QATCallback(EvaluationHooks, Callback):
@@ -252,66 +240,14 @@ class QATCallback(EvaluationHooks, Callback):
                     f"{milestone.unit} {now}; allowed a {milestone.unit} >= {now}"
                 )
 
-    @torch.no_grad()
     def _calibrate(self, trainer: pl.Trainer, pl_module: pl.LightningModule) -> None:
-        if not pl_module.automatic_optimization:
-            raise ValueError(
-                "QATCallback calibrates by running training_step without gradients, which a "
-                "LightningModule with manual optimization (automatic_optimization=False) would "
-                "step; calibrate the model yourself (Quantizer.compute_encodings) before fit"
-            )
-        quantizers = [q for _, q in named_quantizers(pl_module)]
-        for quantizer in quantizers:
-            quantizer.observer.reset()
-            quantizer.enable_observer(True).enable_fake_quant(False)
-        loader = trainer.train_dataloader
-        if isinstance(loader, (dict, list, tuple)):
-            loader = CombinedLoader(loader, mode="max_size_cycle")
-        frozen_buffers = non_quantizer_buffers(pl_module)
-        capture = InputCapture(pl_module) if self.example_input is None else None
-        start, seen = time.perf_counter(), 0
-        rank_zero_info(f"QATCallback: calibrating on {self.calibration_batches} batches")
-        with silenced_logging(pl_module), trainer.precision_plugin.train_step_context():
-            for batch_idx, batch in enumerate(loader):
-                if batch_idx >= self.calibration_batches:
-                    break
-                batch = trainer.strategy.batch_to_device(batch)
-                pl_module.training_step(batch, batch_idx)
-                seen += 1
-                restore_buffers(pl_module, frozen_buffers)
-        if capture is not None:
-            self.example_input, self._export_target, self._capture_refused = capture.finish()
-            self._captured_input = self.example_input is not None
-        if seen == 0:
-            rank_zero_warn(
-                "QATCallback: the train loader gave no batches, so nothing was calibrated: "
-                "the model trains in float and is not exported"
-            )
-            return
-        if seen < self.calibration_batches:
-            rank_zero_warn(
-                f"QATCallback(calibration_batches={self.calibration_batches}) is more than the "
-                f"train loader has; calibrated on the {seen} batches there are"
-            )
-        sync_observers(pl_module)
-        revert_unobserved(pl_module, self.report)  # weights read outside forward: float
-        # Under DDP each rank sees other data: activation observers stop here (their synced
-        # ranges stay identical on all ranks); weight observers may go on, since DDP keeps
-        # the weights identical.
-        distributed = trainer.world_size > 1
-        for name, quantizer in named_quantizers(pl_module):
-            quantizer.update_encodings()
-            quantizer.enable_fake_quant(True)
-            tracking = quantizer.scheme.observer in _TRACKING_OBSERVERS
-            if distributed and "param_quantizers" not in name:
-                tracking = False
-            quantizer.enable_observer(tracking and not quantizer.scheme.learnable)
-        if trainer.is_global_zero:
-            warn_only_zeros(named_quantizers(pl_module))
-        rank_zero_info(
-            f"QATCallback: calibrated {len(quantizers)} quantizers on {seen} batches in "
-            f"{time.perf_counter() - start:.1f} s; QAT starts"
+        run = observe_batches(
+            trainer, pl_module, self.calibration_batches, capture=self.example_input is None
         )
+        if run.captured is not None:
+            self.example_input, self._export_target, self._capture_refused = run.captured
+            self._captured_input = self.example_input is not None
+        start_fake_quant(trainer, pl_module, run, self.calibration_batches, self.report)
 
     # -- schedule --------------------------------------------------------------------------
     def _apply_schedule(self, trainer: pl.Trainer, pl_module: pl.LightningModule) -> None:

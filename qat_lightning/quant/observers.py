@@ -1,452 +1,49 @@
-"""Observers: they watch tensors and say which range ``[min, max]`` to quantize.
+"""Observers by name: `make_observer` gives the one a scheme's ``observer`` field names.
 
-Every statistic lives in a buffer, so a checkpoint taken mid-calibration resumes exactly.
-Per-channel buffers are sized on the first observation (or on loading a state dict); a later
-tensor with another channel count is an error, never a silent restart.
-Non-finite values (NaN, +-Inf) are ignored, and a batch (or a channel) with nothing finite,
-or an empty tensor, leaves the statistics as they were; an observer that has seen nothing
-finite reports ``[0, 0]``, which the encoding turns into the smallest positive scale.
-
-Per-tensor ``percentile``, ``mse``, ``histogram`` and ``entropy`` pool every calibration batch
-into one histogram and compute their range from it. Per-channel ``percentile`` and ``mse``
-(weights: the same tensor in every batch) compute each batch's range exactly and keep the
-mean over batches; ``batch_percentile`` asks for that per-batch mean explicitly.
-
-Per-group observers are per-channel observers over the tensor's rows of ``group_size``
-elements of the last axis (`qat_lightning.quant.grouped`); their statistics have the shape
-of the encoding, ``(*shape[:-1], shape[-1] // group_size)``. Dynamic schemes have no
-observer (`NoObserver`): their range is each tensor's own.
+The min/max family and the `Observer` base are in `qat_lightning.quant.minmax`; the
+calibrators that clip the range (percentile, MSE, histogram, entropy) in
+`qat_lightning.quant.calibrators`. Per-channel (and per-group) ``percentile`` and ``mse``
+compute each batch's range exactly and keep the mean over batches; per-tensor they pool every
+calibration batch into one histogram.
 """
 
 from __future__ import annotations
 
-import torch
-from torch import nn
-
-from qat_lightning.quant.functional import encodings_from_range, fake_quantize
-from qat_lightning.quant.grouped import GroupSizeError, group_shape
-from qat_lightning.quant.histogram import (
-    add_to_histogram,
-    best_kl_bins,
-    bin_means,
-    magnitude_view,
-    quantile,
-    range_errors,
-    search_ratio,
-    search_ratio_pair,
-    signed_view,
+from qat_lightning.quant.calibrators import (
+    BatchMSEObserver,
+    BatchPercentileObserver,
+    EntropyObserver,
+    HistogramObserver,
+    L2HistogramObserver,
+    MSEObserver,
+    PercentileObserver,
+)
+from qat_lightning.quant.minmax import (
+    ChannelCountError,
+    MinMaxObserver,
+    MovingMinMaxObserver,
+    NoObserver,
+    Observer,
 )
 from qat_lightning.quant.scheme import QuantScheme
 
-# Tensors larger than this are strided down before sorting-based statistics.
-_MAX_SAMPLES = 1 << 20
-
-
-class ChannelCountError(ValueError):
-    """A per-channel observer saw a tensor with another channel count than before."""
-
-
-def _scheme_rows(x: torch.Tensor, scheme: QuantScheme) -> torch.Tensor:
-    """``x`` as (encodings, elements) rows: channels along ``axis``, or groups."""
-    if scheme.per_group:
-        return x.reshape(-1, scheme.group_size)
-    return _per_channel_rows(x, scheme.axis)
-
-
-def _per_channel_rows(x: torch.Tensor, axis: int) -> torch.Tensor:
-    """``x`` as a (channels, elements) matrix."""
-    return x.movedim(axis % x.dim(), 0).reshape(x.shape[axis % x.dim()], -1)
-
-
-def _rows_aminmax(rows: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
-    """Min and max of each row. On CPU ``aminmax(dim=1)`` is several times slower than
-    ``amin`` plus ``amax`` (torch 2.x); on CUDA it is one fused pass."""
-    if rows.is_cuda:
-        return torch.aminmax(rows, dim=1)
-    return rows.amin(dim=1), rows.amax(dim=1)
-
-
-def _zero_nonfinite(x: torch.Tensor) -> torch.Tensor:
-    return torch.nan_to_num(x, nan=0.0, posinf=0.0, neginf=0.0)
-
-
-class Observer(nn.Module):
-    """Base class: the running min and max. Subclasses change `_observe` and
-    `calculate_range`."""
-
-    def __init__(self, scheme: QuantScheme) -> None:
-        super().__init__()
-        self.scheme = scheme
-        shape = (0,) if scheme.per_channel or scheme.per_group else ()
-        self.register_buffer("min_val", torch.full(shape, float("inf")))
-        self.register_buffer("max_val", torch.full(shape, float("-inf")))
-
-    @property
-    def has_data(self) -> bool:
-        """Something finite was observed (in at least one channel)."""
-        return bool(self.min_val.numel() > 0 and torch.isfinite(self.min_val).any())
-
-    @torch.no_grad()
-    def forward(self, x: torch.Tensor) -> torch.Tensor:
-        self.observe(x)
-        return x
-
-    @torch.no_grad()
-    def observe(self, x: torch.Tensor) -> bool:
-        """Update the statistics with ``x``; True when they are then known to be finite
-        everywhere (so `has_data` holds without another host sync), False when unknown."""
-        self._check_channels(x)
-        if x.numel() == 0:
-            return False
-        return bool(self._observe(x.detach().float()))
-
-    def _check_channels(self, x: torch.Tensor) -> None:
-        if self.scheme.per_group:
-            try:
-                shape = group_shape(x.shape, self.scheme.group_size, "a per_group observer")
-            except GroupSizeError as error:
-                raise ChannelCountError(str(error)) from error
-            if self.min_val.numel() and tuple(self.min_val.shape) != shape:
-                raise ChannelCountError(
-                    f"a per_group observer (group_size={self.scheme.group_size}) saw groups "
-                    f"of shape {tuple(self.min_val.shape)}, now a tensor of shape "
-                    f"{tuple(x.shape)} with groups of shape {shape}: one quantizer must see "
-                    "one shape"
-                )
-            return
-        if not self.scheme.per_channel:
-            return
-        axis = self.scheme.axis
-        if not -x.dim() <= axis < x.dim():
-            raise ChannelCountError(
-                f"a per_channel observer (axis={axis}) got a tensor of shape {tuple(x.shape)}, "
-                f"which has no axis {axis}"
-            )
-        seen = self.min_val.numel()
-        if seen and x.shape[axis] != seen:
-            raise ChannelCountError(
-                f"a per_channel observer (axis={axis}) saw {seen} channels (statistics of "
-                f"shape {tuple(self.min_val.shape)}), now a tensor of shape {tuple(x.shape)} "
-                f"with {x.shape[axis]}: one quantizer must see one channel count"
-            )
-
-    def _raw_minmax(self, x: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
-        """Min and max of one batch in the statistics' shape, non-finite values included."""
-        if self.scheme.per_channel or self.scheme.per_group:
-            mn, mx = _rows_aminmax(_scheme_rows(x, self.scheme))
-            return self._shaped(mn, x), self._shaped(mx, x)
-        return torch.aminmax(x)
-
-    def _merge_if_finite(self, mn, mx, reduce_min, reduce_max) -> bool:
-        """The common case in one host sync: if the batch's and the running statistics are all
-        finite, set them to ``reduce(old, new)`` (what `_merge` computes there) and say True.
-
-        ``(mx - mn) + (max_val - min_val)`` is finite exactly when all four are; an overflowing
-        sum only sends a finite batch down the general path, which gives the same result.
-        """
-        old_mn, old_mx = self.min_val, self.max_val
-        if old_mn.shape != mn.shape:
-            return False
-        if not bool(torch.isfinite((mx - mn) + (old_mx - old_mn)).all()):
-            return False
-        old_mn.copy_(reduce_min(old_mn, mn))
-        old_mx.copy_(reduce_max(old_mx, mx))
-        return True
-
-    def _batch_minmax(self, x: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor] | None:
-        """Min and max of one batch, per channel if the scheme says so, non-finite ignored
-        (a channel with nothing finite gets ``[inf, -inf]``; None if nothing is finite)."""
-        # One finiteness check (one host sync) per batch: ``max - min`` is finite exactly when
-        # both are (an overflowing difference only takes the slow path, with the same result).
-        if self.scheme.per_channel or self.scheme.per_group:
-            rows = _scheme_rows(x, self.scheme)
-            mn, mx = _rows_aminmax(rows)
-            if not torch.isfinite(mx - mn).all():
-                finite = torch.isfinite(rows)
-                mn = torch.where(finite, rows, float("inf")).amin(dim=1)
-                mx = torch.where(finite, rows, float("-inf")).amax(dim=1)
-            return self._shaped(mn, x), self._shaped(mx, x)
-        mn, mx = torch.aminmax(x)
-        if not torch.isfinite(mx - mn):
-            finite = x[torch.isfinite(x)]
-            if finite.numel() == 0:
-                return None
-            mn, mx = torch.aminmax(finite)
-        return mn, mx
-
-    def _shaped(self, stat: torch.Tensor, x: torch.Tensor) -> torch.Tensor:
-        """A per-row statistic in the encoding's shape (per group: the group shape)."""
-        if self.scheme.per_group:
-            return stat.reshape(group_shape(x.shape, self.scheme.group_size))
-        return stat
-
-    def _merge(self, name: str, new: torch.Tensor, reduce) -> None:
-        """``reduce(old, new)`` where both are finite, ``new`` where only it is, else ``old``."""
-        old = getattr(self, name)
-        if old.shape != new.shape:  # the first observation sizes per-channel statistics
-            setattr(self, name, new.clone())
-            return
-        merged = torch.where(torch.isfinite(old), reduce(old, new), new)
-        old.copy_(torch.where(torch.isfinite(new), merged, old))
-
-    def _observe(self, x: torch.Tensor) -> bool:
-        """Update the statistics; True when they are known to be finite afterwards."""
-        return self._observe_range(x, torch.minimum, torch.maximum)
-
-    def _observe_range(self, x: torch.Tensor, reduce_min, reduce_max) -> bool:
-        """Merge the batch's min and max into the running ones with ``reduce_*(old, new)``
-        (`_merge`'s rules for non-finite values); True when all is known to be finite."""
-        mn, mx = self._raw_minmax(x)
-        if self._merge_if_finite(mn, mx, reduce_min, reduce_max):
-            return True
-        batch = self._batch_minmax(x)
-        if batch is not None:
-            self._merge("min_val", batch[0], reduce_min)
-            self._merge("max_val", batch[1], reduce_max)
-        return False
-
-    def calculate_range(self) -> tuple[torch.Tensor, torch.Tensor]:
-        """The range to quantize, ``[0, 0]`` where nothing finite was seen."""
-        return self._finite_or_zero(self.min_val), self._finite_or_zero(self.max_val)
-
-    @staticmethod
-    def _finite_or_zero(t: torch.Tensor) -> torch.Tensor:
-        return _zero_nonfinite(t)
-
-    def reset(self) -> None:
-        self.min_val.fill_(float("inf"))
-        self.max_val.fill_(float("-inf"))
-
-    def _load_from_state_dict(self, state_dict, prefix, *args, **kwargs):
-        # Per-channel statistics are sized lazily: take the checkpoint's shape.
-        for name, buf in self._buffers.items():
-            incoming = state_dict.get(prefix + name)
-            if buf is not None and incoming is not None and incoming.shape != buf.shape:
-                self._buffers[name] = torch.empty_like(incoming, device=buf.device)
-        super()._load_from_state_dict(state_dict, prefix, *args, **kwargs)
-
-
-class MinMaxObserver(Observer):
-    """The running min and max of everything seen."""
-
-
-class MovingMinMaxObserver(Observer):
-    """An exponential moving average of each batch's min and max (the first batch sets them)."""
-
-    def _observe(self, x: torch.Tensor) -> bool:
-        c = self.scheme.averaging_constant
-
-        def ema(old, new):
-            return old + c * (new - old)
-
-        return self._observe_range(x, ema, ema)
-
-
-# -- per-batch statistics (per-channel percentile and mse; batch_percentile) ---------------------
-class _BatchStatisticObserver(Observer):
-    """Computes a clipping range per batch and keeps the mean over batches."""
-
-    def __init__(self, scheme: QuantScheme) -> None:
-        super().__init__(scheme)
-        self.register_buffer("batches", torch.zeros((), dtype=torch.int64))
-
-    def _rows(self, x: torch.Tensor) -> torch.Tensor:
-        """Finite samples as (channels, n) rows; one row for per-tensor."""
-        multi = self.scheme.per_channel or self.scheme.per_group
-        rows = _scheme_rows(x, self.scheme) if multi else x.reshape(1, -1)
-        if rows.shape[1] > _MAX_SAMPLES:
-            rows = rows[:, :: rows.shape[1] // _MAX_SAMPLES + 1]
-        return rows
-
-    def _observe(self, x: torch.Tensor) -> None:
-        rows = self._rows(x)
-        finite = torch.isfinite(rows)
-        seen = finite.any(dim=1)
-        if not seen.any():
-            return  # nothing finite: this batch says nothing about the range
-        if not finite.all():
-            # Replace non-finite samples by each row's median, which moves no percentile far;
-            # a row with nothing finite keeps its previous statistics (masked below).
-            med = torch.nanmedian(torch.where(finite, rows, float("nan")), dim=1, keepdim=True)
-            rows = torch.where(finite, rows, torch.nan_to_num(med.values, nan=0.0))
-        mn, mx = self._batch_range(rows)
-        mn = torch.where(seen, mn, float("nan"))
-        mx = torch.where(seen, mx, float("nan"))
-        if self.scheme.per_channel or self.scheme.per_group:
-            mn, mx = self._shaped(mn, x), self._shaped(mx, x)
-        else:
-            mn, mx = mn.reshape(()), mx.reshape(())
-        n = self.batches.float()
-        self._merge("min_val", mn, lambda old, new: (old * n + new) / (n + 1))
-        self._merge("max_val", mx, lambda old, new: (old * n + new) / (n + 1))
-        self.batches += 1
-
-    def _batch_range(self, rows: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
-        raise NotImplementedError  # abstract: each subclass defines its statistic
-
-    def reset(self) -> None:
-        super().reset()
-        self.batches.zero_()
-
-
-class BatchPercentileObserver(_BatchStatisticObserver):
-    """Clip each batch at a percentile (of ``|x|`` for symmetric schemes, of each tail for
-    affine ones) and keep the mean over batches."""
-
-    def _batch_range(self, rows):
-        p = self.scheme.percentile / 100.0
-        n = rows.shape[1]
-        k_hi = max(1, min(n, round(p * n)))
-        if self.scheme.symmetric:
-            amax = rows.abs().kthvalue(k_hi, dim=1).values
-            return -amax, amax
-        k_lo = max(1, min(n, n + 1 - k_hi))
-        return rows.kthvalue(k_lo, dim=1).values, rows.kthvalue(k_hi, dim=1).values
-
-
-class BatchMSEObserver(_BatchStatisticObserver):
-    """Per batch, the shrunk range ``ratio * [min, max]`` with least quantization MSE on the
-    batch itself (a coarse grid over (0, 1], then finer grids around the best ratio)."""
-
-    def _batch_range(self, rows):
-        mn, mx = _rows_aminmax(rows)
-        if self.scheme.symmetric:
-            amax = torch.maximum(-mn, mx)
-            mn, mx = -amax, amax
-        scheme = self.scheme.replace(
-            granularity="per_channel", axis=0, learnable=False, observer="minmax", group_size=None
-        )
-        lo, hi = torch.zeros_like(mn), torch.ones_like(mn)
-        best = torch.ones_like(mn)
-        best_err = torch.full_like(mn, float("inf"))
-        points = 17
-        for _ in range(3):  # each round 8x finer, around each channel's best ratio
-            for k in range(points):
-                ratio = (lo + (hi - lo) * k / (points - 1)).clamp(min=1e-4)
-                scale, zp = encodings_from_range(mn * ratio, mx * ratio, scheme)
-                err = (fake_quantize(rows, scale, zp, scheme) - rows).pow(2).mean(dim=1)
-                better = err < best_err
-                best_err = torch.where(better, err, best_err)
-                best = torch.where(better, ratio, best)
-            step = (hi - lo) / (points - 1)
-            lo, hi = (best - step).clamp(min=0.0), (best + step).clamp(max=1.0)
-        return mn * best, mx * best
-
-
-# -- pooled histogram (per-tensor percentile, mse, histogram, entropy) ----------------------------
-class HistogramObserver(Observer):
-    """The running min/max plus one histogram of every calibration value (see
-    `qat_lightning.quant.histogram`); subclasses choose the range from the histogram."""
-
-    bins = 2048
-
-    def __init__(self, scheme: QuantScheme) -> None:
-        super().__init__(scheme)
-        self.register_buffer("histogram", torch.zeros(2, self.bins, dtype=torch.float64))
-        self.register_buffer("histogram_sum", torch.zeros(2, self.bins, dtype=torch.float64))
-        self.register_buffer("histogram_max", torch.zeros((), dtype=torch.float64))
-
-    def _observe(self, x: torch.Tensor) -> bool:
-        finite = super()._observe(x)  # the running min/max: the range never goes beyond them
-        add_to_histogram(self.histogram, self.histogram_sum, self.histogram_max, x)
-        return finite
-
-    def calculate_range(self):
-        mn, mx = super().calculate_range()
-        if self.histogram.sum() == 0:
-            return mn, mx
-        lo, hi = self._histogram_range(float(self.histogram_max))
-        lo_t, hi_t = torch.tensor(lo, dtype=mn.dtype), torch.tensor(hi, dtype=mx.dtype)
-        # Inside the observed range, also where the histogram's bins are wider than it (a
-        # range of denormals): [lo, hi] never reaches beyond [min, max].
-        lo_t = torch.clamp(lo_t, min=mn, max=mx)
-        hi_t = torch.clamp(hi_t, min=lo_t, max=mx)
-        return lo_t.to(mn.device), hi_t.to(mx.device)
-
-    def _histogram_range(self, hist_max: float) -> tuple[float, float]:
-        raise NotImplementedError  # abstract: each subclass defines its statistic
-
-    def _errors_of(self):
-        """``(values, counts)`` of the non-empty bins (each bin's mean value), ascending."""
-        return bin_means(self.histogram, self.histogram_sum)
-
-    def reset(self) -> None:
-        super().reset()
-        self.histogram.zero_()
-        self.histogram_sum.zero_()
-        self.histogram_max.zero_()
-
-
-class PercentileObserver(HistogramObserver):
-    """Clip at a percentile of all calibration data: of ``|x|`` for symmetric schemes, of
-    each tail for affine ones."""
-
-    def _histogram_range(self, hist_max):
-        p = self.scheme.percentile / 100.0
-        if self.scheme.symmetric:
-            amax = quantile(*magnitude_view(self.histogram, hist_max, self.scheme.signed), p)
-            return -amax, amax
-        counts, edges = signed_view(self.histogram, hist_max)
-        return quantile(counts, edges, 1.0 - p), quantile(counts, edges, p)
-
-
-class MSEObserver(HistogramObserver):
-    """The shrunk range ``ratio * [min, max]`` with least quantization MSE over all
-    calibration data, found by a coarse-to-fine search of the ratio."""
-
-    def _histogram_range(self, hist_max):
-        mn, mx = (float(t) for t in Observer.calculate_range(self))
-        if self.scheme.symmetric:
-            mx = max(-mn, mx) if self.scheme.signed else mx
-            mn = -mx
-        centers, counts = self._errors_of()
-
-        def errors(ratios):
-            return range_errors(centers, counts, mn * ratios, mx * ratios, self.scheme)
-
-        ratio = search_ratio(errors)
-        return mn * ratio, mx * ratio
-
-
-class L2HistogramObserver(MSEObserver):
-    """Least quantization MSE over all calibration data, as torch.ao's HistogramObserver:
-    for affine schemes the low and the high end shrink independently; for symmetric ones it
-    is `MSEObserver`."""
-
-    def _histogram_range(self, hist_max):
-        if self.scheme.symmetric:
-            return super()._histogram_range(hist_max)
-        mn, mx = (float(t) for t in Observer.calculate_range(self))
-        centers, counts = self._errors_of()
-
-        def errors(lo, hi):
-            return range_errors(centers, counts, mn * lo, mx * hi, self.scheme)
-
-        lo, hi = search_ratio_pair(errors)
-        return mn * lo, mx * hi
-
-
-class EntropyObserver(HistogramObserver):
-    """TensorRT-style calibration: the clip of ``|x|`` whose quantized histogram has least KL
-    divergence from the observed one."""
-
-    def _histogram_range(self, hist_max):
-        levels = 2 ** (self.scheme.bits - 1) if self.scheme.signed else 2**self.scheme.bits
-        counts, _ = magnitude_view(self.histogram, hist_max, True)
-        clip = best_kl_bins(counts, min(levels, self.bins)) * hist_max / self.bins
-        return -clip, clip
-
-
-class NoObserver(Observer):
-    """The observer of a dynamic scheme: it keeps nothing (each tensor's own range is its
-    encoding, computed at run time) and never has data."""
-
-    def _check_channels(self, x: torch.Tensor) -> None:
-        pass
-
-    def _observe(self, x: torch.Tensor) -> None:
-        pass
-
+__all__ = [
+    "OBSERVER_TYPES",
+    "PER_CHANNEL_TYPES",
+    "BatchMSEObserver",
+    "BatchPercentileObserver",
+    "ChannelCountError",
+    "EntropyObserver",
+    "HistogramObserver",
+    "L2HistogramObserver",
+    "MSEObserver",
+    "MinMaxObserver",
+    "MovingMinMaxObserver",
+    "NoObserver",
+    "Observer",
+    "PercentileObserver",
+    "make_observer",
+]
 
 OBSERVER_TYPES: dict[str, type[Observer]] = {
     "minmax": MinMaxObserver,
