@@ -1,5 +1,6 @@
 """A layer whose weight the model reads outside the layer's own forward
-(``F.linear(x, self.proj.weight, self.proj.bias)``, torchvision's Swin attention) stays float,
+(``F.linear(x, self.proj.weight, self.proj.bias)``, torchvision's Swin V2 attention; V1 has its
+own quantized family) stays float,
 and the report says why: at `quantize_model` where the graph shows it, after calibration where
 it does not. Never an uncalibrated quantizer at `convert`, never an eval that runs float while
 claiming integers."""
@@ -72,10 +73,12 @@ def test_a_weight_read_in_untraced_code_is_reverted_to_float_after_calibration()
 
 
 @pytest.mark.slow
-def test_swin_attention_projections_stay_float_and_the_rest_converts() -> None:
+def test_swin_v2_attention_projections_stay_float_and_the_rest_converts() -> None:
     swin = pytest.importorskip("torchvision.models.swin_transformer")
     torch.manual_seed(0)
-    model = swin.SwinTransformer(
+    model = swin.SwinTransformer(  # V2: its attention overrides V1's forward, so stays float
+        block=swin.SwinTransformerBlockV2,
+        downsample_layer=swin.PatchMergingV2,
         patch_size=[4, 4],
         embed_dim=16,
         depths=[1, 1],
