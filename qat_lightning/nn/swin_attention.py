@@ -25,14 +25,16 @@ keeps both float and `export.report.layer_report` lists the container's own floa
 
 torchvision is not imported by this package: the family is registered lazily
 (`register_lazy_quant_module`) by module path and class name, the quantized class made the
-first time surgery meets a ``ShiftedWindowAttention``. ``ShiftedWindowAttentionV2`` (cosine
-attention, continuous position bias) overrides ``forward``; the registry's MRO rule leaves it
-float, and surgery reports its ``qkv`` / ``proj`` as read outside their ``forward``.
+first time surgery meets a ``ShiftedWindowAttention``. ``ShiftedWindowAttentionV2`` (Swin
+V2: cosine attention, continuous position bias) is registered the same way, with its own
+family (`QuantShiftedWindowAttentionV2Mixin`; its position-bias MLP ``cpb_mlp`` stays float
+and `convert` folds it to the bias it computes).
 """
 
 from __future__ import annotations
 
 import copy
+import math
 from collections.abc import Iterator
 from typing import Any, ClassVar
 
@@ -42,12 +44,14 @@ from torch import nn
 
 from qat_lightning.nn.attention import QuantOutProjection
 from qat_lightning.nn.base import QuantModule
+from qat_lightning.nn.linear import QuantLinear
 from qat_lightning.nn.registry import register_lazy_quant_module, specialise, unregistered_reason
 from qat_lightning.nn.sdpa import attention_core, attention_matmuls
 from qat_lightning.quant import Quantizer, QuantScheme
 
 SWIN_MODULE = "torchvision.models.swin_transformer"
 SWIN_NAME = "ShiftedWindowAttention"
+SWIN_V2_NAME = "ShiftedWindowAttentionV2"
 _CHILDREN = ("qkv", "proj", "qk", "pv")
 MASK_VALUE = -100.0  # torchvision's value between tokens of different shifted regions
 
@@ -88,30 +92,45 @@ def relative_position_bias(
     return table[index].view(n, n, -1).permute(2, 0, 1)
 
 
-def _projection(linear: nn.Module, inputs: QuantScheme | None, params: QuantScheme | None):
+class QuantQKVProjectionV2(QuantOutProjection):
+    """Swin V2's ``qkv``: the key third of its bias is zero in every forward (torchvision
+    clones the bias and zeroes that third), so keys carry no bias and that third no gradient."""
+
+    def weight_and_bias(self) -> tuple[torch.Tensor, torch.Tensor | None]:
+        weight, bias = super().weight_and_bias()
+        if bias is None:
+            return weight, bias
+        n = bias.numel() // 3
+        return weight, torch.cat([bias[:n], torch.zeros_like(bias[n : 2 * n]), bias[2 * n :]])
+
+
+def _projection(
+    linear: nn.Module,
+    inputs: QuantScheme | None,
+    params: QuantScheme | None,
+    qtype: type[QuantLinear] = QuantOutProjection,
+):
     """``linear`` (the attention's ``qkv`` or ``proj``) as a `QuantOutProjection`."""
     if not isinstance(linear, nn.Linear) or unregistered_reason(linear) is not None:
         raise ValueError(
             f"ShiftedWindowAttention: its projection is a {type(linear).__name__}, not an "
             "nn.Linear (or a subclass that keeps Linear's forward); allowed: nn.Linear"
         )
-    qtype = QuantOutProjection
     if type(linear) is not nn.Linear:
-        qtype = specialise(QuantOutProjection, type(linear))
+        qtype = specialise(qtype, type(linear))
     return qtype.from_float(linear, inputs, params)
 
 
-def _quantize_once(attention: nn.Module) -> None:
+def _quantize_once(attention: nn.Module, queries_keys: bool = True) -> None:
     """q, k and v reach ``qk`` / ``pv`` from ``qkv``'s output, and ``pv``'s output reaches
     ``proj``, through reshapes, permutes and indexing only, which keep a per-tensor grid:
     those inputs are quantized once, by their producer's output quantizer (the container is a
-    leaf to surgery's graph, so it wires this itself, as `QuantMultiheadAttention` does)."""
-    for consumer, index, producer in (
-        (attention.qk, 0, attention.qkv),
-        (attention.qk, 1, attention.qkv),
-        (attention.pv, 1, attention.qkv),
-        (attention.proj, 0, attention.pv),
-    ):
+    leaf to surgery's graph, so it wires this itself, as `QuantMultiheadAttention` does).
+    Not q and k where they are normalised first (``queries_keys=False``, Swin V2)."""
+    pairs = [(attention.pv, 1, attention.qkv), (attention.proj, 0, attention.pv)]
+    if queries_keys:
+        pairs += [(attention.qk, 0, attention.qkv), (attention.qk, 1, attention.qkv)]
+    for consumer, index, producer in pairs:
         source = producer.output_quantizers[0]
         own = consumer.input_quantizers[index]
         if source is None or own is None or source.scheme.granularity != "per_tensor":
@@ -130,6 +149,8 @@ class QuantShiftedWindowAttentionMixin:
     treat its children as the layers."""
 
     quantized_container: ClassVar[bool] = True  # traced as a leaf: its children are wired here
+    _qkv_type: ClassVar[type[QuantOutProjection]] = QuantOutProjection
+    _cosine: ClassVar[bool] = False  # Swin V2: q and k normalised before qk
 
     @classmethod
     def from_float(
@@ -140,7 +161,7 @@ class QuantShiftedWindowAttentionMixin:
     ) -> nn.Module:
         """A quantized twin of ``module`` sharing its parameters and buffers."""
         inputs, params = QuantScheme.from_any(inputs), QuantScheme.from_any(params)
-        if getattr(module, "logit_scale", None) is not None:
+        if getattr(module, "logit_scale", None) is not None and not cls._cosine:
             raise ValueError(
                 f"{type(module).__name__}: cosine attention (logit_scale, Swin V2) is not "
                 "supported; allowed: ShiftedWindowAttention (Swin V1)"
@@ -158,20 +179,20 @@ class QuantShiftedWindowAttentionMixin:
         qmodule._parameters = dict(module._parameters)
         qmodule._buffers = dict(module._buffers)
         qmodule._modules = dict(module._modules)
-        qmodule.qkv = _projection(module.qkv, inputs, params)
+        qmodule.qkv = _projection(module.qkv, inputs, params, cls._qkv_type)
         qmodule.proj = _projection(module.proj, inputs, params)
         qmodule.qk, qmodule.pv = attention_matmuls(inputs)  # (the softmax output unsigned)
         if inputs is not None:
-            _quantize_once(qmodule)
+            _quantize_once(qmodule, queries_keys=not cls._cosine)
         qmodule.training = module.training
         return qmodule
 
     # -- what the report, surgery and convert ask -------------------------------------------------
     def quantizers(self) -> Iterator[Quantizer]:
-        """Every quantizer of its quantized children."""
-        for child in self.children():
-            if isinstance(child, QuantModule):
-                yield from child.quantizers()
+        """Every quantizer of its quantized modules."""
+        for module in self.modules():
+            if isinstance(module, QuantModule):
+                yield from module.quantizers()
 
     @property
     def input_quantizers(self) -> list[Quantizer | None]:
@@ -182,8 +203,9 @@ class QuantShiftedWindowAttentionMixin:
     def param_quantizers(self) -> dict[str, Quantizer | None]:
         """Weight quantizers by parameter name (the bias table is float: not listed)."""
         return {
-            "qkv.weight": self.qkv.param_quantizers["weight"],
-            "proj.weight": self.proj.param_quantizers["weight"],
+            f"{name}.weight": module.param_quantizers["weight"]
+            for name, module in self.named_modules()
+            if isinstance(module, QuantModule) and "weight" in module.param_quantizers
         }
 
     @property
@@ -211,9 +233,26 @@ class QuantShiftedWindowAttentionMixin:
         module._modules = {k: v for k, v in self._modules.items() if k not in _CHILDREN}
         module._modules["qkv"] = self.qkv.to_float()
         module._modules["proj"] = self.proj.to_float()
+        mlp = module._modules.get("cpb_mlp")  # Swin V2's
+        if mlp is not None:
+            module._modules["cpb_mlp"] = copy.copy(mlp)
+            module.cpb_mlp._modules = {
+                k: m.to_float() if isinstance(m, QuantModule) else m
+                for k, m in mlp._modules.items()
+            }
         return module
 
     # -- forward -----------------------------------------------------------------------------------
+    def _queries_keys(self, q: torch.Tensor, k: torch.Tensor) -> tuple[Any, Any, Any]:
+        """q and k as ``qk`` takes them, and the factor of their product: ``head_dim**-0.5``."""
+        return q, k, q.shape[-1] ** -0.5
+
+    def _position_bias(self) -> torch.Tensor:
+        """The relative position bias ``(heads, N, N)``, from the learned table."""
+        return relative_position_bias(
+            self.relative_position_bias_table, self.relative_position_index, self.window_size
+        )
+
     def forward(self, x: torch.Tensor) -> torch.Tensor:
         """Shifted-window attention of ``x`` ``(B, H, W, C)`` -> ``(B, H, W, C)`` (see the
         module docstring); equal to torchvision's up to float rounding with quantizers off."""
@@ -233,15 +272,14 @@ class QuantShiftedWindowAttentionMixin:
 
         qkv = self.qkv(windows).reshape(b, rows * cols, n, 3, heads, c // heads)
         q, k, v = qkv.permute(3, 0, 1, 4, 2, 5).unbind(0)  # each (B, nW, heads, N, d)
-        bias = relative_position_bias(
-            self.relative_position_bias_table, self.relative_position_index, (wh, ww)
-        )
+        q, k, scale = self._queries_keys(q, k)
+        bias = self._position_bias()
         mask = None
         if shifted:
             mask = shift_mask((ph, pw), (wh, ww), (shift[0], shift[1]), x.device, bias.dtype)
             mask = mask.unsqueeze(1)  # (nW, 1, N, N): the same for every head
         out, _ = attention_core(
-            self.qk, self.pv, q, k, v, (c // heads) ** -0.5, (bias, mask),
+            self.qk, self.pv, q, k, v, scale, (bias, mask),
             self.attention_dropout, self.training,
         )  # fmt: skip
         out = out.transpose(2, 3).reshape(b * rows * cols, n, c)
@@ -253,17 +291,58 @@ class QuantShiftedWindowAttentionMixin:
         return out[:, :h, :w, :].contiguous()
 
 
+class QuantShiftedWindowAttentionV2Mixin(QuantShiftedWindowAttentionMixin):
+    """Swin V2's ``ShiftedWindowAttentionV2`` (made by `make_quant_shifted_window_attention`):
+    cosine attention, ``normalize(q) · normalize(k)ᵀ * exp(min(logit_scale, log 100))``, the
+    k third of the ``qkv`` bias zero, and a continuous position bias
+    ``16 * sigmoid(cpb_mlp(relative_coords_table))``. ``qk`` quantizes the normalised q and k
+    with its own input quantizers (they are not on ``qkv``'s grid).
+
+    ``cpb_mlp`` stays float, by design: it computes from its weights and a constant table
+    only (a bias generator, no activation). `convert` (and so the ONNX export) replaces it by
+    the float bias it computes (``heads x N x N``, the buffer ``position_bias``); quantized,
+    it would run as a float Gemm in onnxruntime at every call (its ``DequantizeLinear``
+    inputs are not folded)."""
+
+    _qkv_type: ClassVar[type[QuantOutProjection]] = QuantQKVProjectionV2
+    _cosine: ClassVar[bool] = True
+
+    def _queries_keys(self, q: torch.Tensor, k: torch.Tensor) -> tuple[Any, Any, Any]:
+        scale = torch.clamp(self.logit_scale, max=math.log(100.0)).exp()  # (heads, 1, 1)
+        return F.normalize(q, dim=-1), F.normalize(k, dim=-1), scale
+
+    def finish_convert(self) -> None:
+        """In `convert`'s copy: the position bias computed once, kept as the buffer
+        ``position_bias`` (``heads, N, N``, float), in place of ``cpb_mlp`` (its weights and
+        input are fixed now: the same float computation, so integer eval and the converted
+        model still agree bit for bit)."""
+        with torch.no_grad():
+            bias = self._position_bias()
+        self.register_buffer("position_bias", bias.detach().clone())
+        del self.cpb_mlp
+
+    def _position_bias(self) -> torch.Tensor:
+        if "position_bias" in self._buffers:  # converted
+            return self.position_bias
+        table = self.cpb_mlp(self.relative_coords_table).view(-1, self.num_heads)
+        bias = relative_position_bias(table, self.relative_position_index, self.window_size)
+        return 16 * torch.sigmoid(bias)
+
+
 def make_quant_shifted_window_attention(float_type: type[nn.Module]) -> type[nn.Module]:
     """The quantized type of ``float_type`` (torchvision's ``ShiftedWindowAttention``): bases
     ``(QuantShiftedWindowAttentionMixin, float_type)``, findable by pickle as
     ``qat_lightning.nn.swin_attention.QuantShiftedWindowAttention`` in the process that made
     it."""
-    name = "QuantShiftedWindowAttention"
+    v2 = float_type.__qualname__ == SWIN_V2_NAME
+    name = "QuantShiftedWindowAttentionV2" if v2 else "QuantShiftedWindowAttention"
+    mixin = QuantShiftedWindowAttentionV2Mixin if v2 else QuantShiftedWindowAttentionMixin
     doc = f"{float_type.__module__}.{float_type.__qualname__}, projections and matmuls quantized."
-    cls = type(float_type)(name, (QuantShiftedWindowAttentionMixin, float_type), {"__doc__": doc})
+    cls = type(float_type)(name, (mixin, float_type), {"__doc__": doc})
     cls.__module__, cls.__qualname__ = __name__, name
     globals()[name] = cls
     return cls
 
 
 register_lazy_quant_module(SWIN_MODULE, SWIN_NAME, make_quant_shifted_window_attention)
+register_lazy_quant_module(SWIN_MODULE, SWIN_V2_NAME, make_quant_shifted_window_attention)

@@ -1,6 +1,6 @@
-"""The quantized ``ShiftedWindowAttention`` computes what torchvision's computes (quantizers
-off: shifted or not, padded or not), is registered without importing torchvision, trains every
-weight, leaves Swin V2 float with its reason, and gives the float module back."""
+"""The quantized ``ShiftedWindowAttention`` (and V2's) computes what torchvision's computes
+(quantizers off: shifted or not, padded or not), is registered without importing torchvision,
+trains every weight, and gives the float module back."""
 
 from __future__ import annotations
 
@@ -15,7 +15,7 @@ from hypothesis import strategies as st
 from torch import nn
 
 from qat_lightning import quantize_model
-from qat_lightning.nn import swin_attention
+from qat_lightning.nn import QuantModule, swin_attention
 from qat_lightning.nn.registry import quant_type_for
 from qat_lightning.nn.swin_attention import QuantShiftedWindowAttentionMixin
 from qat_lightning.quant import Quantizer
@@ -36,7 +36,7 @@ def _quantized(attn: nn.Module, off: bool = True) -> Wrap:
     model = Wrap(copy.deepcopy(attn))
     report = quantize_model(model)
     assert isinstance(model.attn, QuantShiftedWindowAttentionMixin), report.table()
-    assert isinstance(model.attn, swin.ShiftedWindowAttention)
+    assert isinstance(model.attn, type(attn))
     if off:
         for module in model.modules():
             if isinstance(module, Quantizer):
@@ -68,15 +68,20 @@ def test_the_package_does_not_import_torchvision_for_it() -> None:
     height=st.integers(1, 11),
     width=st.integers(1, 11),
     bias=st.booleans(),
+    v2=st.booleans(),
 )
 def test_quantizers_off_it_is_torchvision_window_attention(
-    seed, heads, window, shift, height, width, bias
+    seed, heads, window, shift, height, width, bias, v2
 ) -> None:
     torch.manual_seed(seed)
     shift = [min(s, w - 1) for s, w in zip(shift, window, strict=True)]  # Swin: shift < window
-    attn = swin.ShiftedWindowAttention(
-        8, list(window), shift, heads, qkv_bias=bias, proj_bias=bias
-    ).eval()
+    family = swin.ShiftedWindowAttentionV2 if v2 else swin.ShiftedWindowAttention
+    attn = family(8, list(window), shift, heads, qkv_bias=bias, proj_bias=bias).eval()
+    if bias:
+        with torch.no_grad():  # V2 zeroes its key bias in forward: a trained one is not zero
+            attn.qkv.bias.normal_()
+            if v2:
+                attn.logit_scale.uniform_(0.0, 6.0)  # also above the clamp at log(100)
     model = _quantized(attn)
     x = torch.randn(2, height, width, 8)
     with torch.no_grad():
@@ -167,13 +172,29 @@ def test_a_user_subclass_keeping_its_methods_is_covered() -> None:
     assert type(model.attn.to_float()) is MyWindowAttention
 
 
-def test_swin_v2_attention_stays_float_and_says_why() -> None:
+def test_swin_v2_trains_its_float_parts_and_keys_carry_no_bias() -> None:
     torch.manual_seed(0)
     attn = swin.ShiftedWindowAttentionV2(16, [4, 4], [2, 2], 2)
-    model = Wrap(attn)
-    with pytest.warns(UserWarning, match="read outside its forward"):
-        report = quantize_model(model)
-    assert type(model.attn) is swin.ShiftedWindowAttentionV2
-    notes = {r.name: r.note for r in report.rows if r.status != "quantized"}
-    for name in ("attn.qkv", "attn.proj"):
-        assert "read outside its forward" in notes[name], notes
+    model = _quantized(attn, off=False)
+    quantized = model.attn
+    assert quantized.qk.input_quantizers[0] is not None  # normalised q: quantized again
+    assert quantized.pv.input_quantizers[1] is None  # v: on qkv's grid
+    assert not any(isinstance(m, QuantModule) for m in quantized.cpb_mlp.modules())
+    with torch.no_grad():
+        for q in model.modules():
+            if isinstance(q, Quantizer):
+                q.enable_fake_quant(False)
+        model.train()
+        model(torch.randn(4, 8, 8, 16))
+        for q in model.modules():
+            if isinstance(q, Quantizer):
+                q.enable_fake_quant(True)
+    model(torch.randn(4, 8, 8, 16)).square().mean().backward()
+    for name, param in model.named_parameters():
+        if name != "attn.qkv.bias":
+            assert param.grad is not None and param.grad.abs().sum() > 0, name
+    bias_grad = quantized.qkv.bias.grad
+    assert bias_grad[16:32].abs().sum() == 0 and bias_grad[:16].abs().sum() > 0  # as torchvision
+    back = quantized.to_float()
+    assert type(back) is swin.ShiftedWindowAttentionV2
+    assert all(type(m) is nn.Linear for m in (back.qkv, back.proj, back.cpb_mlp[0]))
