@@ -296,7 +296,8 @@ class QuantShiftedWindowAttentionV2Mixin(QuantShiftedWindowAttentionMixin):
     cosine attention, ``normalize(q) · normalize(k)ᵀ * exp(min(logit_scale, log 100))``, the
     k third of the ``qkv`` bias zero, and a continuous position bias
     ``16 * sigmoid(cpb_mlp(relative_coords_table))``. ``qk`` quantizes the normalised q and k
-    with its own input quantizers (they are not on ``qkv``'s grid).
+    with its own input quantizers (they are not on ``qkv``'s grid); ``logit_scale`` (one per
+    head) stays a float parameter of the container.
 
     ``cpb_mlp`` stays float, by design: it computes from its weights and a constant table
     only (a bias generator, no activation). `convert` (and so the ONNX export) replaces it by

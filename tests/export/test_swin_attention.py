@@ -3,7 +3,8 @@ init) quantizes every projection and both attention matmuls of its shifted-windo
 at W8A8: calibration, a train step reaching every weight, integer eval, `convert` bit for bit,
 ONNX in onnxruntime with integer kernels only (no float MatMul/FusedMatMul/Gemm), top-1
 agreement and the int8 file size against fp32. The relative-position-bias table and the shift
-mask stay float, and say so."""
+mask stay float, and say so; Swin V2's position-bias MLP stays float and `convert` folds it
+to the bias it computes."""
 
 from __future__ import annotations
 
@@ -26,8 +27,10 @@ swin = pytest.importorskip("torchvision.models.swin_transformer")
 SHAPE = (3, 32, 32)
 
 
-def _swin() -> nn.Module:
+def _swin(v2: bool = False) -> nn.Module:
+    blocks = {"block": swin.SwinTransformerBlockV2, "downsample_layer": swin.PatchMergingV2}
     return swin.SwinTransformer(  # swin_t's layout (patch 4, window 7 -> 4 at 32 px), narrower
+        **(blocks if v2 else {}),
         patch_size=[4, 4],
         embed_dim=16,
         depths=[2, 2],
@@ -38,16 +41,19 @@ def _swin() -> nn.Module:
 
 
 @pytest.mark.slow
-def test_swin_goes_w8a8_from_surgery_to_onnxruntime(tmp_path) -> None:
+@pytest.mark.parametrize("v2", [False, True], ids=["swin", "swin_v2"])
+def test_swin_goes_w8a8_from_surgery_to_onnxruntime(v2, tmp_path) -> None:
     torch.manual_seed(0)
-    model = _swin()
+    model = _swin(v2)
     float_model = copy.deepcopy(model).eval()
     report = calibrate(model, [torch.randn(8, *SHAPE) for _ in range(6)])
     attention = [m for m in model.modules() if isinstance(m, QuantShiftedWindowAttentionMixin)]
     assert len(attention) == 4  # shift 0 and shift 2 blocks in both stages
     assert {tuple(a.shift_size) for a in attention} == {(0, 0), (2, 2)}
     linears = [n for n, m in model.named_modules() if type(m) is nn.Linear]
-    assert not linears, linears  # every Linear, qkv and proj included, is quantized
+    position_mlps = [n for n in linears if ".cpb_mlp." in n]  # V2's bias MLP: float, folded
+    assert linears == position_mlps, linears  # every other Linear, qkv and proj, is quantized
+    assert len(position_mlps) == (8 if v2 else 0)
     assert not [r for r in report.rows if "read outside" in r.note]
 
     model.train()  # a QAT step reaches every weight, the float bias tables too
@@ -73,15 +79,22 @@ def test_swin_goes_w8a8_from_surgery_to_onnxruntime(tmp_path) -> None:
     assert (integer - reference).norm() < 0.3 * reference.norm()
     rows = layer_report(converted)["layers"]
     floats = {r["name"]: r for r in rows if r["status"] != "integer" and ".attn" in r["name"]}
-    assert set(floats) == set(_attention_names(model))  # the container's own ...
-    table = attention[0].relative_position_bias_table.numel()
-    assert all(r["params"] == table for r in floats.values())  # ... float bias table only
+    assert set(floats) == set(_attention_names(model))  # the container's own parameter ...
+    if v2:  # ... logit_scale; the position bias a float buffer, its MLP gone
+        assert all(r["params"] == attention[0].logit_scale.numel() for r in floats.values())
+        assert all("cpb_mlp" not in n for n, _ in converted.named_modules())
+        biases = [m.position_bias for m in converted.modules() if hasattr(m, "position_bias")]
+        assert len(biases) == 4 and all(b.dtype == torch.float32 for b in biases)
+    else:  # ... the relative position bias table
+        table = attention[0].relative_position_bias_table.numel()
+        assert all(r["params"] == table for r in floats.values())
 
     path = export_onnx(model, torch.randn(2, *SHAPE), tmp_path / "int8.onnx")
     within, top1 = agreement(ort_run(path, x), expected.numpy(), output_lsb(converted))
     assert top1 >= 0.99, (within, top1)
     ops = optimized_op_types(path, tmp_path)
     macs = len([m for m in model.modules() if isinstance(m, QuantModule) and hasattr(m, "weight")])
+    assert macs == 4 * 4 + 1 + 1 + 1  # qkv, proj, 2 MLP per block; merging; head; patch conv
     integer_macs = ops["MatMulIntegerToFloat"] + ops["QLinearMatMul"] + ops["QGemm"]
     assert integer_macs + ops["MatMulInteger"] >= macs - 1 + 2 * 4, ops  # (patch conv apart)
     assert ops["QLinearMatMul"] >= 2 * 4, ops  # q·kᵀ and p·v of every attention
