@@ -163,8 +163,9 @@ class QuantShiftedWindowAttentionMixin:
         inputs, params = QuantScheme.from_any(inputs), QuantScheme.from_any(params)
         if getattr(module, "logit_scale", None) is not None and not cls._cosine:
             raise ValueError(
-                f"{type(module).__name__}: cosine attention (logit_scale, Swin V2) is not "
-                "supported; allowed: ShiftedWindowAttention (Swin V1)"
+                f"{type(module).__name__}: has logit_scale (cosine attention) but is not a "
+                "ShiftedWindowAttentionV2, whose family computes it; allowed: V1 attention "
+                "without logit_scale, or ShiftedWindowAttentionV2"
             )
         qmodule = cls.__new__(cls)
         nn.Module.__init__(qmodule)
