@@ -76,6 +76,7 @@ from qat_lightning.nn.sdpa import (
     ScaledDotProductAttention,
     attention_core,
 )
+from qat_lightning.nn.swin_attention import QuantShiftedWindowAttentionMixin
 
 __all__ = [
     "FUSED_BN_MODULES",
@@ -135,6 +136,7 @@ __all__ = [
     "QuantReLU",
     "QuantReLU6",
     "QuantScaledDotProductAttention",
+    "QuantShiftedWindowAttentionMixin",
     "QuantSiLU",
     "QuantSigmoid",
     "QuantTanh",

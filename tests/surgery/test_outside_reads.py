@@ -1,5 +1,6 @@
 """A layer whose weight the model reads outside the layer's own forward
-(``F.linear(x, self.proj.weight, self.proj.bias)``, torchvision's Swin attention) stays float,
+(``F.linear(x, self.proj.weight, self.proj.bias)``, as torchvision's Swin attention does; Swin
+has its own quantized family now, tests/export/test_swin_attention.py) stays float,
 and the report says why: at `quantize_model` where the graph shows it, after calibration where
 it does not. Never an uncalibrated quantizer at `convert`, never an eval that runs float while
 claiming integers."""
@@ -69,25 +70,3 @@ def test_a_weight_read_in_untraced_code_is_reverted_to_float_after_calibration()
     assert row.params is None and row.inputs is None
     assert report.row("head").status == "quantized"
     _check_integer_eval_is_convert(model, torch.randn(16, 8))
-
-
-@pytest.mark.slow
-def test_swin_attention_projections_stay_float_and_the_rest_converts() -> None:
-    swin = pytest.importorskip("torchvision.models.swin_transformer")
-    torch.manual_seed(0)
-    model = swin.SwinTransformer(
-        patch_size=[4, 4],
-        embed_dim=16,
-        depths=[1, 1],
-        num_heads=[2, 2],
-        window_size=[4, 4],
-        num_classes=10,
-    )
-    with pytest.warns(UserWarning, match=REASON):
-        report = calibrate(model, [torch.randn(4, 3, 32, 32) for _ in range(2)])
-    readers = [r for r in report.rows if REASON in r.note]
-    expected = {f"features.{i}.0.attn.{p}" for i in (1, 3) for p in ("qkv", "proj")}
-    assert {r.name for r in readers} == expected
-    assert all(r.status == "float" and "shifted_window_attention" in r.note for r in readers)
-    assert report.row("features.1.0.mlp.0").status == "quantized"
-    _check_integer_eval_is_convert(model, torch.randn(4, 3, 32, 32))
