@@ -18,13 +18,8 @@ from __future__ import annotations
 import torch
 from torch import nn
 
+from qat_lightning.nn.split_fake_quant import hooked, observe
 from qat_lightning.quant import Quantizer, QuantScheme
-from qat_lightning.quant.observers import ChannelCountError
-
-_GLOBAL_HOOKS = (
-    nn.modules.module._global_forward_hooks,
-    nn.modules.module._global_forward_pre_hooks,
-)
 
 
 def rows_suffice(quantizer: Quantizer) -> bool:
@@ -36,25 +31,7 @@ def rows_suffice(quantizer: Quantizer) -> bool:
         return False
     if scheme.granularity not in ("per_tensor", "per_channel", "per_group"):
         return False
-    hooked = quantizer._forward_hooks or quantizer._forward_pre_hooks
-    return not hooked and not any(_GLOBAL_HOOKS)
-
-
-def _observe(quantizer: Quantizer, table: torch.Tensor) -> bool:
-    """The first half of ``quantizer(table)``: observe and update the encoding as it does;
-    returns whether fake quantization is on. (Mirrors `Quantizer.forward`: the tests compare
-    this path with that one, state and all.)"""
-    fake_quant_enabled = bool(quantizer.fake_quant_enabled)
-    if (quantizer.training or quantizer._calibrating) and quantizer.observer_enabled:
-        try:
-            has_data = quantizer.observer.observe(table)
-        except ChannelCountError as error:
-            raise ChannelCountError(f"{quantizer.describe()}: {error}") from error
-        if fake_quant_enabled:
-            quantizer._update_encodings(has_data)
-    if fake_quant_enabled and not quantizer._init_checked:
-        quantizer._check_initialized()
-    return fake_quant_enabled
+    return not hooked(quantizer)
 
 
 def _fake_quant_with_mask(
@@ -128,7 +105,7 @@ def looked_up_rows(
     Returns:
         The fake-quantized rows, shape ``(*indices.shape, embedding_dim)``.
     """
-    if not _observe(quantizer, table):
+    if not observe(quantizer, table):
         return nn.functional.embedding(
             indices, table, padding_idx, None, 2.0, scale_grad_by_freq, False
         )
