@@ -33,7 +33,7 @@ from qat_lightning.nn.base import QuantModule
 from qat_lightning.nn.linear import QuantLinear
 from qat_lightning.nn.registry import register_quant_module, specialise, unregistered_reason
 from qat_lightning.nn.sdpa import attention_core, attention_matmuls
-from qat_lightning.nn.split_fake_quant import hooked, observe
+from qat_lightning.nn.split_fake_quant import hooked, must_be_called, observe
 from qat_lightning.quant import Quantizer, QuantScheme
 from qat_lightning.quant.functional import fake_quantize
 
@@ -162,7 +162,7 @@ def shared_self_attention_input(
     scheme = first.scheme
     if scheme.learnable or scheme.dynamic:
         return None
-    if any(q is None or q.scheme != scheme or hooked(q) for q in quantizers):
+    if any(q is None or q.scheme != scheme or must_be_called(q) for q in quantizers):
         return None
     enabled = [observe(q, x) for q in quantizers]
     if not any(enabled):

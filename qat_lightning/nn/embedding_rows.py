@@ -10,7 +10,8 @@ gives its very gradient (the lookup's gradient, then the clip mask on the rows l
 The weight quantizer's observer still sees the whole table (a per-row min/max is one cheap
 reduction), so encodings are those of the full path. Learnable (LSQ) scales sum their
 gradient over the table in another order, and a quantizer with hooks (health probes,
-sensitivity counts) expects to be called on the table: both take the full path.
+sensitivity counts) or its own forward (a converted model's frozen one) expects to be called
+on the table: these take the full path.
 """
 
 from __future__ import annotations
@@ -18,7 +19,7 @@ from __future__ import annotations
 import torch
 from torch import nn
 
-from qat_lightning.nn.split_fake_quant import hooked, observe
+from qat_lightning.nn.split_fake_quant import must_be_called, observe
 from qat_lightning.quant import Quantizer, QuantScheme
 
 
@@ -31,7 +32,7 @@ def rows_suffice(quantizer: Quantizer) -> bool:
         return False
     if scheme.granularity not in ("per_tensor", "per_channel", "per_group"):
         return False
-    return not hooked(quantizer)
+    return not must_be_called(quantizer)
 
 
 def _fake_quant_with_mask(

@@ -4,9 +4,10 @@ quantizers that hold the same encoding (self-attention's q, k and v inputs, `att
 
 `observe` is the first half of ``quantizer(x)`` (observation and encoding update, as
 `Quantizer.forward` runs them); the caller then fake-quantizes with the quantizer's encoding.
-A quantizer with forward hooks (health probes, sensitivity counts) expects to be called, so
-callers take the plain path for it (`hooked`). The tests compare these paths with the plain
-one, state and all, bit for bit.
+A quantizer with forward hooks (health probes, sensitivity counts) expects to be called, and
+a subclass (`export.qdq.FrozenQuantizer`: QDQ nodes under ONNX export) has its own forward,
+so callers take the plain path for those (`must_be_called`). The tests compare these paths
+with the plain one, state and all, bit for bit.
 """
 
 from __future__ import annotations
@@ -26,6 +27,11 @@ _GLOBAL_HOOKS = (
 def hooked(module: nn.Module) -> bool:
     """``module`` (or every module, globally) has forward hooks that expect it to be called."""
     return bool(module._forward_hooks or module._forward_pre_hooks or any(_GLOBAL_HOOKS))
+
+
+def must_be_called(quantizer: Quantizer) -> bool:
+    """``quantizer`` is a subclass (its own ``forward``) or has hooks: call it, do not split it."""
+    return type(quantizer) is not Quantizer or hooked(quantizer)
 
 
 def observe(quantizer: Quantizer, x: torch.Tensor) -> bool:

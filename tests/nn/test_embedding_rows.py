@@ -11,6 +11,7 @@ from hypothesis import strategies as st
 from torch import nn
 
 from qat_lightning import nn as qnn
+from qat_lightning.export.qdq import FrozenQuantizer
 from qat_lightning.nn.embedding_rows import rows_suffice
 from qat_lightning.quant import QuantScheme
 
@@ -111,6 +112,8 @@ def test_learnable_scales_and_hooks_take_the_full_table() -> None:
     plain.param_quantizers["weight"].register_forward_hook(lambda m, a, o: seen.append(a[0].shape))
     plain(torch.tensor([3]))
     assert seen == [(12, 4)]  # a hook (health probe, sensitivity) sees the table, as before
+    frozen = FrozenQuantizer.from_quantizer(plain.param_quantizers["weight"])
+    assert not rows_suffice(frozen)  # its own forward (QDQ under ONNX export) is called
 
 
 def test_looked_up_rows_skip_the_table_wide_fake_quant() -> None:
