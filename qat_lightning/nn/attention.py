@@ -26,13 +26,16 @@ import math
 from typing import Any, ClassVar
 
 import torch
+import torch.nn.functional as F
 from torch import nn
 
 from qat_lightning.nn.base import QuantModule
 from qat_lightning.nn.linear import QuantLinear
 from qat_lightning.nn.registry import register_quant_module, specialise, unregistered_reason
 from qat_lightning.nn.sdpa import attention_core, attention_matmuls
+from qat_lightning.nn.split_fake_quant import hooked, must_be_called, observe
 from qat_lightning.quant import Quantizer, QuantScheme
+from qat_lightning.quant.functional import fake_quantize
 
 _SEPARATE = ("q_proj_weight", "k_proj_weight", "v_proj_weight")
 _CHILDREN = ("q_proj", "k_proj", "v_proj", "qk", "pv")
@@ -122,12 +125,60 @@ class QuantInProjection(QuantOutProjection):
         bias = owner.in_proj_bias
         return weight.t(), None if bias is None else bias[i * e : (i + 1) * e]
 
+    def forward_quantized_input(self, x: torch.Tensor) -> torch.Tensor:
+        """The fake-quant ``forward`` of an input already fake-quantized with this layer's own
+        input encoding (`shared_self_attention_input`)."""
+        weight, bias = self.weight_and_bias()
+        y = self.mac_op(self, x, self.fq_param("weight", weight), self.fq_bias(bias))
+        return self.fq_output(F.relu(y) if self.output_relu else y)
+
     def extra_repr(self) -> str:
         owner = self.__dict__["_owner"]
         return (
             f"{'qkv'[self.index]} projection of the attention: in_features={self.in_features}, "
             f"out_features={self.out_features}, bias={owner.in_proj_bias is not None}"
         )
+
+
+def shared_self_attention_input(
+    projections: tuple[QuantInProjection, ...], x: torch.Tensor
+) -> list[torch.Tensor] | None:
+    """Self-attention's q, k and v inputs are one tensor: each projection's input quantizer
+    observes it as when called, but equal encodings fake-quantize it once (what each would
+    compute, bit for bit; the gradient is summed before the one clip mask, not after each).
+
+    None (each projection quantizes its input itself) in integer mode, in `convert`'s model,
+    while compiling, for learnable or dynamic schemes, schemes that differ, and quantizers or
+    projections with hooks (a probe expects its call). Where the three encodings do not all
+    agree, each is applied on its own (after the same observations)."""
+    if not all(isinstance(p, QuantInProjection) for p in projections):
+        return None  # (`convert`'s integer layers)
+    quantizers = [p.input_quantizers[0] for p in projections]
+    first = quantizers[0]
+    if first is None or torch.compiler.is_compiling():
+        return None
+    if any(p.runs_integer((x,)) or hooked(p) for p in projections):
+        return None
+    scheme = first.scheme
+    if scheme.learnable or scheme.dynamic:
+        return None
+    if any(q is None or q.scheme != scheme or must_be_called(q) for q in quantizers):
+        return None
+    enabled = [observe(q, x) for q in quantizers]
+    if not any(enabled):
+        return [x, x, x]
+    # All three or none: two sharing one fake quant and one apart would sum the input's
+    # gradient in another order than three apart.
+    agree = all(enabled) and all(
+        torch.equal(q.scale, first.scale) and torch.equal(q.zero_point, first.zero_point)
+        for q in quantizers[1:]
+    )
+    if agree:
+        return [fake_quantize(x, first.scale, first.zero_point, scheme)] * 3
+    return [
+        fake_quantize(x, q.scale, q.zero_point, scheme) if on else x
+        for q, on in zip(quantizers, enabled, strict=True)
+    ]
 
 
 def _as_float_mask(mask: torch.Tensor | None, dtype: torch.dtype) -> torch.Tensor | None:
@@ -284,6 +335,7 @@ class QuantMultiheadAttention(nn.MultiheadAttention):
             )
         if query.is_nested:
             raise ValueError(f"{type(self).__name__}: nested tensor inputs are not supported")
+        self_attention = query is key and key is value  # (before the reshapes below)
         unbatched = query.dim() == 2
         if unbatched:
             query, key, value = query.unsqueeze(1), key.unsqueeze(1), value.unsqueeze(1)
@@ -296,9 +348,19 @@ class QuantMultiheadAttention(nn.MultiheadAttention):
         n, tgt, _ = query.shape
         src = key.shape[1]
         h, d = self.num_heads, self.head_dim
-        q = self.q_proj(query).reshape(n, tgt, h, d).transpose(1, 2)
-        k = self.k_proj(key).reshape(n, src, h, d).transpose(1, 2)
-        v = self.v_proj(value).reshape(n, src, h, d).transpose(1, 2)
+        projections = (self.q_proj, self.k_proj, self.v_proj)
+        shared = None
+        if self_attention:
+            shared = shared_self_attention_input(projections, query)
+        if shared is None:
+            q, k, v = (p(x) for p, x in zip(projections, (query, key, value), strict=True))
+        else:
+            q, k, v = (
+                p.forward_quantized_input(x) for p, x in zip(projections, shared, strict=True)
+            )
+        q = q.reshape(n, tgt, h, d).transpose(1, 2)
+        k = k.reshape(n, src, h, d).transpose(1, 2)
+        v = v.reshape(n, src, h, d).transpose(1, 2)
         mask = _as_float_mask(attn_mask, q.dtype)
         if mask is not None and mask.dim() == 3:
             mask = mask.reshape(n, h, tgt, src)

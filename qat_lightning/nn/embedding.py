@@ -9,6 +9,7 @@ import torch.nn.functional as F
 from torch import nn
 
 from qat_lightning.nn.base import QuantModule
+from qat_lightning.nn.embedding_rows import looked_up_rows, rows_suffice
 from qat_lightning.nn.grouped import table_rows
 from qat_lightning.nn.integer import weight_qtensor
 from qat_lightning.nn.registry import register_quant_module
@@ -24,6 +25,10 @@ class QuantEmbedding(QuantModule, nn.Embedding):
     does it: the looked-up rows of the float table are renormalized in place before the table
     is quantized, in `forward` and `quantized_forward` alike. ``sparse=True`` is rejected: the
     fake quantizer's gradient is dense.
+
+    Training fake-quantizes only the rows a batch looks up (`looked_up_rows`), with the same
+    values and gradients as quantizing the whole table, where the encoding is per tensor, per
+    row or per group along a row and not learnable; the observer still sees the whole table.
     """
 
     _quantized_params: ClassVar[dict[str, int]] = {"weight": 0}
@@ -57,6 +62,13 @@ class QuantEmbedding(QuantModule, nn.Embedding):
 
     def forward(self, indices: torch.Tensor) -> torch.Tensor:
         self._renorm(indices)
+        quantizer = self.param_quantizers["weight"]
+        if quantizer is not None and rows_suffice(quantizer):
+            return self.fq_output(
+                looked_up_rows(
+                    quantizer, self.weight, indices, self.padding_idx, self.scale_grad_by_freq
+                )
+            )
         rows = F.embedding(
             indices,
             self.fq_param("weight"),
