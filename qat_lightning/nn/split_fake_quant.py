@@ -2,8 +2,9 @@
 but fake-quantize only part of it (`embedding_rows`), or fake-quantize it once for several
 quantizers that hold the same encoding (self-attention's q, k and v inputs, `attention`).
 
-`observe` is the first half of ``quantizer(x)`` (observation and encoding update, as
-`Quantizer.forward` runs them); the caller then fake-quantizes with the quantizer's encoding.
+`observe` is the first half of ``quantizer(x)`` (`Quantizer.observe`, then the
+uncalibrated-use warning, as `Quantizer.forward` runs them); the caller then fake-quantizes
+with the quantizer's encoding.
 A quantizer with forward hooks (health probes, sensitivity counts) expects to be called, and
 a subclass (`export.qdq.FrozenQuantizer`: QDQ nodes under ONNX export) has its own forward,
 so callers take the plain path for those (`must_be_called`). The tests compare these paths
@@ -16,7 +17,6 @@ import torch
 from torch import nn
 
 from qat_lightning.quant import Quantizer
-from qat_lightning.quant.observers import ChannelCountError
 
 _GLOBAL_HOOKS = (
     nn.modules.module._global_forward_hooks,
@@ -39,14 +39,7 @@ def observe(quantizer: Quantizer, x: torch.Tensor) -> bool:
     ``x`` and update the encoding as `Quantizer.forward` does; returns whether fake
     quantization is on (the second half: fake-quantize with ``quantizer.scale`` and
     ``quantizer.zero_point``)."""
-    fake_quant_enabled = bool(quantizer.fake_quant_enabled)
-    if (quantizer.training or quantizer._calibrating) and quantizer.observer_enabled:
-        try:
-            has_data = quantizer.observer.observe(x)
-        except ChannelCountError as error:
-            raise ChannelCountError(f"{quantizer.describe()}: {error}") from error
-        if fake_quant_enabled:
-            quantizer._update_encodings(has_data)
+    fake_quant_enabled = quantizer.observe(x)
     if fake_quant_enabled and not quantizer._init_checked:
         quantizer._check_initialized()
     return fake_quant_enabled

@@ -208,20 +208,11 @@ class Quantizer(nn.Module):
         Observers run in training mode (or inside `compute_encodings`) only: evaluating or
         serving a model never moves its encodings.
         """
-        # Each flag is read once: on a GPU every read is a device-to-host sync.
-        fake_quant_enabled = bool(self.fake_quant_enabled)
         if self.scheme.dynamic:
-            if not fake_quant_enabled:
+            if not bool(self.fake_quant_enabled):
                 return x
             return fake_quantize(x, *dynamic_encoding(x, self.scheme), self.scheme)
-        if (self.training or self._calibrating) and self.observer_enabled:
-            try:
-                has_data = self.observer.observe(x)
-            except ChannelCountError as error:
-                raise ChannelCountError(f"{self.describe()}: {error}") from error
-            if fake_quant_enabled and not self.scheme.learnable:
-                self._update_encodings(has_data)
-        if not fake_quant_enabled:
+        if not self.observe(x):
             return x
         if not self._init_checked:
             self._check_initialized()
@@ -229,6 +220,23 @@ class Quantizer(nn.Module):
             with torch.no_grad():  # LSQ may push a step size through zero; keep it positive
                 self.scale.clamp_(min=EPS)
         return fake_quantize(x, self.scale, self.zero_point, self.scheme)
+
+    def observe(self, x: torch.Tensor) -> bool:
+        """The first half of ``forward`` for a static scheme: observe ``x`` (in training mode or
+        inside `compute_encodings`, with the observer on) and update the encoding (unless it is
+        learnable, or fake quantization is off). Returns whether fake quantization is on.
+        Layers that fake-quantize only part of what they observe (`QuantEmbedding`'s rows)
+        call this, then fake-quantize with ``scale`` and ``zero_point`` themselves."""
+        # Each flag is read once: on a GPU every read is a device-to-host sync.
+        fake_quant_enabled = bool(self.fake_quant_enabled)
+        if (self.training or self._calibrating) and self.observer_enabled:
+            try:
+                has_data = self.observer.observe(x)
+            except ChannelCountError as error:
+                raise ChannelCountError(f"{self.describe()}: {error}") from error
+            if fake_quant_enabled and not self.scheme.learnable:
+                self._update_encodings(has_data)
+        return fake_quant_enabled
 
     def _check_initialized(self) -> None:
         """Warn (once) if this quantizer quantizes before it has an encoding. Read once per
