@@ -14,9 +14,10 @@ One process, one seed, one corpus (`lm_data.StdlibCorpus`: the running interpret
 4. **QAT (torchao 0.18)**: ``QATConfig(activation_config=..., weight_config=...,
    step="prepare")`` with ``IntxFakeQuantizeConfig(torch.int4, group_size=32)`` (and int8
    asymmetric per-token activations for 8da4w) on the same model, data order, steps, seed and
-   learning rate. torchao lives in ``--peer-dir`` (``pip install --target .peers torchao==0.18.*
-   --no-deps``), put on ``sys.path`` only here; if it does not import or run, the result says
-   why. Its perplexity is that of its fake-quantized model (the QAT "prepare" model).
+   learning rate. torchao comes from the environment (the dev extra) or from ``--peer-dir``
+   (``pip install --target .peers torchao==0.18.* --no-deps``, put on ``sys.path`` only here);
+   if it does not import or run, the result says why. Its perplexity is that of its
+   fake-quantized model (the QAT "prepare" model).
 5. **ONNX**: the w4_g32 QAT model, `convert`-ed and exported (``MatMulNBits``), in onnxruntime:
    test perplexity (against the converted model's), ms per token of one ``--timing-length``
    sequence (full forward, no cache) against the fp32 model in onnxruntime and in eager torch
@@ -35,6 +36,7 @@ from __future__ import annotations
 
 import argparse
 import copy
+import importlib.util
 import json
 import math
 import sys
@@ -178,12 +180,27 @@ def run_qat_ours(exp: Experiment, name: str, inputs, params) -> tuple[LMModule, 
     return module, {"train_s": train_s, "quantized_linears": count, **exp.evaluate(module)}
 
 
+def torchao_in_environment() -> bool:
+    """torchao is importable without ``--peer-dir`` (the dev extra installs it)."""
+    return importlib.util.find_spec("torchao") is not None
+
+
+def torchao_available(peer_dir: Path) -> bool:
+    """torchao will run: installed, or in ``peer_dir``."""
+    return torchao_in_environment() or (peer_dir / "torchao").is_dir()
+
+
 def run_qat_torchao(exp: Experiment, name: str, inputs) -> dict:
     """torchao's QAT of the same model, or ``{"skipped": why}``."""
     a = exp.args
-    if not (a.peer_dir / "torchao").is_dir():
-        return {"skipped": f"torchao is not installed in --peer-dir {a.peer_dir}"}
-    sys.path.insert(0, str(a.peer_dir))
+    side = not torchao_in_environment()
+    if side and not (a.peer_dir / "torchao").is_dir():
+        return {
+            "skipped": f"torchao is neither installed (the dev extra installs it) nor in "
+            f"--peer-dir {a.peer_dir}"
+        }
+    if side:
+        sys.path.insert(0, str(a.peer_dir))
     try:
         import torchao
         from torchao.quantization import quantize_
@@ -191,7 +208,8 @@ def run_qat_torchao(exp: Experiment, name: str, inputs) -> dict:
     except Exception as error:
         return {"skipped": f"torchao does not import: {type(error).__name__}: {error}"}
     finally:
-        sys.path.remove(str(a.peer_dir))
+        if side:
+            sys.path.remove(str(a.peer_dir))
     try:
         weight = IntxFakeQuantizeConfig(torch.int4, group_size=32, is_symmetric=True)
         activation = None

@@ -49,7 +49,7 @@ def test_every_perplexity_is_finite_and_each_qat_side_ran(smoke) -> None:
         phases += [r["ptq"], r["qat_ours"]]
         assert r["qat_ours"]["quantized_linears"] == 5, r  # 4 projections + the LM head
         torchao = r["qat_torchao"]
-        if (lm_stdlib.DEFAULT_PEERS / "torchao").is_dir():
+        if lm_stdlib.torchao_available(lm_stdlib.DEFAULT_PEERS):
             assert "test" in torchao, torchao  # installed: it runs, or says why in "skipped"
             phases.append(torchao)
         else:
@@ -74,12 +74,16 @@ def test_the_onnx_model_scores_what_the_converted_model_scores(smoke) -> None:
     assert all(ms > 0 for ms in o["ms_per_token"].values())
 
 
-def test_torchao_missing_is_reported_not_raised(tmp_path) -> None:
+def test_torchao_missing_is_reported_not_raised(tmp_path, monkeypatch) -> None:
+    monkeypatch.setattr(lm_stdlib, "torchao_in_environment", lambda: False)
     args = argparse.Namespace(peer_dir=tmp_path / "nowhere")
     result = lm_stdlib.run_qat_torchao(
         argparse.Namespace(args=args), "w4_g32", None
     )  # no model is built before the check
-    assert result == {"skipped": f"torchao is not installed in --peer-dir {args.peer_dir}"}
+    assert result == {
+        "skipped": f"torchao is neither installed (the dev extra installs it) nor in "
+        f"--peer-dir {args.peer_dir}"
+    }
 
 
 def test_splits_are_by_file_and_deterministic() -> None:
