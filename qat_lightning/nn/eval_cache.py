@@ -116,9 +116,13 @@ def dequantize_linked(q: QTensor, dtype: torch.dtype) -> torch.Tensor:
     `quantize_linked`."""
     if q.scheme is None or q.scheme.bits > 16 or q.scheme.granularity != "per_tensor":
         return q.dequantize().to(dtype)
-    _, zp = q.broadcast_encoding()
     scale = q.scale
-    out = q.codes.float().sub_(zp.float()).mul_(scale.float()).to(dtype)
+    centered = centered_float32(q)
+    if centered is None:
+        _, zp = q.broadcast_encoding()
+        centered = q.codes.float().sub_(zp.float())
+        attach_centered(q, centered)  # for the MAC that consumes it
+    out = (centered * scale.float()).to(dtype)
     if scale.dim() == 0 and 1e-30 < float(scale) < 1e30 and not q.scheme.dynamic:
         out.__dict__[_LINK] = (q, out._version, q.codes._version)
     return out
@@ -134,8 +138,34 @@ def quantize_linked(quantizer: Quantizer, x: torch.Tensor) -> QTensor:
         unchanged = version == x._version and codes_version == q.codes._version
         if unchanged and q.scheme == scheme and not scheme.dynamic:
             scale, zero_point = quantizer.encoding()
-            if scale.dim() == 0 and torch.equal(scale, q.scale) and torch.equal(
-                zero_point, q.zero_point
+            if (
+                scale.dim() == 0
+                and torch.equal(scale, q.scale)
+                and torch.equal(zero_point, q.zero_point)
             ):
                 return q
     return quantizer.quantize(x)
+
+
+# A `QTensor` of at most 16 bits may carry ``codes - zero_point`` as float32 (exact), made
+# where it was cheap (the requantization computes it on the way): the MAC that consumes it and
+# the dequantization that follows take it instead of converting the codes again.
+_CENTERED = "_centered_float32"
+
+
+def attach_centered(q: QTensor, centered: torch.Tensor) -> QTensor:
+    """Record ``centered`` (float32, ``q.codes - q.zero_point`` exactly) on ``q``."""
+    q.__dict__[_CENTERED] = (centered, centered._version, q.codes, q.codes._version)
+    return q
+
+
+def centered_float32(q: QTensor) -> torch.Tensor | None:
+    """The float32 ``codes - zero_point`` recorded on ``q``, or None (none, or either tensor
+    was written in place or replaced since)."""
+    entry = q.__dict__.get(_CENTERED)
+    if entry is None:
+        return None
+    centered, version, codes, codes_version = entry
+    if centered._version != version or codes is not q.codes or codes._version != codes_version:
+        return None
+    return centered

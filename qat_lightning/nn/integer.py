@@ -19,6 +19,7 @@ import torch
 import torch.nn.functional as F
 from torch import nn
 
+from qat_lightning.nn.eval_cache import attach_centered, centered_float32
 from qat_lightning.quant import QTensor, Quantizer
 from qat_lightning.quant.functional import code_dtype
 
@@ -31,7 +32,11 @@ def requantize(q: QTensor, quantizer: Quantizer | None) -> QTensor:
 
 
 def accumulate_to_qtensor(
-    acc: torch.Tensor, acc_scale: torch.Tensor, quantizer: Quantizer | None, axis: int = 1
+    acc: torch.Tensor,
+    acc_scale: torch.Tensor,
+    quantizer: Quantizer | None,
+    axis: int = 1,
+    owned: bool = False,
 ) -> QTensor:
     """Requantize an integer accumulator (value ``acc * acc_scale``) to ``quantizer``.
 
@@ -44,6 +49,7 @@ def accumulate_to_qtensor(
     float32 multiplier ``M = float32(s_in * s_w) / s_out``. Any other way of rounding differs
     from the runtime at near-ties, and such a one-code difference spreads through the layers
     that follow; this way the integer simulation and the exported model agree bit for bit.
+    ``owned``: the caller gives ``acc`` up, and it may be overwritten (the same result).
     """
     view = [1] * acc.dim()
     if acc_scale.dim() > 0:
@@ -57,11 +63,27 @@ def accumulate_to_qtensor(
     exact = acc.dtype == torch.float32 or acc.numel() == 0 or acc.abs().max() < 2**24
     if scale.dim() == 0 and exact:
         multiplier = (acc_scale.float() / scale).reshape(view)
-        # one new tensor, then in place: big fresh tensors cost more than the arithmetic
-        codes = acc.float() * multiplier
+        # in place where it may be: big fresh tensors cost more than the arithmetic
+        mine = owned and acc.dtype == torch.float32
+        codes = acc.mul_(multiplier) if mine else acc.float() * multiplier
         codes.round_().add_(zero_point).clamp_(quantizer.scheme.qmin, quantizer.scheme.qmax)
-        return QTensor(codes.to(code_dtype(quantizer.scheme)), scale, zero_point, quantizer.scheme)
+        q = QTensor(codes.to(code_dtype(quantizer.scheme)), scale, zero_point, quantizer.scheme)
+        return attach_centered(q, codes.sub_(zero_point))  # exact: integers below 2**16
     return quantizer.quantize((acc.double() * acc_scale.double().reshape(view)).float())
+
+
+def quantize_owned(quantizer: Quantizer, x: torch.Tensor) -> QTensor:
+    """``quantizer.quantize(x)``, bit for bit, for a float32 ``x`` the caller gives up: a
+    static per-tensor encoding quantizes it in place (no new full-size tensors but the codes).
+    """
+    scheme = quantizer.scheme
+    if x.dtype != torch.float32 or scheme.dynamic or scheme.granularity != "per_tensor":
+        return quantizer.quantize(x)
+    scale, zero_point = quantizer.encoding()
+    if scale.dim() > 0:
+        return quantizer.quantize(x)
+    codes = x.mul_(1.0 / scale).round_().add_(zero_point).clamp_(scheme.qmin, scheme.qmax)
+    return QTensor(codes.to(code_dtype(scheme)), scale, zero_point, scheme)
 
 
 def quantize_bias(bias: torch.Tensor | None, acc_scale: torch.Tensor) -> torch.Tensor | None:
@@ -262,14 +284,17 @@ def integer_mac(
         x = _centered_input(q_in, weights.chunks is not None)
         acc = exact_accumulate(op, x, weights.w, weights.bias, weights.chunks, axis, in_axis)
     if relu:
-        acc = F.relu_(acc) if acc.dtype == torch.float32 else F.relu(acc)
-    return accumulate_to_qtensor(acc, weights.acc_scale, output, axis=axis)
+        acc = F.relu_(acc)  # acc is a new tensor, ours
+    return accumulate_to_qtensor(acc, weights.acc_scale, output, axis=axis, owned=True)
 
 
 def _centered_input(q_in: QTensor, as_float: bool) -> torch.Tensor:
     """``codes - zero_point`` of the input: float32 (one new tensor) or int64."""
     if not as_float:
         return q_in.centered(torch.int64)
+    centered = centered_float32(q_in)
+    if centered is not None:
+        return centered
     if q_in.scheme is None or q_in.scheme.bits > 16:
         return q_in.centered_float()  # raises: float32 does not hold such codes
     _, zp = q_in.broadcast_encoding()
