@@ -20,6 +20,7 @@ import torch
 from torch import nn
 
 from qat_lightning.quant import QTensor, Quantizer
+from qat_lightning.quant.functional import code_dtype
 
 _SLOT = "_eval_cache"
 
@@ -88,6 +89,8 @@ def tensors_key(tensors: Iterable[torch.Tensor | None]) -> tuple[Hashable | torc
     for t in tensors:
         if t is None:
             key.append(None)
+        elif t.is_inference():  # no version counter: a key that never matches (no caching)
+            key.append(object())
         else:
             key += (t, t._version, t.data_ptr(), t.shape)
     return tuple(key)
@@ -123,7 +126,10 @@ def dequantize_linked(q: QTensor, dtype: torch.dtype) -> torch.Tensor:
         centered = q.codes.float().sub_(zp.float())
         attach_centered(q, centered)  # for the MAC that consumes it
     out = (centered * scale.float()).to(dtype)
-    if scale.dim() == 0 and 1e-30 < float(scale) < 1e30 and not q.scheme.dynamic:
+    # an inference tensor (``torch.inference_mode``) has no version counter: a write in place
+    # could not be seen, so it carries nothing
+    linkable = scale.dim() == 0 and not q.scheme.dynamic and not out.is_inference()
+    if linkable and 1e-30 < float(scale) < 1e30:
         out.__dict__[_LINK] = (q, out._version, q.codes._version)
     return out
 
@@ -144,7 +150,23 @@ def quantize_linked(quantizer: Quantizer, x: torch.Tensor) -> QTensor:
                 and torch.equal(zero_point, q.zero_point)
             ):
                 return q
-    return quantizer.quantize(x)
+    return quantize_owned(quantizer, x, owned=False)
+
+
+def quantize_owned(quantizer: Quantizer, x: torch.Tensor, owned: bool = True) -> QTensor:
+    """``quantizer.quantize(x)``, bit for bit, for a float32 ``x`` the caller gives up
+    (``owned``): a static per-tensor encoding quantizes it in place (no new full-size tensor
+    but the codes); not ``owned``, one new float32 tensor is made and worked on in place.
+    """
+    scheme = quantizer.scheme
+    if x.dtype != torch.float32 or scheme.dynamic or scheme.granularity != "per_tensor":
+        return quantizer.quantize(x)
+    scale, zero_point = quantizer.encoding()
+    if scale.dim() > 0:
+        return quantizer.quantize(x)
+    codes = x.mul_(1.0 / scale) if owned else x * (1.0 / scale)
+    codes = codes.round_().add_(zero_point).clamp_(scheme.qmin, scheme.qmax)
+    return QTensor(codes.to(code_dtype(scheme)), scale, zero_point, scheme)
 
 
 # A `QTensor` of at most 16 bits may carry ``codes - zero_point`` as float32 (exact), made
@@ -155,8 +177,14 @@ _CENTERED = "_centered_float32"
 
 def attach_centered(q: QTensor, centered: torch.Tensor) -> QTensor:
     """Record ``centered`` (float32, ``q.codes - q.zero_point`` exactly) on ``q``."""
-    q.__dict__[_CENTERED] = (centered, centered._version, q.codes, q.codes._version)
+    q.__dict__[_CENTERED] = (centered, _version(centered), q.codes, _version(q.codes))
     return q
+
+
+def _version(t: torch.Tensor) -> int | None:
+    """The version counter; None for an inference tensor, which has none (the two tensors
+    recorded by `attach_centered` are made by the integer simulation and read right after)."""
+    return None if t.is_inference() else t._version
 
 
 def centered_float32(q: QTensor) -> torch.Tensor | None:
@@ -166,6 +194,6 @@ def centered_float32(q: QTensor) -> torch.Tensor | None:
     if entry is None:
         return None
     centered, version, codes, codes_version = entry
-    if centered._version != version or codes is not q.codes or codes._version != codes_version:
+    if _version(centered) != version or codes is not q.codes or _version(codes) != codes_version:
         return None
     return centered

@@ -72,20 +72,6 @@ def accumulate_to_qtensor(
     return quantizer.quantize((acc.double() * acc_scale.double().reshape(view)).float())
 
 
-def quantize_owned(quantizer: Quantizer, x: torch.Tensor) -> QTensor:
-    """``quantizer.quantize(x)``, bit for bit, for a float32 ``x`` the caller gives up: a
-    static per-tensor encoding quantizes it in place (no new full-size tensors but the codes).
-    """
-    scheme = quantizer.scheme
-    if x.dtype != torch.float32 or scheme.dynamic or scheme.granularity != "per_tensor":
-        return quantizer.quantize(x)
-    scale, zero_point = quantizer.encoding()
-    if scale.dim() > 0:
-        return quantizer.quantize(x)
-    codes = x.mul_(1.0 / scale).round_().add_(zero_point).clamp_(scheme.qmin, scheme.qmax)
-    return QTensor(codes.to(code_dtype(scheme)), scale, zero_point, scheme)
-
-
 def quantize_bias(bias: torch.Tensor | None, acc_scale: torch.Tensor) -> torch.Tensor | None:
     """Bias as int32 codes at the accumulator scale ``s_in * s_w`` (as float64 integers)."""
     if bias is None:
