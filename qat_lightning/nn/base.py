@@ -39,6 +39,7 @@ from typing import Any, ClassVar
 import torch
 from torch import nn
 
+from qat_lightning.nn.eval_cache import dequantize_linked, quantize_linked
 from qat_lightning.nn.grouped import param_quantizer
 from qat_lightning.nn.integer import requantize
 from qat_lightning.quant import QTensor, Quantizer, QuantScheme
@@ -308,11 +309,13 @@ class QuantModule(nn.Module):
         (its own input quantizer's or its producer's), the result dequantized (float32, or
         float64 for a float64 input, as `convert`'s modules return it)."""
         tensors = _tensors(inputs)
-        qs = [self.input_encoding(i).quantize(t) for i, t in enumerate(tensors)]
+        qs = [quantize_linked(self.input_encoding(i), t) for i, t in enumerate(tensors)]
         args = (qs,) if len(inputs) == 1 and isinstance(inputs[0], list | tuple) else qs
         dtype = torch.float64 if tensors[0].dtype == torch.float64 else torch.float32
         result = self.quantized_forward(*args, **kwargs)  # float where there is no output grid
-        return (result.dequantize() if isinstance(result, QTensor) else result).to(dtype)
+        if isinstance(result, QTensor):  # carries its codes to the next layer (`eval_cache`)
+            return dequantize_linked(result, dtype)
+        return result.to(dtype)
 
     def input_qtensor(self, q: QTensor, index: int = 0) -> QTensor:
         """Input ``index`` under this module's own input encoding, where it has one."""

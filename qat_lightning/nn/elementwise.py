@@ -21,6 +21,7 @@ import torch
 from torch import nn
 
 from qat_lightning.nn.base import QuantModule, integer_in_eval
+from qat_lightning.nn.eval_cache import quantize_owned
 from qat_lightning.nn.integer import accumulate_to_qtensor
 from qat_lightning.nn.registry import register_quant_module
 from qat_lightning.quant import QTensor, QuantScheme
@@ -108,13 +109,22 @@ class _QuantElementwise(QuantModule):
                 f"{type(self).__name__}: integer mode needs an output quantizer to put the "
                 "result on a grid"
             )
-        return out.quantize(value.float())
+        return quantize_owned(out, value.float())
 
 
 def _exact(q: QTensor) -> torch.Tensor:
-    """The value of ``q`` in float64: integer code times float32 scale is exact there."""
-    scale, _ = q.broadcast_encoding()
-    return q.centered(torch.int64).double() * scale.double()
+    """The value of ``q`` in float64: integer code times float32 scale is exact there (one new
+    tensor, then in place)."""
+    scale, zp = q.broadcast_encoding()
+    return q.codes.double().sub_(zp.double().round()).mul_(scale.double())
+
+
+_SLICE_ELEMENTS = 2**16  # rows of about this many elements: 512 KiB of float64
+
+
+def _rows(q: QTensor, start: int, step: int) -> QTensor:
+    """Rows ``start:start + step`` of a per-tensor ``q``."""
+    return QTensor(q.codes[start : start + step], q.scale, q.zero_point, q.scheme)
 
 
 def _per_tensor(module: QuantModule, *qs: QTensor) -> None:
@@ -151,8 +161,25 @@ class QuantAdd(_QuantElementwise, Add):
 
     def quantized_forward(self, a: QTensor, b: QTensor) -> QTensor:
         a, b = self.input_qtensor(a, 0), self.input_qtensor(b, 1)
-        y = _exact(a) + _exact(b)
-        return self._quantize_value(y.clamp(min=0) if self.fused_relu else y)
+        out = self.output_quantizers[0]
+        per_tensor = all(q.scale.dim() == 0 and q.zero_point.dim() == 0 for q in (a, b))
+        if out is None or not per_tensor or a.shape != b.shape or a.codes.dim() == 0:
+            return self._add(a, b)
+        # In slices along the first axis: the float64 temporaries of a whole activation are
+        # fresh memory every call, and filling fresh pages costs more than the arithmetic.
+        step = max(1, _SLICE_ELEMENTS // max(1, a.codes[0].numel()))
+        parts = [
+            self._add(_rows(a, i, step), _rows(b, i, step)) for i in range(0, a.shape[0], step)
+        ]
+        if len(parts) == 1:
+            return parts[0]
+        first = parts[0]
+        codes = torch.cat([p.codes for p in parts])
+        return QTensor(codes, first.scale, first.zero_point, first.scheme)
+
+    def _add(self, a: QTensor, b: QTensor) -> QTensor:
+        y = _exact(a).add_(_exact(b))
+        return self._quantize_value(y.clamp_(min=0) if self.fused_relu else y)
 
     def extra_repr(self) -> str:
         return "fused_relu=True" if self.fused_relu else ""

@@ -12,12 +12,14 @@ from __future__ import annotations
 import itertools
 import math
 from collections.abc import Callable
+from dataclasses import dataclass
 from typing import Any
 
 import torch
 import torch.nn.functional as F
 from torch import nn
 
+from qat_lightning.nn.eval_cache import attach_centered, centered_float32
 from qat_lightning.quant import QTensor, Quantizer
 from qat_lightning.quant.functional import code_dtype
 
@@ -30,7 +32,11 @@ def requantize(q: QTensor, quantizer: Quantizer | None) -> QTensor:
 
 
 def accumulate_to_qtensor(
-    acc: torch.Tensor, acc_scale: torch.Tensor, quantizer: Quantizer | None, axis: int = 1
+    acc: torch.Tensor,
+    acc_scale: torch.Tensor,
+    quantizer: Quantizer | None,
+    axis: int = 1,
+    owned: bool = False,
 ) -> QTensor:
     """Requantize an integer accumulator (value ``acc * acc_scale``) to ``quantizer``.
 
@@ -43,6 +49,7 @@ def accumulate_to_qtensor(
     float32 multiplier ``M = float32(s_in * s_w) / s_out``. Any other way of rounding differs
     from the runtime at near-ties, and such a one-code difference spreads through the layers
     that follow; this way the integer simulation and the exported model agree bit for bit.
+    ``owned``: the caller gives ``acc`` up, and it may be overwritten (the same result).
     """
     view = [1] * acc.dim()
     if acc_scale.dim() > 0:
@@ -56,9 +63,12 @@ def accumulate_to_qtensor(
     exact = acc.dtype == torch.float32 or acc.numel() == 0 or acc.abs().max() < 2**24
     if scale.dim() == 0 and exact:
         multiplier = (acc_scale.float() / scale).reshape(view)
-        codes = torch.round(acc.float() * multiplier) + zero_point
-        codes = codes.clamp(quantizer.scheme.qmin, quantizer.scheme.qmax)
-        return QTensor(codes.to(code_dtype(quantizer.scheme)), scale, zero_point, quantizer.scheme)
+        # in place where it may be: big fresh tensors cost more than the arithmetic
+        mine = owned and acc.dtype == torch.float32
+        codes = acc.mul_(multiplier) if mine else acc.float() * multiplier
+        codes.round_().add_(zero_point).clamp_(quantizer.scheme.qmin, quantizer.scheme.qmax)
+        q = QTensor(codes.to(code_dtype(quantizer.scheme)), scale, zero_point, quantizer.scheme)
+        return attach_centered(q, codes.sub_(zero_point))  # exact: integers below 2**16
     return quantizer.quantize((acc.double() * acc_scale.double().reshape(view)).float())
 
 
@@ -94,11 +104,9 @@ def exact_chunks(
     that need splitting, the answer is float64. The weight's input channels lie along
     ``weight_input_axis``, its output channels along the other of its first two axes.
     """
-    scheme = q_in.scheme
-    if q_in.codes.device.type != "cpu" or scheme is None:
+    if q_in.codes.device.type != "cpu" or q_in.scheme is None:
         return None
-    zx = float(q_in.zero_point.abs().max()) if q_in.zero_point.numel() else 0.0
-    x_max = max(abs(scheme.qmin), abs(scheme.qmax)) + zx
+    x_max = _input_bound(q_in)
     w = q_w.centered(torch.int64).abs()
     if w.numel() == 0:
         return [slice(None)]
@@ -165,6 +173,67 @@ def accumulator_scale(family: type, layer: nn.Module, s_in: torch.Tensor, s_w: t
     return s_in.double() * family.accumulator_channel_scale(layer, s_w.double())
 
 
+@dataclass(frozen=True)
+class MacWeights:
+    """What `integer_mac` derives from the weight and the encodings alone, not from the input
+    values: a layer computes it once and reuses it until a weight, a BN statistic or an
+    encoding changes (`QuantMAC`'s eval cache).
+
+    ``w``: the centered weight codes (float32 where ``chunks`` is set, else int64);
+    ``chunks``: `exact_chunks`; ``bias``: the int32 bias codes as float64 (or None);
+    ``acc_scale``: `accumulator_scale`; ``bias_in_op``: a bound proves that the float32 op
+    adds the bias exactly too (one range, ``x_max * sum|w - zw| + |b| < 2**24`` per output
+    channel), so it runs inside the op.
+    """
+
+    q_w: QTensor
+    w: torch.Tensor
+    chunks: list[slice] | None
+    bias: torch.Tensor | None
+    acc_scale: torch.Tensor
+    bias_in_op: bool
+
+
+def mac_weights(
+    family: type,
+    layer: nn.Module,
+    q_in: QTensor,
+    q_w: QTensor,
+    bias_codes: torch.Tensor | None,
+) -> MacWeights:
+    """The weight-side part of `integer_mac` for an input with ``q_in``'s encoding (its codes
+    are not read)."""
+    if q_in.scale.dim() > 0:
+        raise ValueError(f"{type(layer).__name__}: integer mode needs a per-tensor input scale")
+    acc_scale = accumulator_scale(family, layer, q_in.scale, q_w.scale)
+    in_axis = family.mac_weight_input_axis
+    chunks = None
+    if family.mac_float32_exact:
+        chunks = exact_chunks(q_in, q_w, getattr(layer, "groups", 1), in_axis)
+    # codes and zero points of at most 16 bits: float32 holds them and their difference
+    w = q_w.centered(torch.int64) if chunks is None else q_w.centered_float()
+    bias = None if bias_codes is None else bias_codes.double()
+    bias_in_op = False
+    if chunks is not None and len(chunks) == 1 and bias is not None:
+        bound = _input_bound(q_in) * _per_output_abs_sum(q_w, in_axis) + bias.abs()
+        bias_in_op = bound.numel() > 0 and bool(bound.max() < 2**24)
+    return MacWeights(q_w, w, chunks, bias, acc_scale, bias_in_op)
+
+
+def _input_bound(q_in: QTensor) -> float:
+    """The largest ``|x - zx|`` of an input code under ``q_in``'s scheme."""
+    zx = float(q_in.zero_point.abs().max()) if q_in.zero_point.numel() else 0.0
+    return max(abs(q_in.scheme.qmin), abs(q_in.scheme.qmax)) + zx
+
+
+def _per_output_abs_sum(q_w: QTensor, weight_input_axis: int) -> torch.Tensor:
+    """``sum |w - zw|`` per output channel (float64)."""
+    w = q_w.centered(torch.int64).abs()
+    if weight_input_axis != 1:
+        w = w.movedim(weight_input_axis, 1)
+    return w.flatten(1).sum(1).double()
+
+
 def integer_mac(
     family: type,
     layer: nn.Module,
@@ -174,6 +243,7 @@ def integer_mac(
     output: Quantizer | None,
     extra: tuple[Any, ...] = (),
     relu: bool = False,
+    weights: MacWeights | None = None,
 ) -> QTensor:
     """The integer pipeline of a multiply-accumulate layer; the only one there is.
 
@@ -183,25 +253,35 @@ def integer_mac(
     twin). The accumulator holds ``sum((x - zx)(w - zw)) + bias_codes`` at scale
     ``s_in * s_w`` (``bias_codes``: int32 values, as float64 or int32); ``relu`` applies ReLU to
     it (it commutes with the positive scale); it is then requantized to ``output``.
+    ``weights``: `mac_weights` of these ``q_w`` and ``bias_codes`` for ``q_in``'s encoding,
+    where the caller keeps it (the result is the same, bit for bit).
     """
-    if q_in.scale.dim() > 0:
-        raise ValueError(f"{type(layer).__name__}: integer mode needs a per-tensor input scale")
-    acc_scale = accumulator_scale(family, layer, q_in.scale, q_w.scale)
+    if weights is None:
+        weights = mac_weights(family, layer, q_in, q_w, bias_codes)
     in_axis = family.mac_weight_input_axis
-    chunks = None
-    if family.mac_float32_exact:
-        chunks = exact_chunks(q_in, q_w, getattr(layer, "groups", 1), in_axis)
-    if chunks is None:
-        x, w = q_in.centered(torch.int64), q_w.centered(torch.int64)
-    else:  # codes and zero points of at most 16 bits: float32 holds them and their difference
-        x, w = q_in.centered_float(), q_w.centered_float()
-    bias = None if bias_codes is None else bias_codes.double()
     axis = family.mac_output_axis
 
     def op(x: torch.Tensor, w: torch.Tensor, b: torch.Tensor | None) -> torch.Tensor:
         return family.mac_op(layer, x, w, b, *extra)
 
-    acc = exact_accumulate(op, x, w, bias, chunks, axis, in_axis)
+    if weights.bias_in_op:  # exact by the bound: the same integers as adding it afterwards
+        acc = op(_centered_input(q_in, True), weights.w, weights.bias.float())
+    else:
+        x = _centered_input(q_in, weights.chunks is not None)
+        acc = exact_accumulate(op, x, weights.w, weights.bias, weights.chunks, axis, in_axis)
     if relu:
-        acc = F.relu(acc)
-    return accumulate_to_qtensor(acc, acc_scale, output, axis=axis)
+        acc = F.relu_(acc)  # acc is a new tensor, ours
+    return accumulate_to_qtensor(acc, weights.acc_scale, output, axis=axis, owned=True)
+
+
+def _centered_input(q_in: QTensor, as_float: bool) -> torch.Tensor:
+    """``codes - zero_point`` of the input: float32 (one new tensor) or int64."""
+    if not as_float:
+        return q_in.centered(torch.int64)
+    centered = centered_float32(q_in)
+    if centered is not None:
+        return centered
+    if q_in.scheme is None or q_in.scheme.bits > 16:
+        return q_in.centered_float()  # raises: float32 does not hold such codes
+    _, zp = q_in.broadcast_encoding()
+    return q_in.codes.float().sub_(zp.float())

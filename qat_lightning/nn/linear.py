@@ -25,10 +25,13 @@ import torch.nn.functional as F
 from torch import nn
 
 from qat_lightning.nn.base import QuantModule, integer_in_eval
+from qat_lightning.nn.eval_cache import clear_eval_cache, eval_cache, module_state_key
 from qat_lightning.nn.grouped import grouped_quantized_forward, uses_grouped_path
 from qat_lightning.nn.integer import (
+    MacWeights,
     accumulator_scale,
     integer_mac,
+    mac_weights,
     quantize_bias,
     weight_qtensor,
 )
@@ -44,9 +47,16 @@ class QuantMAC(QuantModule):
     channel axis, ``mac_weight_input_axis``, ``mac_float32_exact``, ``accumulator_channel_scale``
     where they differ from the defaults) and, if the weight the layer computes with is not its
     ``weight`` parameter as it is, ``weight_and_bias``.
+
+    Integer mode keeps the weight codes, the int32 bias and the exact input ranges
+    (`MacWeights`) in an `EvalCache` keyed by every parameter and buffer of the module and the
+    input encoding: ``weight_and_bias`` must read only those (and hyperparameters), or the
+    family sets ``caches_mac_weights = False``.
     """
 
     convert_as: ClassVar[str] = "mac"
+    caches_mac_weights: ClassVar[bool] = True
+    """Integer mode may reuse `MacWeights` until a parameter, buffer or encoding changes."""
 
     def weight_and_bias(self) -> tuple[torch.Tensor, torch.Tensor | None]:
         """The float weight and bias that fake quant, integer mode and export quantize."""
@@ -68,11 +78,43 @@ class QuantMAC(QuantModule):
         own input encoding, if it has one) and the weight codes, int32 bias at
         ``s_in * s_w``, requantized to the output encoding."""
         q = self.input_qtensor(q)
-        weight, bias = self.weight_and_bias()
-        q_w = weight_qtensor(self, weight)
-        bias_codes = quantize_bias(bias, accumulator_scale(type(self), self, q.scale, q_w.scale))
+        weights = self.mac_weights(q)
         output = self.output_quantizers[0]
-        return integer_mac(type(self), self, q, q_w, bias_codes, output, extra, self.output_relu)
+        return integer_mac(
+            type(self), self, q, weights.q_w, weights.bias, output, extra, self.output_relu, weights
+        )
+
+    def mac_weights(self, q: QTensor) -> MacWeights:
+        """`MacWeights` of the current weight and bias for inputs with ``q``'s encoding: the
+        cached one unless a parameter, buffer, scheme or that encoding changed."""
+
+        def compute() -> MacWeights:
+            weight, bias = self.weight_and_bias()
+            q_w = weight_qtensor(self, weight)
+            acc_scale = accumulator_scale(type(self), self, q.scale, q_w.scale)
+            return mac_weights(type(self), self, q, q_w, quantize_bias(bias, acc_scale))
+
+        if not self.caches_mac_weights or q.scale.dim() > 0 or q.zero_point.dim() > 0:
+            return compute()  # (a per-channel input scale raises there)
+        schemes = tuple(quantizer.scheme for quantizer in self.quantizers())
+        key = (
+            *module_state_key(self),
+            schemes,
+            q.scheme,
+            q.codes.device,
+            float(q.scale),
+            float(q.zero_point),
+        )
+        return eval_cache(self).get(key, compute)
+
+    def train(self, mode: bool = True) -> QuantMAC:
+        if mode:
+            clear_eval_cache(self)  # training changes the weights: free the memory now
+        return super().train(mode)
+
+    def _apply(self, fn, recurse=True):
+        clear_eval_cache(self)
+        return super()._apply(fn, recurse)
 
 
 @register_quant_module(nn.Linear)
