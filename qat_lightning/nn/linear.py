@@ -108,8 +108,10 @@ class QuantMAC(QuantModule):
         return eval_cache(self).get(key, compute)
 
     def train(self, mode: bool = True) -> QuantMAC:
-        if mode:
-            clear_eval_cache(self)  # training changes the weights: free the memory now
+        # Training changes the weights: free the memory now. Entering eval starts afresh too,
+        # so a weight written through ``.data`` (which bumps no version counter) between two
+        # validation runs is never served from a stale cache.
+        clear_eval_cache(self)
         return super().train(mode)
 
     def _apply(self, fn, recurse=True):

@@ -49,7 +49,8 @@ def x() -> torch.Tensor:
 
 
 def eval_equals_convert(model: nn.Module, x: torch.Tensor) -> torch.Tensor:
-    model.eval()
+    if model.training:  # (entering eval drops the cache: the cases below stay in eval)
+        model.eval()
     with torch.no_grad():
         got = model(x)
         assert torch.equal(got, convert(model)(x))
@@ -133,6 +134,19 @@ def test_replaced_parameter_data_is_seen(x) -> None:
     before = eval_equals_convert(model, x)
     layer = first(model, QuantLinear)
     layer.weight.data = layer.weight.data * 2 + 0.1  # a new tensor, same Parameter object
+    after = eval_equals_convert(model, x)
+    assert not torch.equal(before, after)
+
+
+def test_a_write_through_data_is_seen_once_eval_is_entered_again(x) -> None:
+    # ``.data`` writes bump no version counter; entering eval (as each validation run does)
+    # starts the cache afresh
+    model = resnet()
+    before = eval_equals_convert(model, x)
+    layer = first(model, QuantLinear)
+    with torch.no_grad():
+        layer.weight.data.mul_(2).add_(0.1)
+    model.eval()
     after = eval_equals_convert(model, x)
     assert not torch.equal(before, after)
 

@@ -1,9 +1,9 @@
 """torchao's per-group int4 and per-token int8 fake quantizers as oracles (test-only).
 
-torchao is never a dependency of the package (the dev extra installs it for these tests); they
-also import it from a side directory where it was installed without its dependencies (``pip install --target /tmp/torchao_side --no-deps
-torchao==0.18.*``; another directory through ``QAT_TORCHAO_SIDE``), or from the environment,
-and skip, saying why, where it does not import on this torch.
+torchao is never a dependency of the package (the dev extra installs it for these tests). They
+import it from the environment or from a side directory where it was installed without its
+dependencies (``pip install --target /tmp/torchao_side --no-deps torchao==0.18.*``; another
+directory through ``QAT_TORCHAO_SIDE``), and skip, saying why, where it does not import.
 """
 
 from __future__ import annotations
