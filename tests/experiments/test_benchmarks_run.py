@@ -49,11 +49,11 @@ def test_bench_fake_quant_reports_ratios():
 
 @pytest.mark.slow
 def test_bench_qat_step_reports_ratios_memory_and_missing_peers():
-    # torchao is no dependency of ours: without --peer-dir it must be listed with its error,
-    # not crash the benchmark nor vanish from the table.
+    # ModelOpt is no dependency of ours (torchao now is, in the dev extra): without --peer-dir
+    # it must be listed with its error, not crash the benchmark nor vanish from the table.
     stdout = run(
         "bench_qat_step.py", "--steps", "1", "--warmup", "0", "--batch", "4",
-        "--peers", "torchao", "--memory", "--clock", "cpu", "--ops",
+        "--peers", "modelopt", "--memory", "--clock", "cpu", "--ops",
     )  # fmt: skip
     figures = last_json_line(stdout)
     assert set(figures["ratio_over_float"]) == {"qat_lightning", "torch_ao"}
@@ -63,8 +63,8 @@ def test_bench_qat_step_reports_ratios_memory_and_missing_peers():
     assert all(side["total"] > 0 for side in ops.values())
     evals = {"float", "qat_lightning_fake_quant", "qat_lightning_integer"}
     assert set(figures["eval_ratio_over_float"]) == evals
-    assert "ModuleNotFoundError" in figures["peer_errors"]["torchao"]
-    assert "| torchao | failed: ModuleNotFoundError" in stdout
+    assert "ModuleNotFoundError" in figures["peer_errors"]["modelopt"]
+    assert "| modelopt | failed: ModuleNotFoundError" in stdout
     memory = figures["step_memory"]
     assert set(memory) == {"float", "qat_lightning", "torch_ao"}
     assert all(side["step_peak_mib"] > 0 for side in memory.values())
