@@ -64,6 +64,19 @@ def fake_quant_eval() -> Iterator[None]:
         _FAKE_QUANT_EVAL.reset(token)
 
 
+def integer_eval_allowed(module: nn.Module) -> bool:
+    """Whether the context lets ``module`` run its integer simulation: eval mode, no
+    autograd, not inside `fake_quant_eval`, not compiling, tracing or exporting to ONNX."""
+    return not (
+        module.training
+        or torch.is_grad_enabled()
+        or _FAKE_QUANT_EVAL.get()
+        or torch.compiler.is_compiling()
+        or torch.jit.is_tracing()
+        or torch.onnx.is_in_onnx_export()
+    )
+
+
 def integer_in_eval(forward: Callable) -> Callable:
     """Decorate a quantized module's ``forward``: in eval mode without autograd, and once the
     module's encodings are set, run ``dequantize(quantized_forward(quantize(inputs)))`` instead.
@@ -281,14 +294,7 @@ class QuantModule(nn.Module):
 
     def runs_integer(self, inputs: Sequence[Any]) -> bool:
         """True where ``forward(*inputs)`` runs the integer simulation (see `integer_in_eval`)."""
-        if (
-            self.training
-            or torch.is_grad_enabled()
-            or _FAKE_QUANT_EVAL.get()
-            or torch.compiler.is_compiling()
-            or torch.jit.is_tracing()
-            or torch.onnx.is_in_onnx_export()
-        ):
+        if not integer_eval_allowed(self):
             return False
         tensors = _tensors(inputs)
         if not tensors or not all(

@@ -28,7 +28,7 @@ import torch
 from torch import nn
 from torch.nn.utils.rnn import PackedSequence
 
-from qat_lightning.nn.base import _FAKE_QUANT_EVAL, QuantModule, exact_arithmetic
+from qat_lightning.nn.base import QuantModule, exact_arithmetic, integer_eval_allowed
 from qat_lightning.nn.registry import register_quant_module
 from qat_lightning.quant import QTensor, QuantScheme
 
@@ -101,14 +101,7 @@ class _QuantRNNBase(QuantModule):
 
     def integer_mode(self, x: torch.Tensor) -> bool:
         """True where ``forward`` runs the form `convert` exports (codes, dequantized)."""
-        if (
-            self.training
-            or torch.is_grad_enabled()
-            or _FAKE_QUANT_EVAL.get()
-            or torch.compiler.is_compiling()
-            or torch.jit.is_tracing()
-            or torch.onnx.is_in_onnx_export()
-        ):
+        if not integer_eval_allowed(self):
             return False
         quantizers = [self.param_quantizers[name] for name in self.weight_names]
         source = self.input_encoding(0)
