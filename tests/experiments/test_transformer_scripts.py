@@ -39,7 +39,8 @@ def test_transformer_table_measures_every_column(tmp_path) -> None:
         name = row["model"]
         assert "error" not in row and "export_error" not in row, row
         assert row["convert_equals_eval"] is True, name
-        assert 0 <= row["ort_agreement"] <= 1 and row["ort_samples"] > 0, name
+        # onnxruntime's argmax agrees with the integer eval (issue 13's bar: >= 99 %)
+        assert row["ort_samples"] > 0 and row["ort_agreement"] >= 0.99, name
         assert row["mac_ops"]["integer"] > 0, name
         assert 0 < row["size_ratio"] < 1, name
         counts = row["counts"]
