@@ -22,6 +22,20 @@ W8 = QuantScheme(bits=8, granularity="per_channel")
 INTEGER_KERNELS = ("QLinearConv", "QLinearMatMul", "QGemm", "MatMulInteger", "ConvInteger")
 
 
+class TinyLM(nn.Module):
+    """Embedding, a residual GELU MLP and a head: the per-group / dynamic export tests' model."""
+
+    def __init__(self) -> None:
+        super().__init__()
+        self.embed = nn.Embedding(50, 64)
+        self.mlp = nn.Sequential(nn.Linear(64, 128), nn.GELU(), nn.Linear(128, 64))
+        self.head = nn.Linear(64, 50)
+
+    def forward(self, idx: torch.Tensor) -> torch.Tensor:
+        h = self.embed(idx)
+        return self.head(h + self.mlp(h))
+
+
 def calibrate(model: nn.Module, batches) -> nn.Module:
     """Observe ``batches`` with every quantizer of ``model``; encodings fixed on exit."""
     model.eval()

@@ -8,7 +8,7 @@ import numpy as np
 import onnx
 import pytest
 import torch
-from export_helpers import optimized_op_types, ort_run, ort_session
+from export_helpers import TinyLM, optimized_op_types, ort_run, ort_session
 from hypothesis import given, settings
 from hypothesis import strategies as st
 from torch import nn
@@ -45,18 +45,6 @@ CASES = [
     ("static_u8", "w4_g32"),  # per-group weights with static activations
 ]
 INTEGER_MATMULS = ("MatMulInteger", "MatMulIntegerToFloat", "DynamicQuantizeMatMul")
-
-
-class TinyLM(nn.Module):
-    def __init__(self) -> None:
-        super().__init__()
-        self.embed = nn.Embedding(50, 64)
-        self.mlp = nn.Sequential(nn.Linear(64, 128), nn.GELU(), nn.Linear(128, 64))
-        self.head = nn.Linear(64, 50)
-
-    def forward(self, idx: torch.Tensor) -> torch.Tensor:
-        h = self.embed(idx)
-        return self.head(h + self.mlp(h))
 
 
 def _tiny_lm(inputs: dict, params: dict) -> nn.Module:

@@ -5,7 +5,7 @@ from __future__ import annotations
 import onnx
 import pytest
 import torch
-from export_helpers import optimized_op_types, ort_run
+from export_helpers import TinyLM, optimized_op_types, ort_run
 from torch import nn
 
 from qat_lightning.export import ExportError, convert, export_onnx
@@ -70,18 +70,6 @@ def test_a_group_size_matmulnbits_cannot_take_is_refused_naming_the_layer(tmp_pa
     with pytest.raises(ExportError, match=r"layer .0.*group_size=8.*power of two >= 16"):
         export_onnx(converted, torch.randn(2, 64), tmp_path / "m.onnx")
     assert not (tmp_path / "m.onnx").exists()
-
-
-class TinyLM(nn.Module):
-    def __init__(self) -> None:
-        super().__init__()
-        self.embed = nn.Embedding(50, 64)
-        self.mlp = nn.Sequential(nn.Linear(64, 128), nn.GELU(), nn.Linear(128, 64))
-        self.head = nn.Linear(64, 50)
-
-    def forward(self, idx: torch.Tensor) -> torch.Tensor:
-        h = self.embed(idx)
-        return self.head(h + self.mlp(h))
 
 
 @pytest.mark.parametrize("bits", [4, 8])
