@@ -16,17 +16,19 @@ from torchmetrics.functional.classification import multiclass_accuracy
 from qat_lightning.callback import QATCallback
 from qat_lightning.callback.health import HealthProbe, named_quantizers
 from qat_lightning.nn import fake_quant_eval
+from qat_lightning.surgery.modes import kept_modes
 
 
 @torch.no_grad()
 def predict(model: nn.Module, loader: DataLoader) -> tuple[np.ndarray, np.ndarray]:
-    """Logits and labels of the whole loader, in eval mode."""
-    model.eval()
+    """Logits and labels of the whole loader, in eval mode; each submodule keeps its mode
+    afterwards (a training that follows must not run in eval mode)."""
     device = next(model.parameters()).device
     logits, labels = [], []
-    for x, y in loader:
-        logits.append(model(x.to(device)).float().cpu().numpy())
-        labels.append(y.numpy())
+    with kept_modes(model):
+        for x, y in loader:
+            logits.append(model(x.to(device)).float().cpu().numpy())
+            labels.append(y.numpy())
     return np.concatenate(logits), np.concatenate(labels)
 
 
@@ -58,9 +60,8 @@ def quant_health(module: nn.Module, x: torch.Tensor) -> list[dict[str, Any]]:
     arithmetic (`fake_quant_eval`): the probe reads what reaches each quantizer, and eval
     mode's integer path calls none of them.
     """
-    module.eval()
     probe = HealthProbe(module).attach()
-    with torch.no_grad(), fake_quant_eval():
+    with kept_modes(module), torch.no_grad(), fake_quant_eval():
         module(x.to(next(module.parameters()).device))
     metrics = probe.detach()
     rows = []

@@ -18,6 +18,8 @@ from omegaconf import DictConfig, OmegaConf
 from torch.utils.data import DataLoader
 from typing_extensions import override
 
+from qat_lightning.surgery.modes import kept_modes
+
 # a PTQ run has no QAT schedule: these milestones do not apply
 _SCHEDULE = ("freeze_bn_at", "freeze_observers_at", "quant_delay")
 
@@ -41,17 +43,12 @@ class PTQAccuracy(Callback):
         if trainer.ckpt_path is not None:  # resumed mid-QAT: the model is no longer the PTQ one
             pl.utilities.rank_zero_info("PTQ accuracy: not measured (resumed from a checkpoint)")
             return
-        modes = {m: m.training for m in pl_module.modules()}
-        pl_module.eval()
         correct, total = 0, 0
-        try:
+        with kept_modes(pl_module):
             for x, y in self.loader:
                 logits = pl_module(x.to(pl_module.device))
                 correct += int((logits.argmax(1).cpu() == y).sum())
                 total += len(y)
-        finally:
-            for module, training in modes.items():
-                module.train(training)
         self.accuracy = correct / total if total else None
         shown = "n/a (empty test set)" if self.accuracy is None else f"{self.accuracy:.4f}"
         pl.utilities.rank_zero_info(f"PTQ accuracy (calibrated, before QAT): {shown}")

@@ -67,7 +67,6 @@ log = logging.getLogger(__name__)
 _QUIET = (
     r".*does not have many workers.*",
     r".*smaller than the logging interval.*",
-    r".*module\(s\) in eval mode.*",
     r".*LeafSpec.*",
     r".*Total length of .* across ranks is zero.*",
 )

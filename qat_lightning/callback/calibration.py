@@ -159,7 +159,11 @@ def observe_batches(
     capturing = InputCapture(pl_module) if capture else None
     start, seen = time.perf_counter(), 0
     rank_zero_info(f"QATCallback: calibrating on {batches} batches")
-    with silenced_logging(pl_module), trainer.precision_plugin.train_step_context():
+    with contextlib.ExitStack() as observing:
+        for quantizer in quantizers:  # submodules in eval mode observe too
+            observing.enter_context(quantizer.observing())
+        observing.enter_context(silenced_logging(pl_module))
+        observing.enter_context(trainer.precision_plugin.train_step_context())
         for batch_idx, batch in enumerate(loader):
             if batch_idx >= batches:
                 break

@@ -9,6 +9,7 @@ from typing import Any
 from torch import nn
 
 from qat_lightning.export.example_input import ExampleInput
+from qat_lightning.surgery.modes import kept_modes
 
 
 class QATExportError(RuntimeError):
@@ -48,9 +49,7 @@ def export_trained(
 
     out_dir = Path(out_dir)
     paths: dict[str, Path] = {} if written is None else written
-    was_training = model.training
-    model.eval()
-    try:
+    with kept_modes(model):
         for fmt in formats:
             try:
                 if fmt == "onnx":
@@ -84,6 +83,4 @@ def export_trained(
                     f"QATCallback: writing the model card {out_dir / 'README.md'} failed: "
                     f"{error}. The exported files and the fit's checkpoints are intact."
                 ) from error
-    finally:
-        model.train(was_training)
     return paths

@@ -175,6 +175,18 @@ class Quantizer(nn.Module):
         return f"Quantizer{where} ({self.extra_repr()})"
 
     @contextmanager
+    def observing(self) -> Iterator[Quantizer]:
+        """Inside the block the observer (when enabled) observes in eval mode too, as in
+        training mode; nothing is reset nor fixed. Calibration runs a model this way, so that
+        a part the user keeps in eval mode (a frozen backbone) is calibrated like the rest."""
+        was = self._calibrating
+        self._calibrating = True
+        try:
+            yield self
+        finally:
+            self._calibrating = was
+
+    @contextmanager
     def compute_encodings(self) -> Iterator[Quantizer]:
         """Observe (without fake quant) inside the block; fix the encodings on exit.
 

@@ -16,6 +16,7 @@ from torch import nn
 
 from qat_lightning.quant import Quantizer
 from qat_lightning.surgery.config import QuantConfig
+from qat_lightning.surgery.modes import kept_modes
 from qat_lightning.surgery.outside_reads import revert_unobserved
 from qat_lightning.surgery.quantize import quantize_model
 from qat_lightning.surgery.report import QuantizationReport
@@ -89,11 +90,10 @@ def compute_encodings(
     saved = {n: b.clone() for n, b in model.named_buffers() if not _quantizer_owned(n)}
     first = next(iter(model.parameters()), None)
     device = first.device if first is not None else torch.device("cpu")
-    was_training = model.training
-    model.eval()
     seen = 0
     try:
-        with ExitStack() as stack:  # each quantizer: reset, observe; encodings fixed on exit
+        # each quantizer: reset, observe; encodings fixed on exit
+        with kept_modes(model), ExitStack() as stack:
             for quantizer in quantizers:
                 stack.enter_context(quantizer.compute_encodings())
             for batch in batches:
@@ -106,7 +106,6 @@ def compute_encodings(
         for name, buf in model.named_buffers():
             if name in saved:
                 buf.copy_(saved[name])
-        model.train(was_training)
     if seen == 0:
         raise ValueError("calibrate(batches=...) is invalid: it yielded no batch")
     revert_unobserved(model, report)

@@ -110,6 +110,7 @@ class _Surgery(SurgeryLedger):
     prune; the report rows are written by `SurgeryLedger`."""
 
     def run(self) -> QuantizationReport:
+        self.existing = {id(m) for m in self.model.modules()}
         regions = trace_regions(self.model)
         for region in regions:
             if region.graph is None:
@@ -152,6 +153,13 @@ class _Surgery(SurgeryLedger):
         ]
 
     def _replace(self, old: nn.Module, new: nn.Module, slots: list | None = None) -> None:
+        """Put ``new`` where ``old`` was; the modules ``new`` brings (its quantizers, an
+        Identity) take ``old``'s train/eval mode, so that a layer in eval mode does not
+        observe what it evaluates. Modules the model held before keep theirs."""
+        for module in new.modules():
+            if id(module) not in self.existing:
+                module.training = old.training
+                self.existing.add(id(module))
         for parent, key in self._slots(old) if slots is None else slots:
             parent._modules[key] = new
 

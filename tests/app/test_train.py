@@ -10,8 +10,22 @@ from pathlib import Path
 import onnx
 import pytest
 from app_helpers import TINY, compose_config, offline_runs, wandb_records
+from lightning.pytorch.callbacks import Callback
 
 from qat_lightning.app.train import train
+
+
+class ModesAtTrainStart(Callback):
+    """For each fit, the names of the modules in eval mode when training starts."""
+
+    def __init__(self) -> None:
+        self.in_eval: list[list[str]] = []
+
+    def on_train_start(self, trainer, pl_module) -> None:
+        self.in_eval.append([n for n, m in pl_module.named_modules() if not m.training])
+
+
+MODES = ModesAtTrainStart()
 
 
 @pytest.fixture(scope="module")
@@ -20,8 +34,14 @@ def default_run(tmp_path_factory):
     the task, so accuracy can be asserted well above chance (0.1)."""
     out = tmp_path_factory.mktemp("default_run")
     overrides = [*TINY, "trainer.limit_train_batches=null", "fp32_epochs=2"]
-    results = train(compose_config([*overrides, f"output_dir={out}"]))
+    results = train(compose_config([*overrides, f"output_dir={out}"]), callbacks=[MODES])
     return out, results
+
+
+def test_both_phases_train_in_train_mode(default_run):
+    # The float phase's test accuracy is measured in eval mode; QAT must not then train (and
+    # calibrate) with BatchNorm on its running statistics.
+    assert MODES.in_eval == [[], []]
 
 
 def test_default_config_learns_exports_and_writes_results(default_run):

@@ -94,6 +94,29 @@ def test_resnet18_classifier_fits(make_trainer, tmp_path):
     assert qat.calibrated and qat.export_paths["native"].exists()
 
 
+def test_a_backbone_kept_in_eval_mode_is_calibrated_whole_and_stays_in_eval(make_trainer, tmp_path):
+    # Fine-tuning with frozen BatchNorm statistics: the user keeps the backbone in eval mode.
+    # Calibration must observe every layer anyway (residual adds included), and nothing the
+    # callback does (calibration, export) may put the backbone back in train mode.
+    torchvision = pytest.importorskip("torchvision")
+    model = ImageClassifier(torchvision.models.resnet18(num_classes=10), n=32, batch_size=8)
+    model.net.eval()
+    qat = QATCallback(
+        calibration_batches=2, export_formats=("native",), export_dir=tmp_path / "export"
+    )
+    make_trainer(max_steps=2, limit_val_batches=0, callbacks=[qat]).fit(model)
+    adds = [m for m in model.modules() if type(m).__name__ == "QuantAdd"]
+    assert len(adds) == 8  # resnet18's residual adds: none reverted to float
+    assert all(q.is_initialized for m in adds for q in m.quantizers())
+    assert not [
+        row.name
+        for row in qat.report.rows
+        if row.status == "float" and row.note and "observed nothing" in row.note
+    ]
+    assert qat.export_paths["native"].exists()
+    assert not [n for n, m in model.net.named_modules() if m.training]
+
+
 def test_optimizer_sees_quantized_model_and_learnable_scales(make_trainer):
     model = ImageClassifier()
     qat = QATCallback(
