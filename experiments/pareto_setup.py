@@ -21,6 +21,7 @@ from qat_lightning.app.data import check_data
 from qat_lightning.app.datamodule import ImageDataModule
 from qat_lightning.app.models import ResNetCifar, SmallCNN
 from qat_lightning.nn import fake_quant_eval
+from qat_lightning.surgery.modes import kept_modes
 
 START = time.perf_counter()
 
@@ -157,16 +158,17 @@ def loader(data: ImageDataModule, batch_size: int, seed: int) -> torch.utils.dat
 @torch.no_grad()
 def top1(model: nn.Module, batches: Any, integer: bool = False) -> tuple[float, torch.Tensor]:
     """Top-1 and the predictions; fake quantization unless ``integer`` (the export's
-    integer simulation, what a quantized model's eval mode runs)."""
-    model.eval()
+    integer simulation, what a quantized model's eval mode runs). In eval mode; every
+    submodule has its own mode back afterwards (QAT starts from this model)."""
     predictions, labels = [], []
-    for x, y in batches:
-        if integer:
-            predictions.append(model(x).argmax(1))
-        else:
-            with fake_quant_eval():
+    with kept_modes(model):
+        for x, y in batches:
+            if integer:
                 predictions.append(model(x).argmax(1))
-        labels.append(y)
+            else:
+                with fake_quant_eval():
+                    predictions.append(model(x).argmax(1))
+            labels.append(y)
     p, y = torch.cat(predictions), torch.cat(labels)
     return float((p == y).float().mean()), p
 

@@ -10,20 +10,23 @@ import json
 import pytest
 from app_helpers import SWEEP_TINY, job_results, offline_runs, run_cli, wandb_records
 
+from qat_lightning.app.config import register_configs
+from qat_lightning.app.main import config_dir, preflight
+
 pytestmark = pytest.mark.slow
 
 
-@pytest.mark.parametrize(
-    "args, expected",
-    [
-        (["quant.params.bits=1"], "quant.params.bits=1 is invalid: allowed an integer in 2..16"),
-        (["quant.inputs.observer=maxmin"], "quant.inputs.observer=maxmin is invalid: allowed one"),
-        (["model=resnet999"], "model=resnet999 is invalid: allowed one of cnn, mobilenet_v2"),
-        (["quant.params.bitz=4"], "quant.params.bitz is not a key of quant.params: allowed bits"),
-        (["data=cifar10", "data.root=no/such/dir"], "data.root=no/such/dir is invalid (no such"),
-        (["-m", "quant.params.bits=4,1"], "quant.params.bits=1 is invalid: allowed an integer"),
-    ],
-)
+BAD_CONFIGS = [
+    (["quant.params.bits=1"], "quant.params.bits=1 is invalid: allowed an integer in 2..16"),
+    (["quant.inputs.observer=maxmin"], "quant.inputs.observer=maxmin is invalid: allowed one"),
+    (["model=resnet999"], "model=resnet999 is invalid: allowed one of cnn, mobilenet_v2"),
+    (["quant.params.bitz=4"], "quant.params.bitz is not a key of quant.params: allowed bits"),
+    (["data=cifar10", "data.root=no/such/dir"], "data.root=no/such/dir is invalid (no such"),
+    (["-m", "quant.params.bits=4,1"], "quant.params.bits=1 is invalid: allowed an integer"),
+]
+
+
+@pytest.mark.parametrize("args, expected", [BAD_CONFIGS[0], BAD_CONFIGS[-1]])
 def test_a_bad_config_fails_before_training_with_one_line(tmp_path, args, expected):
     done = run_cli("qat-train", args, tmp_path, timeout=120)
     assert done.returncode == 2
@@ -31,6 +34,18 @@ def test_a_bad_config_fails_before_training_with_one_line(tmp_path, args, expect
     assert len(lines) == 1 and lines[0].startswith(f"qat-train: error: {expected}")
     assert "Traceback" not in done.stderr + done.stdout
     assert not (tmp_path / "outputs").exists() and not (tmp_path / "multirun").exists()
+
+
+@pytest.mark.parametrize("args, expected", BAD_CONFIGS)
+def test_every_bad_config_is_one_line_from_the_checks_qat_train_runs_first(args, expected, capsys):
+    # The same check as above in this process (each console-script start costs ~10 s of
+    # imports): `preflight` is what `qat-train` runs before Hydra starts any job.
+    register_configs()
+    with pytest.raises(SystemExit) as exit_info:
+        preflight(args, config_dir())
+    assert exit_info.value.code == 2
+    lines = capsys.readouterr().err.strip().splitlines()
+    assert len(lines) == 1 and lines[0].startswith(f"qat-train: error: {expected}")
 
 
 @pytest.fixture(scope="module")

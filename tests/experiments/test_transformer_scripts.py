@@ -68,8 +68,9 @@ def test_bench_transformer_reports_steps_and_latencies(tmp_path) -> None:
         results = entry["latency"]["results"]
         labels = {"fp32 onnxruntime", "int8 ours", "int8 quantize_static", "int8 quantize_dynamic"}
         assert set(results) == labels, name
-        for label, r in results.items():
-            assert r["ms"] > 0 and 0 <= r["agreement_with_fp32"] <= 1, (name, label)
+        assert all(r["ms"] > 0 for r in results.values()), name
+        # agreement is counted against fp32 onnxruntime's own argmax: 1 by construction there
+        assert results["fp32 onnxruntime"]["agreement_with_fp32"] == 1.0, name
         assert results["fp32 onnxruntime"]["mac_ops"]["integer"] == 0, name
         assert results["int8 ours"]["mac_ops"]["integer"] > 0, name
         assert results["int8 ours"]["size_ratio"] < 0.5, name
