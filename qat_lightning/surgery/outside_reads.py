@@ -113,7 +113,28 @@ def revert_unobserved(model: nn.Module, report: QuantizationReport | None = None
         reverted.append(name)
         if report is not None:
             _mark_float(report, name, type(float_module).__name__, reason)
+        _forget_as_producer(model, name, module, report)
     return reverted
+
+
+def _forget_as_producer(
+    model: nn.Module, name: str, reverted: QuantModule, report: QuantizationReport | None
+) -> None:
+    """Layers whose input encoding was ``reverted``'s output quantizer (surgery removed their
+    own as a duplicate) now take a float input: they drop the reference, and say so."""
+    gone = {id(q) for q in reverted.quantizers()}
+    for consumer_name, consumer in _top_quant_modules(model):
+        sources = consumer.__dict__.get("_input_sources", {})
+        for index in [i for i, q in sources.items() if id(q) in gone]:
+            del sources[index]
+            line = (
+                f"calibration: layer {consumer_name!r} ({type(consumer).__name__}): its input "
+                f"{index} comes from {name!r}, which stays float, so that input is not "
+                "quantized (float input; it converts and exports in fake quant)"
+            )
+            warnings.warn(line, stacklevel=4)
+            if report is not None:
+                report.warnings.append(line)
 
 
 def _mark_float(report: QuantizationReport, name: str, after: str, reason: str) -> None:

@@ -13,8 +13,11 @@ import torch.nn.functional as F
 from torch import nn
 
 from qat_lightning import convert
+from qat_lightning.app.models import ResNetCifar
+from qat_lightning.callback.health import named_quantizers
 from qat_lightning.nn import QuantModule
-from qat_lightning.surgery import calibrate
+from qat_lightning.surgery import calibrate, quantize_model
+from qat_lightning.surgery.outside_reads import revert_unobserved
 
 REASON = "its weight is read outside its forward"
 
@@ -70,3 +73,25 @@ def test_a_weight_read_in_untraced_code_is_reverted_to_float_after_calibration()
     assert row.params is None and row.inputs is None
     assert report.row("head").status == "quantized"
     _check_integer_eval_is_convert(model, torch.randn(16, 8))
+
+
+def test_a_reverted_producer_leaves_its_consumers_a_float_input_not_a_dead_encoding() -> None:
+    # Surgery drops the input quantizer of a layer whose producer's output quantizer has the
+    # same encoding. When that producer observes nothing and is reverted to float, the
+    # consumer must not keep pointing at the dead quantizer (convert used to fail on it).
+    torch.manual_seed(0)
+    model = ResNetCifar(3, 10, width=8, blocks=1)
+    quantize_model(model)
+    model.train()
+    add_quantizers = {id(q) for q in model.layers[0].add.quantizers()}
+    for _, quantizer in named_quantizers(model):
+        quantizer.enable_observer(id(quantizer) not in add_quantizers)
+        quantizer.enable_fake_quant(False)
+    with torch.no_grad():
+        model(torch.randn(8, 3, 16, 16))  # the first block's add observes nothing
+    with pytest.warns(UserWarning, match=r"layer 'layers.1.conv1' .*comes from 'layers.0.add'"):
+        assert revert_unobserved(model) == ["layers.0.add"]
+    for _, quantizer in named_quantizers(model):
+        quantizer.update_encodings()
+        quantizer.enable_fake_quant(True)
+    _check_integer_eval_is_convert(model, torch.randn(4, 3, 16, 16))
