@@ -5,7 +5,8 @@ The model is Hugging Face's ``GPT2LMHeadModel`` from a small config (random init
 the ``nn.Linear`` it is (weight transposed): qat_lightning's per-group int4 weights, dynamic
 activations and the ``MatMulNBits`` export are Linear forms (``QuantHFConv1D`` refuses a
 per-group scheme, naming the layer), and torchao's QAT swaps ``nn.Linear`` only. The LM head
-is a Linear too; the token and position embeddings stay float for both sides (``SKIP``).
+is a Linear too; the token and position embeddings stay float (``SKIP``) unless a scheme of
+the experiment quantizes them (then only ``GELU`` is skipped).
 """
 
 from __future__ import annotations
@@ -21,9 +22,12 @@ import transformers
 from torch import nn
 from transformers.pytorch_utils import Conv1D
 
-# Names in the LMModule left float: the embeddings, and the add/mul inside GPT-2's tanh GELU
-# (torchao's QAT quantizes only the Linears' inputs).
-SKIP = ("model.gpt.transformer.wte", "model.gpt.transformer.wpe", "*.mlp.act", "*.mlp.act.*")
+# Names in the LMModule: the token and position embeddings, and the add/mul inside GPT-2's
+# tanh GELU, which stays float in every scheme (torchao's QAT quantizes only the Linears'
+# inputs). SKIP leaves both float; a scheme that quantizes the embeddings skips GELU only.
+EMBEDDINGS = ("model.gpt.transformer.wte", "model.gpt.transformer.wpe")
+GELU = ("*.mlp.act", "*.mlp.act.*")
+SKIP = EMBEDDINGS + GELU
 
 
 def conv1d_to_linear(model: nn.Module) -> int:
