@@ -49,51 +49,17 @@ import json
 import math
 import sys
 import time
-from dataclasses import dataclass
 from itertools import islice
 from pathlib import Path
 
 import torch
 from lm_data import StdlibCorpus
-from lm_models import GELU, SKIP, ByteGPT, LMModule, fit, perplexity
+from lm_models import SCHEMES, ByteGPT, LMModule, Scheme, fit, perplexity, quantized_layers
 from timing import cpu_model, round_robin
 
-from qat_lightning import QATCallback, QuantModule, calibrate, convert, export_onnx
+from qat_lightning import QATCallback, calibrate, convert, export_onnx
 from qat_lightning.export import OnnxModel
 
-W4_G32 = {"bits": 4, "granularity": "per_group", "group_size": 32}
-INT8_DYNAMIC = {"bits": 8, "dynamic": True, "granularity": "per_token"}
-
-
-@dataclass(frozen=True)
-class Scheme:
-    """One quantization scheme, as both sides apply it.
-
-    Attributes:
-        params: the weight scheme of every Linear (and of both embedding tables where
-            ``embeddings``).
-        inputs: the input scheme of every Linear; None: weight-only.
-        embeddings: the token and position embeddings (``wte``, ``wpe``) are quantized with
-            ``params`` too, per group along the embedding dimension; otherwise they stay float.
-        onnx: the QAT model is exported to ONNX and measured in onnxruntime.
-    """
-
-    params: dict
-    inputs: dict | None = None
-    embeddings: bool = False
-    onnx: bool = False
-
-    @property
-    def skip(self) -> list[str]:
-        """Our side's ``skip``: GELU's inside always, the embeddings unless quantized."""
-        return list(GELU if self.embeddings else SKIP)
-
-
-SCHEMES = {
-    "w4_g32": Scheme(W4_G32, onnx=True),
-    "8da4w": Scheme(W4_G32, inputs=INT8_DYNAMIC),
-    "w4_g32_emb": Scheme(W4_G32, embeddings=True, onnx=True),
-}
 DEFAULT_PEERS = Path(__file__).resolve().parents[1] / ".peers"
 
 
@@ -179,20 +145,6 @@ def run_fp32_continued(exp: Experiment) -> dict:
     start = time.perf_counter()
     fit(module, exp.corpus.train_loader(), a.qat_steps, "fp32 continued", seed=a.seed, root=a.out)
     return {"train_s": time.perf_counter() - start, **exp.evaluate(module)}
-
-
-def quantized_layers(model: torch.nn.Module, linear=QuantModule, embedding=QuantModule) -> dict:
-    """How many Linears and Embeddings of ``model`` are quantized: instances of ``linear``
-    (``embedding``) that are also ``nn.Linear`` (``nn.Embedding``), ours by default."""
-    modules = list(model.modules())
-    return {
-        "quantized_linears": sum(
-            isinstance(m, linear) and isinstance(m, torch.nn.Linear) for m in modules
-        ),
-        "quantized_embeddings": sum(
-            isinstance(m, embedding) and isinstance(m, torch.nn.Embedding) for m in modules
-        ),
-    }
 
 
 def run_ptq(exp: Experiment, scheme: Scheme) -> dict:
