@@ -1,11 +1,13 @@
-"""The byte-level GPT-2 of the stdlib LM experiment, its LightningModule, and its metrics.
+"""The byte-level GPT-2 of the stdlib LM experiment, its quantization schemes, its
+LightningModule, and its metrics.
 
 The model is Hugging Face's ``GPT2LMHeadModel`` from a small config (random init, vocabulary
 256 = bytes, untied LM head, no key/value cache) with every ``Conv1D`` projection replaced by
 the ``nn.Linear`` it is (weight transposed): qat_lightning's per-group int4 weights, dynamic
 activations and the ``MatMulNBits`` export are Linear forms (``QuantHFConv1D`` refuses a
 per-group scheme, naming the layer), and torchao's QAT swaps ``nn.Linear`` only. The LM head
-is a Linear too; the token and position embeddings stay float for both sides (``SKIP``).
+is a Linear too; the token and position embeddings stay float (``SKIP``) unless the scheme
+(`Scheme`, ``embeddings=True``) quantizes them too, per group (then only ``GELU`` is skipped).
 """
 
 from __future__ import annotations
@@ -13,6 +15,7 @@ from __future__ import annotations
 import math
 import sys
 import time
+from dataclasses import dataclass
 
 import lightning.pytorch as pl
 import torch
@@ -21,9 +24,62 @@ import transformers
 from torch import nn
 from transformers.pytorch_utils import Conv1D
 
-# Names in the LMModule left float: the embeddings, and the add/mul inside GPT-2's tanh GELU
-# (torchao's QAT quantizes only the Linears' inputs).
-SKIP = ("model.gpt.transformer.wte", "model.gpt.transformer.wpe", "*.mlp.act", "*.mlp.act.*")
+from qat_lightning import QuantModule
+
+# Names in the LMModule: the token and position embeddings, and the add/mul inside GPT-2's
+# tanh GELU, which stay float in every scheme (torchao's QAT quantizes only the Linears'
+# inputs). SKIP leaves both float; a scheme that quantizes the embeddings skips GELU only.
+EMBEDDINGS = ("model.gpt.transformer.wte", "model.gpt.transformer.wpe")
+GELU = ("*.mlp.act", "*.mlp.act.*")
+SKIP = EMBEDDINGS + GELU
+
+W4_G32 = {"bits": 4, "granularity": "per_group", "group_size": 32}
+INT8_DYNAMIC = {"bits": 8, "dynamic": True, "granularity": "per_token"}
+
+
+@dataclass(frozen=True)
+class Scheme:
+    """One quantization scheme, as both sides apply it.
+
+    Attributes:
+        params: the weight scheme of every Linear (and of both embedding tables where
+            ``embeddings``).
+        inputs: the input scheme of every Linear; None: weight-only.
+        embeddings: the token and position embeddings (``wte``, ``wpe``) are quantized with
+            ``params`` too, per group along the embedding dimension; otherwise they stay float.
+        onnx: the QAT model is exported to ONNX and measured in onnxruntime.
+    """
+
+    params: dict
+    inputs: dict | None = None
+    embeddings: bool = False
+    onnx: bool = False
+
+    @property
+    def skip(self) -> list[str]:
+        """Our side's ``skip``: GELU's inside always, the embeddings unless quantized."""
+        return list(GELU if self.embeddings else SKIP)
+
+
+SCHEMES = {
+    "w4_g32": Scheme(W4_G32, onnx=True),
+    "8da4w": Scheme(W4_G32, inputs=INT8_DYNAMIC),
+    "w4_g32_emb": Scheme(W4_G32, embeddings=True, onnx=True),
+}
+
+
+def quantized_layers(model: torch.nn.Module, linear=QuantModule, embedding=QuantModule) -> dict:
+    """How many Linears and Embeddings of ``model`` are quantized: instances of ``linear``
+    (``embedding``) that are also ``nn.Linear`` (``nn.Embedding``), ours by default."""
+    modules = list(model.modules())
+    return {
+        "quantized_linears": sum(
+            isinstance(m, linear) and isinstance(m, torch.nn.Linear) for m in modules
+        ),
+        "quantized_embeddings": sum(
+            isinstance(m, embedding) and isinstance(m, torch.nn.Embedding) for m in modules
+        ),
+    }
 
 
 def conv1d_to_linear(model: nn.Module) -> int:

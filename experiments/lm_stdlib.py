@@ -2,34 +2,42 @@
 
 One process, one seed, one corpus (`lm_data.StdlibCorpus`: the running interpreter's stdlib
 ``.py`` files as bytes, split by file) and one model (`lm_models.ByteGPT`: Hugging Face
-``GPT2LMHeadModel``, tiny config, random init, vocabulary 256, Linear projections):
+``GPT2LMHeadModel``, tiny config, random init, vocabulary 256, Linear projections).
+Three schemes (`SCHEMES`, each a `Scheme`): ``w4_g32`` (weight-only int4, symmetric, groups of
+32, round to nearest, on every Linear), ``8da4w`` (the same weights, int8 affine per-token
+dynamic activations into every Linear) and ``w4_g32_emb`` (``w4_g32`` on every Linear and on
+the token and position embeddings ``wte`` / ``wpe``, grouped along the embedding dimension).
 
 1. **fp32**: AdamW, cosine schedule with warmup, ``--fp32-steps``; val/test perplexity.
-2. **PTQ** from the fp32 weights with `qat_lightning.calibrate` (no training): ``w4_g32``
-   (weight-only int4, symmetric, groups of 32, round to nearest) and ``8da4w`` (the same
-   weights, int8 affine per-token dynamic activations into every Linear).
+2. **PTQ** of each scheme from the fp32 weights with `qat_lightning.calibrate` (no training).
 3. **QAT (ours)**: each scheme fine-tuned from fp32 with `QATCallback` for ``--qat-steps``.
    The control: the fp32 model trained as many more steps at the same learning rate,
    unquantized (``fp32_continued``), so what QAT gains by training longer shows.
 4. **QAT (torchao 0.18)**: ``QATConfig(activation_config=..., weight_config=...,
    step="prepare")`` with ``IntxFakeQuantizeConfig(torch.int4, group_size=32)`` (and int8
-   asymmetric per-token activations for 8da4w) on the same model, data order, steps, seed and
-   learning rate. torchao comes from the environment (the dev extra) or from ``--peer-dir``
+   asymmetric per-token activations for 8da4w) on every ``nn.Linear``; for ``w4_g32_emb`` a
+   second ``quantize_`` with the weight config alone and a ``filter_fn`` choosing the
+   ``nn.Embedding`` modules (``FakeQuantizedEmbedding``). Same model, data order, steps, seed
+   and learning rate. torchao comes from the environment (the dev extra) or from ``--peer-dir``
    (``pip install --target .peers torchao==0.18.* --no-deps``, put on ``sys.path`` only here);
    if it does not import or run, the result says why. Its perplexity is that of its
    fake-quantized model (the QAT "prepare" model).
-5. **ONNX**: the w4_g32 QAT model, `convert`-ed and exported (``MatMulNBits``), in onnxruntime:
-   test perplexity (against the converted model's), ms per token of one ``--timing-length``
-   sequence (full forward, no cache) against the fp32 model in onnxruntime and in eager torch
-   (rounds interleaved), file sizes.
+5. **ONNX**: the w4_g32 and w4_g32_emb QAT models, `convert`-ed and exported (Linears as
+   ``MatMulNBits``; quantized embeddings as a blocked ``DequantizeLinear`` of the int4 table,
+   then ``Gather``), in onnxruntime: test perplexity (each against its converted model's), ms
+   per token of one ``--timing-length`` sequence (full forward, no cache) against the fp32
+   model in onnxruntime and in eager torch (all rounds interleaved), file sizes (and their
+   share of the fp32 ONNX file's).
 
-Ours and torchao quantize the same layers: every Linear (attention and MLP projections, LM
-head); embeddings and LayerNorms stay float. Our perplexities are measured in eval mode, which
-for a QAT model is its integer simulation (= `convert`).
+Ours and torchao quantize the same layers in each scheme: every Linear (attention and MLP
+projections, LM head), and the two embeddings in ``w4_g32_emb`` only; LayerNorms (and the
+embeddings in the other schemes) stay float. Each phase's result counts its quantized Linears
+and embeddings (``quantized_linears``, ``quantized_embeddings``). Our perplexities are
+measured in eval mode, which for a QAT model is its integer simulation (= `convert`).
 
 Run: ``python experiments/lm_stdlib.py --out /tmp/lm`` (``--smoke``: a few hundred bytes, a
 tiny model, a few steps). Progress lines go to stderr; ``<out>/results.json``, a JSON line and
-a markdown table to stdout.
+markdown tables to stdout.
 """
 
 from __future__ import annotations
@@ -46,15 +54,12 @@ from pathlib import Path
 
 import torch
 from lm_data import StdlibCorpus
-from lm_models import SKIP, ByteGPT, LMModule, fit, perplexity
+from lm_models import SCHEMES, ByteGPT, LMModule, Scheme, fit, perplexity, quantized_layers
 from timing import cpu_model, round_robin
 
-from qat_lightning import QATCallback, QuantModule, calibrate, convert, export_onnx
+from qat_lightning import QATCallback, calibrate, convert, export_onnx
 from qat_lightning.export import OnnxModel
 
-W4_G32 = {"bits": 4, "granularity": "per_group", "group_size": 32}
-INT8_DYNAMIC = {"bits": 8, "dynamic": True, "granularity": "per_token"}
-SCHEMES = {"w4_g32": (None, W4_G32), "8da4w": (INT8_DYNAMIC, W4_G32)}
 DEFAULT_PEERS = Path(__file__).resolve().parents[1] / ".peers"
 
 
@@ -142,25 +147,25 @@ def run_fp32_continued(exp: Experiment) -> dict:
     return {"train_s": time.perf_counter() - start, **exp.evaluate(module)}
 
 
-def quantized_linears(model: torch.nn.Module) -> int:
-    return sum(
-        isinstance(m, QuantModule) and isinstance(m, torch.nn.Linear) for m in model.modules()
-    )
-
-
-def run_ptq(exp: Experiment, inputs, params) -> dict:
+def run_ptq(exp: Experiment, scheme: Scheme) -> dict:
     module = exp.module(exp.args.qat_lr, exp.args.qat_steps)
-    calibrate(module, exp.calibration_batches(), inputs=inputs, params=params, skip=list(SKIP))
-    return {"quantized_linears": quantized_linears(module), **exp.evaluate(module)}
+    calibrate(
+        module,
+        exp.calibration_batches(),
+        inputs=scheme.inputs,
+        params=scheme.params,
+        skip=scheme.skip,
+    )
+    return {**quantized_layers(module), **exp.evaluate(module)}
 
 
-def run_qat_ours(exp: Experiment, name: str, inputs, params) -> tuple[LMModule, dict]:
+def run_qat_ours(exp: Experiment, name: str, scheme: Scheme) -> tuple[LMModule, dict]:
     a = exp.args
     module = exp.module(a.qat_lr, a.qat_steps)
     callback = QATCallback(
-        inputs=inputs,
-        params=params,
-        skip=list(SKIP),
+        inputs=scheme.inputs,
+        params=scheme.params,
+        skip=scheme.skip,
         calibration_batches=a.calibration_batches,
         export_dir=a.out / f"qat_{name}",
         export_formats=(),
@@ -176,8 +181,7 @@ def run_qat_ours(exp: Experiment, name: str, inputs, params) -> tuple[LMModule, 
         a.out,
     )
     train_s = time.perf_counter() - start
-    count = quantized_linears(module)
-    return module, {"train_s": train_s, "quantized_linears": count, **exp.evaluate(module)}
+    return module, {"train_s": train_s, **quantized_layers(module), **exp.evaluate(module)}
 
 
 def torchao_in_environment() -> bool:
@@ -190,8 +194,10 @@ def torchao_available(peer_dir: Path) -> bool:
     return torchao_in_environment() or (peer_dir / "torchao").is_dir()
 
 
-def run_qat_torchao(exp: Experiment, name: str, inputs) -> dict:
-    """torchao's QAT of the same model, or ``{"skipped": why}``."""
+def run_qat_torchao(exp: Experiment, name: str, scheme: Scheme) -> dict:
+    """torchao's QAT of the same model, or ``{"skipped": why}``. The embeddings, where the
+    scheme quantizes them, get the weight config alone (torchao has no activation fake
+    quantization for an embedding, and ours has no input encoding there either)."""
     a = exp.args
     side = not torchao_in_environment()
     if side and not (a.peer_dir / "torchao").is_dir():
@@ -204,7 +210,12 @@ def run_qat_torchao(exp: Experiment, name: str, inputs) -> dict:
     try:
         import torchao
         from torchao.quantization import quantize_
-        from torchao.quantization.qat import IntxFakeQuantizeConfig, QATConfig
+        from torchao.quantization.qat import (
+            FakeQuantizedEmbedding,
+            FakeQuantizedLinear,
+            IntxFakeQuantizeConfig,
+            QATConfig,
+        )
     except Exception as error:
         return {"skipped": f"torchao does not import: {type(error).__name__}: {error}"}
     finally:
@@ -213,11 +224,18 @@ def run_qat_torchao(exp: Experiment, name: str, inputs) -> dict:
     try:
         weight = IntxFakeQuantizeConfig(torch.int4, group_size=32, is_symmetric=True)
         activation = None
-        if inputs is not None:
+        if scheme.inputs is not None:
             activation = IntxFakeQuantizeConfig(torch.int8, "per_token", is_symmetric=False)
         module = exp.module(a.qat_lr, a.qat_steps)
         config = QATConfig(activation_config=activation, weight_config=weight, step="prepare")
-        quantize_(module.model, config)  # every nn.Linear; the embeddings stay float
+        quantize_(module.model, config)  # every nn.Linear (quantize_'s default filter)
+        if scheme.embeddings:
+            quantize_(
+                module.model,
+                QATConfig(weight_config=weight, step="prepare"),
+                filter_fn=lambda m, _fqn: isinstance(m, torch.nn.Embedding),
+            )
+        counts = quantized_layers(module, FakeQuantizedLinear, FakeQuantizedEmbedding)
         start = time.perf_counter()
         fit(
             module,
@@ -228,7 +246,12 @@ def run_qat_torchao(exp: Experiment, name: str, inputs) -> dict:
             root=a.out,
         )
         train_s = time.perf_counter() - start
-        return {"version": torchao.__version__, "train_s": train_s, **exp.evaluate(module)}
+        return {
+            "version": torchao.__version__,
+            "train_s": train_s,
+            **counts,
+            **exp.evaluate(module),
+        }
     except Exception as error:
         return {"skipped": f"torchao {torchao.__version__} fails: {type(error).__name__}: {error}"}
 
@@ -238,12 +261,13 @@ def file_bytes(path: Path) -> int:
     return sum(p.stat().st_size for p in path.parent.glob(path.name + "*"))
 
 
-def run_onnx(exp: Experiment, qat_w4: LMModule, fp32: LMModule) -> dict:
+def run_onnx(exp: Experiment, qat: dict[str, LMModule], fp32: LMModule) -> dict:
+    """The QAT models ``qat`` (scheme name -> module), `convert`-ed and exported, and the fp32
+    model, in onnxruntime: test perplexity (each against its converted model's), ms per token
+    (one round robin for all, with fp32 eager), file bytes."""
     a = exp.args
     test = exp.corpus.eval_loader("test")
-    converted = convert(qat_w4.model).eval()
     example = next(iter(test))[0][:2]  # batch 2: torch.export specializes a 1
-    int4_path = export_onnx(converted, example, a.out / "lm_w4_g32.onnx")
     float_model = copy.deepcopy(fp32.model).eval()
     fp32_path = a.out / "lm_fp32.onnx"
     torch.onnx.export(
@@ -255,30 +279,33 @@ def run_onnx(exp: Experiment, qat_w4: LMModule, fp32: LMModule) -> dict:
         dynamic_shapes={"input_ids": {0: torch.export.Dim("batch"), 1: torch.export.Dim("seq")}},
         dynamo=True,
     )
-    int4_ort = OnnxModel(int4_path, threads=a.threads)
     fp32_ort = OnnxModel(fp32_path, threads=a.threads)
-    result = {
-        "converted_test": perplexity(converted, test),
-        "onnx_test": perplexity(int4_ort, test),
-        "fp32_onnx_test": perplexity(fp32_ort, test),
-    }
     ids = torch.randint(0, 256, (1, a.timing_length), generator=torch.Generator().manual_seed(0))
 
     def eager() -> None:
         with torch.no_grad():
             float_model(ids)
 
-    seconds = round_robin(
-        {
-            "fp32_eager": eager,
-            "fp32_onnx": lambda: fp32_ort(ids),
-            "w4_g32_onnx": lambda: int4_ort(ids),
-        },
-        runs=a.timing_runs,
-        warmup=2,
-    )
+    result: dict = {"fp32_onnx_test": perplexity(fp32_ort, test), "schemes": {}}
+    timed = {"fp32_eager": eager, "fp32_onnx": lambda: fp32_ort(ids)}
+    paths = {"fp32_onnx": fp32_path}
+    for name, module in qat.items():
+        counts = quantized_layers(module)
+        converted = convert(module.model).eval()
+        path = export_onnx(converted, example, a.out / f"lm_{name}.onnx")
+        ort = OnnxModel(path, threads=a.threads)
+        result["schemes"][name] = {
+            **counts,
+            "converted_test": perplexity(converted, test),
+            "onnx_test": perplexity(ort, test),
+        }
+        timed[f"{name}_onnx"] = lambda ort=ort: ort(ids)
+        paths[f"{name}_onnx"] = path
+    seconds = round_robin(timed, runs=a.timing_runs, warmup=2)
     result["ms_per_token"] = {k: 1e3 * v / a.timing_length for k, v in seconds.items()}
-    result["bytes"] = {"fp32_onnx": file_bytes(fp32_path), "w4_g32_onnx": file_bytes(int4_path)}
+    result["bytes"] = {k: file_bytes(p) for k, p in paths.items()}
+    for name, r in result["schemes"].items():
+        r["size_of_fp32"] = result["bytes"][f"{name}_onnx"] / result["bytes"]["fp32_onnx"]
     return result
 
 
@@ -308,34 +335,47 @@ def table(results: dict) -> str:
     def pct(x: float | None) -> str:
         return "n/a" if x is None or not math.isfinite(x) else f"{100 * x:.1f} %"
 
+    def counts(r: dict, key: str) -> str:
+        return f"{r['qat_ours'][key]} / {r['qat_torchao'].get(key, '-')}"
+
     rows = [
         f"CPU: {results['cpu']}; test perplexity; recovered = (PTQ - QAT) / (PTQ - fp32), "
         f"controlled = 1 - (QAT - fp32 continued) / (PTQ - fp32); fp32 continued "
-        f"{control:.3f}",
+        f"{control:.3f}; quantized Linears and embeddings: ours / torchao",
         "",
-        "| scheme | fp32 | PTQ | QAT ours | QAT torchao | recovered ours | recovered torchao "
-        "| controlled ours | controlled torchao |",
-        "|---|---:|---:|---:|---:|---:|---:|---:|---:|",
+        "| scheme | Linears | embeddings | fp32 | PTQ | QAT ours | QAT torchao | recovered ours "
+        "| recovered torchao | controlled ours | controlled torchao |",
+        "|---|---:|---:|---:|---:|---:|---:|---:|---:|---:|---:|",
     ]
     for name, r in results["schemes"].items():
         ao = r["qat_torchao"].get("test", math.nan)
         rows.append(
-            f"| {name} | {fp32:.3f} | {r['ptq']['test']:.3f} | {r['qat_ours']['test']:.3f} | "
-            f"{ao:.3f} | {pct(r['recovered_ours'])} | {pct(r.get('recovered_torchao'))} | "
-            f"{pct(r['controlled_ours'])} | {pct(r.get('controlled_torchao'))} |"
+            f"| {name} | {counts(r, 'quantized_linears')} | "
+            f"{counts(r, 'quantized_embeddings')} | {fp32:.3f} | {r['ptq']['test']:.3f} | "
+            f"{r['qat_ours']['test']:.3f} | {ao:.3f} | {pct(r['recovered_ours'])} | "
+            f"{pct(r.get('recovered_torchao'))} | {pct(r['controlled_ours'])} | "
+            f"{pct(r.get('controlled_torchao'))} |"
         )
     o = results["onnx"]
-    ms = o["ms_per_token"]
+    ms, size = o["ms_per_token"], o["bytes"]
     rows += [
         "",
-        "| w4_g32 QAT model | test ppl | ms/token | bytes |",
-        "|---|---:|---:|---:|",
-        f"| converted (torch) | {o['converted_test']:.4f} | | |",
-        f"| ONNX MatMulNBits (onnxruntime) | {o['onnx_test']:.4f} | {ms['w4_g32_onnx']:.3f} | "
-        f"{o['bytes']['w4_g32_onnx']} |",
-        f"| fp32 ONNX (onnxruntime) | {o['fp32_onnx_test']:.4f} | {ms['fp32_onnx']:.3f} | "
-        f"{o['bytes']['fp32_onnx']} |",
-        f"| fp32 eager | {fp32:.4f} | {ms['fp32_eager']:.3f} | |",
+        "| QAT model (ONNX: MatMulNBits; embeddings: blocked DequantizeLinear) "
+        "| quantized embeddings | test ppl | ms/token | bytes | size of fp32 ONNX |",
+        "|---|---:|---:|---:|---:|---:|",
+    ]
+    for name, r in o["schemes"].items():
+        rows += [
+            f"| {name} converted (torch) | {r['quantized_embeddings']} | "
+            f"{r['converted_test']:.4f} | | | |",
+            f"| {name} ONNX (onnxruntime) | {r['quantized_embeddings']} | "
+            f"{r['onnx_test']:.4f} | {ms[f'{name}_onnx']:.3f} | {size[f'{name}_onnx']} | "
+            f"{pct(r['size_of_fp32'])} |",
+        ]
+    rows += [
+        f"| fp32 ONNX (onnxruntime) | 0 | {o['fp32_onnx_test']:.4f} | {ms['fp32_onnx']:.3f} | "
+        f"{size['fp32_onnx']} | 100.0 % |",
+        f"| fp32 eager | 0 | {fp32:.4f} | {ms['fp32_eager']:.3f} | | |",
     ]
     return "\n".join(rows)
 
@@ -354,14 +394,15 @@ def main(argv: list[str] | None = None) -> dict:
     log(f"fp32 {results['fp32']}")
     results["fp32_continued"] = run_fp32_continued(exp)
     log(f"fp32 continued {results['fp32_continued']}")
-    results["schemes"], qat_w4 = {}, None
-    for name, (inputs, params) in SCHEMES.items():
-        r = {"ptq": run_ptq(exp, inputs, params)}
+    results["schemes"], exported = {}, {}
+    for name, scheme in SCHEMES.items():
+        r = {"ptq": run_ptq(exp, scheme)}
         log(f"ptq {name} {r['ptq']}")
-        module, r["qat_ours"] = run_qat_ours(exp, name, inputs, params)
-        qat_w4 = module if name == "w4_g32" else qat_w4
+        module, r["qat_ours"] = run_qat_ours(exp, name, scheme)
+        if scheme.onnx:
+            exported[name] = module
         log(f"qat ours {name} {r['qat_ours']}")
-        r["qat_torchao"] = run_qat_torchao(exp, name, inputs)
+        r["qat_torchao"] = run_qat_torchao(exp, name, scheme)
         log(f"qat torchao {name} {r['qat_torchao']}")
         base, ptq = results["fp32"]["test"], r["ptq"]["test"]
         control = results["fp32_continued"]["test"]
@@ -371,7 +412,7 @@ def main(argv: list[str] | None = None) -> dict:
                 r[f"recovered_{side}"] = recovery(base, ptq, qat)
                 r[f"controlled_{side}"] = recovery_controlled(base, ptq, control, qat)
         results["schemes"][name] = r
-    results["onnx"] = run_onnx(exp, qat_w4, fp32)
+    results["onnx"] = run_onnx(exp, exported, fp32)
     log(f"onnx {results['onnx']}")
     results["wall_s"] = time.perf_counter() - start
     (args.out / "results.json").write_text(json.dumps(results, indent=2))
