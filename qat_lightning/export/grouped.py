@@ -50,8 +50,9 @@ from qat_lightning.export.modules import (
 )
 from qat_lightning.export.ops import QuantizedOp
 from qat_lightning.export.qdq import onnx_int4, packs_to_int4
-from qat_lightning.nn.base import QuantModule, exact_arithmetic
+from qat_lightning.nn.base import QuantModule
 from qat_lightning.nn.grouped import grouped_linear, uses_grouped_path
+from qat_lightning.nn.integer_eval import exact_arithmetic
 from qat_lightning.quant import Quantizer
 
 

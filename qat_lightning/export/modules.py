@@ -37,9 +37,10 @@ from qat_lightning.export.qdq import (
     unpack_int4,
     zero_point_is_qmin,
 )
-from qat_lightning.nn.base import QuantModule, exact_arithmetic
+from qat_lightning.nn.base import QuantModule
 from qat_lightning.nn.grouped import table_values
 from qat_lightning.nn.integer import accumulator_scale, integer_mac, quantize_bias
+from qat_lightning.nn.integer_eval import exact_arithmetic
 from qat_lightning.quant import QTensor, Quantizer, QuantScheme
 
 

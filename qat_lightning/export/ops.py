@@ -16,7 +16,8 @@ from torch import nn
 
 from qat_lightning.export.modules import _Converted, freeze
 from qat_lightning.export.qdq import on_grid_for_onnx
-from qat_lightning.nn.base import QuantModule, exact_arithmetic
+from qat_lightning.nn.base import QuantModule
+from qat_lightning.nn.integer_eval import exact_arithmetic
 from qat_lightning.quant import QTensor, Quantizer
 
 

@@ -23,7 +23,8 @@ from torch import nn
 
 from qat_lightning.export.ops import QuantizedOp
 from qat_lightning.export.qdq import onnx_dequantize
-from qat_lightning.nn.base import QuantModule, exact_arithmetic
+from qat_lightning.nn.base import QuantModule
+from qat_lightning.nn.integer_eval import exact_arithmetic
 from qat_lightning.quant import QTensor, Quantizer
 
 # torch's gate blocks in ONNX's order, and the ONNX op, per torch mode

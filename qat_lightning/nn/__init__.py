@@ -18,7 +18,7 @@ from qat_lightning.nn.attention import (
     QuantMultiheadAttention,
     QuantOutProjection,
 )
-from qat_lightning.nn.base import QuantModule, fake_quant_eval, integer_in_eval
+from qat_lightning.nn.base import QuantModule
 from qat_lightning.nn.batchnorm import QuantBatchNorm1d, QuantBatchNorm2d, QuantBatchNorm3d
 from qat_lightning.nn.conv_transpose import (
     QuantConvTranspose1d,
@@ -49,6 +49,7 @@ from qat_lightning.nn.fused import (
 )
 from qat_lightning.nn.hf_conv1d import QuantHFConv1DMixin
 from qat_lightning.nn.integer import integer_mac, requantize
+from qat_lightning.nn.integer_eval import fake_quant_eval, integer_in_eval
 from qat_lightning.nn.linear import QuantConv1d, QuantConv2d, QuantConv3d, QuantLinear, QuantMAC
 from qat_lightning.nn.pooling import (
     QuantAdaptiveAvgPool1d,

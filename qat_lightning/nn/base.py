@@ -28,11 +28,8 @@ it applies a ReLU, its ONNX form. A new family, inside the package or outside it
 
 from __future__ import annotations
 
-import contextvars
 import copy
-import functools
-import warnings
-from collections.abc import Callable, Iterator, Sequence
+from collections.abc import Iterator, Sequence
 from contextlib import ExitStack, contextmanager
 from typing import Any, ClassVar
 
@@ -42,95 +39,13 @@ from torch import nn
 from qat_lightning.nn.eval_cache import dequantize_linked, quantize_linked
 from qat_lightning.nn.grouped import param_quantizer
 from qat_lightning.nn.integer import requantize
+from qat_lightning.nn.integer_eval import (
+    INTEGER_INPUT_DTYPES,
+    integer_eval_allowed,
+    tensor_inputs,
+)
 from qat_lightning.quant import QTensor, Quantizer, QuantScheme
 from qat_lightning.quant.functional import dequantize_ste, quantize_ste
-
-_FAKE_QUANT_EVAL = contextvars.ContextVar("fake_quant_eval", default=False)
-
-
-@contextmanager
-def fake_quant_eval() -> Iterator[None]:
-    """Inside, eval-mode ``forward`` runs float32 fake quantization, the arithmetic training
-    uses, instead of the integer simulation.
-
-    Example:
-        >>> with torch.no_grad(), fake_quant_eval():
-        ...     simulated = model(x)     # what the training graph computes
-    """
-    token = _FAKE_QUANT_EVAL.set(True)
-    try:
-        yield
-    finally:
-        _FAKE_QUANT_EVAL.reset(token)
-
-
-def integer_eval_allowed(module: nn.Module) -> bool:
-    """Whether the context lets ``module`` run its integer simulation: eval mode, no
-    autograd, not inside `fake_quant_eval`, not compiling, tracing or exporting to ONNX."""
-    return not (
-        module.training
-        or torch.is_grad_enabled()
-        or _FAKE_QUANT_EVAL.get()
-        or torch.compiler.is_compiling()
-        or torch.jit.is_tracing()
-        or torch.onnx.is_in_onnx_export()
-    )
-
-
-def integer_in_eval(forward: Callable) -> Callable:
-    """Decorate a quantized module's ``forward``: in eval mode without autograd, and once the
-    module's encodings are set, run ``dequantize(quantized_forward(quantize(inputs)))`` instead.
-
-    Training, anything that needs gradients, calibration (`compute_encodings`), a quantizer
-    switched off, tracing or compiling, and `fake_quant_eval` keep the fake-quant ``forward``.
-    """
-
-    @functools.wraps(forward)
-    def wrapper(self: QuantModule, *inputs: Any, **kwargs: Any) -> Any:
-        if self.runs_integer(inputs) and not self.__dict__.get("_no_integer_form"):
-            try:
-                with exact_arithmetic(_tensors(inputs)[0].device):
-                    return self.integer_forward(*inputs, **kwargs)
-            except ValueError as error:  # a configuration integer mode does not cover
-                self.__dict__["_no_integer_form"] = True
-                warnings.warn(
-                    f"{type(self).__name__} evaluates in fake quant, not as the integer "
-                    f"model: {error}",
-                    stacklevel=2,
-                )
-        return forward(self, *inputs, **kwargs)
-
-    return wrapper
-
-
-_AUTOCAST_DEVICES = ("cpu", "cuda", "xpu", "mps", "hpu")
-
-
-@contextmanager
-def exact_arithmetic(device: torch.device | str) -> Iterator[None]:
-    """Autocast off inside: the integer simulation chooses its own dtypes (float32 over exact
-    ranges, float64), and under ``bf16-mixed`` autocast would run its convolutions and matmuls
-    in bfloat16, which does not hold the integer sums exactly.
-
-    Every integer entry point (eval-mode ``forward``, `convert`'s modules) runs inside it.
-    """
-    device_type = torch.device(device).type
-    if device_type not in _AUTOCAST_DEVICES:
-        yield
-        return
-    with torch.autocast(device_type, enabled=False):
-        yield
-
-
-# Float inputs the integer simulation takes: half types (under autocast) are upcast exactly.
-_INTEGER_INPUT_DTYPES = (torch.float32, torch.float64, torch.bfloat16, torch.float16)
-
-
-def _tensors(inputs: Sequence[Any]) -> list[Any]:
-    """The tensor inputs of a forward call: ``(x,)``, ``(a, b)`` or ``([t0, t1, ...],)``."""
-    if len(inputs) == 1 and isinstance(inputs[0], list | tuple):
-        return list(inputs[0])
-    return list(inputs)
 
 
 def _ready(quantizer: Quantizer) -> bool:
@@ -296,9 +211,9 @@ class QuantModule(nn.Module):
         """True where ``forward(*inputs)`` runs the integer simulation (see `integer_in_eval`)."""
         if not integer_eval_allowed(self):
             return False
-        tensors = _tensors(inputs)
+        tensors = tensor_inputs(inputs)
         if not tensors or not all(
-            isinstance(t, torch.Tensor) and t.dtype in _INTEGER_INPUT_DTYPES for t in tensors
+            isinstance(t, torch.Tensor) and t.dtype in INTEGER_INPUT_DTYPES for t in tensors
         ):
             return False
         sources = [self.input_encoding(i) for i in range(len(tensors))]
@@ -314,7 +229,7 @@ class QuantModule(nn.Module):
         """``forward`` through `quantized_forward`: each input quantized to the encoding it has
         (its own input quantizer's or its producer's), the result dequantized (float32, or
         float64 for a float64 input, as `convert`'s modules return it)."""
-        tensors = _tensors(inputs)
+        tensors = tensor_inputs(inputs)
         qs = [quantize_linked(self.input_encoding(i), t) for i, t in enumerate(tensors)]
         args = (qs,) if len(inputs) == 1 and isinstance(inputs[0], list | tuple) else qs
         dtype = torch.float64 if tensors[0].dtype == torch.float64 else torch.float32

@@ -15,7 +15,7 @@ import torch
 import torch.nn.functional as F
 from torch import nn
 
-from qat_lightning.nn.base import integer_in_eval
+from qat_lightning.nn.integer_eval import integer_in_eval
 from qat_lightning.nn.linear import QuantMAC
 from qat_lightning.nn.registry import register_quant_module
 from qat_lightning.quant import QTensor

@@ -20,9 +20,10 @@ from typing import Any
 import torch
 from torch import nn
 
-from qat_lightning.nn.base import QuantModule, integer_in_eval
+from qat_lightning.nn.base import QuantModule
 from qat_lightning.nn.eval_cache import quantize_owned
 from qat_lightning.nn.integer import accumulate_to_qtensor
+from qat_lightning.nn.integer_eval import integer_in_eval
 from qat_lightning.nn.registry import register_quant_module
 from qat_lightning.quant import QTensor, QuantScheme
 

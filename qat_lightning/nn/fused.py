@@ -24,7 +24,8 @@ import torch.nn.functional as F
 from torch import nn
 from torch.nn.modules.batchnorm import _BatchNorm
 
-from qat_lightning.nn.base import QuantModule, integer_in_eval
+from qat_lightning.nn.base import QuantModule
+from qat_lightning.nn.integer_eval import integer_in_eval
 from qat_lightning.nn.linear import QuantConv1d, QuantConv2d, QuantConv3d, QuantLinear
 from qat_lightning.nn.registry import overridden_methods, specialise
 from qat_lightning.quant import QuantScheme

@@ -24,7 +24,7 @@ import torch
 import torch.nn.functional as F
 from torch import nn
 
-from qat_lightning.nn.base import QuantModule, integer_in_eval
+from qat_lightning.nn.base import QuantModule
 from qat_lightning.nn.eval_cache import clear_eval_cache, eval_cache, module_state_key
 from qat_lightning.nn.grouped import grouped_quantized_forward, uses_grouped_path
 from qat_lightning.nn.integer import (
@@ -35,6 +35,7 @@ from qat_lightning.nn.integer import (
     quantize_bias,
     weight_qtensor,
 )
+from qat_lightning.nn.integer_eval import integer_in_eval
 from qat_lightning.nn.registry import register_quant_module
 from qat_lightning.quant import QTensor
 

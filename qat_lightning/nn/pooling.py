@@ -13,8 +13,9 @@ from __future__ import annotations
 import torch
 from torch import nn
 
-from qat_lightning.nn.base import QuantModule, integer_in_eval
+from qat_lightning.nn.base import QuantModule
 from qat_lightning.nn.integer import accumulate_to_qtensor
+from qat_lightning.nn.integer_eval import integer_in_eval
 from qat_lightning.nn.registry import register_quant_module
 from qat_lightning.quant import QTensor, QuantScheme
 

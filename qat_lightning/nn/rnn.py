@@ -28,7 +28,8 @@ import torch
 from torch import nn
 from torch.nn.utils.rnn import PackedSequence
 
-from qat_lightning.nn.base import QuantModule, exact_arithmetic, integer_eval_allowed
+from qat_lightning.nn.base import QuantModule
+from qat_lightning.nn.integer_eval import exact_arithmetic, integer_eval_allowed
 from qat_lightning.nn.registry import register_quant_module
 from qat_lightning.quant import QTensor, QuantScheme
 
