@@ -29,7 +29,9 @@ def _run(script: str, *args: str) -> tuple[dict, str]:
 
 @pytest.mark.slow
 def test_transformer_table_measures_every_column(tmp_path) -> None:
-    models = ["vit", "swin", "bert"]
+    # two of the table's six (each model's own acceptance test is in tests/export): one
+    # with float rows of several kinds (ViT), one through Hugging Face attention (BERT)
+    models = ["vit", "bert"]
     figures, stdout = _run(
         "transformer_table.py", "--size", "tiny", "--models", *models, "--batch", "4",
         "--calibration-batches", "1", "--test-batch", "8", "--threads", "1", "--out", str(tmp_path),
