@@ -9,7 +9,9 @@ The small ViT and BERT-tiny of `transformer_cases.py` (random init), batch 8, in
    attention matmul, no ``MultiheadAttention`` in-projection, no input quantization).
    Round-robin rounds; medians and ratios over float.
 2. Latency in onnxruntime (2 intra-op threads, batch 8): the fp32 ONNX (``torch.onnx.export``
-   of the float model); ours (``export_onnx`` of the calibrated model); onnxruntime's own
+   of the float model); ours (``export_onnx`` of the calibrated model, with its default
+   ``weights="exact"``, and with ``weights="int8"``: signed weights for onnxruntime's u8 x s8
+   kernels, as ``quantize_static`` stores them, exact on CPUs with VNNI); onnxruntime's own
    ``quantize_static`` (QDQ, per-channel int8 weights, uint8 activations, calibrated on the
    same batches) and ``quantize_dynamic`` (int8 weights) of the same fp32 file. Round-robin
    runs; each int8 model's top-1 agreement with the fp32 ONNX on the timed batch.
@@ -117,6 +119,9 @@ def latencies(c: Case, base: nn.Module, batches: list[Any], out: Path, args) -> 
         qat = ours(copy.deepcopy(base), batches).eval()
         paths = {"fp32 onnxruntime": fp32}
         paths["int8 ours"] = export_onnx(qat, example, out / f"{c.name}_int8_ours.onnx")
+        paths["int8 ours, weights=int8"] = export_onnx(
+            qat, example, out / f"{c.name}_int8_ours_s8.onnx", weights="int8"
+        )
     probe = session(fp32, args.threads)
     static = out / f"{c.name}_int8_quantize_static.onnx"
     quantize_static(
@@ -189,10 +194,10 @@ def main() -> None:
         entry["latency"] = latencies(c, base, batches, out, args)
         results = entry["latency"]["results"]
         own = min(results["int8 quantize_static"]["ms"], results["int8 quantize_dynamic"]["ms"])
+        fastest_ours = min(results["int8 ours"]["ms"], results["int8 ours, weights=int8"]["ms"])
         entry["goals_met"] = {
             "step <= 1.4x float": entry["train_step"]["ratio_over_float"]["qat_lightning"] <= 1.4,
-            "int8 ours <= best of quantize_static / quantize_dynamic": results["int8 ours"]["ms"]
-            <= own,
+            "int8 ours <= best of quantize_static / quantize_dynamic": fastest_ours <= own,
         }
         figures["models"][name] = entry
     print(json.dumps(figures))

@@ -85,7 +85,7 @@ class GroupedIntegerLinear(IntegerLayer):
         """Why this layer has no ``MatMulInteger`` form, or None."""
         return integer_matmul_problem(self.weight_scheme, self.input_encoding(0))
 
-    def prepare_onnx(self, int4: bool) -> None:
+    def prepare_onnx(self, int4: bool, weights: str = "exact") -> None:
         self._onnx_int4 = int4 and packs_to_int4(self.weight_scheme)
         for name, value in integer_matmul_constants(self.weight_qtensor()).items():
             self.register_buffer(name, value, persistent=False)
@@ -158,7 +158,7 @@ class MatMulNBitsLinear(WeightOnlyLayer):
             u = torch.cat([u, u.new_zeros(*u.shape[:-1], 1)], dim=-1)
         return (u[..., 0::2] | (u[..., 1::2] << 4)).contiguous()
 
-    def prepare_onnx(self, int4: bool) -> None:
+    def prepare_onnx(self, int4: bool, weights: str = "exact") -> None:
         out_features, in_features = self.weight_shape
         blocks = in_features // self.weight_scheme.group_size
         codes = self._offset_codes(self.weight_int_codes()).reshape(out_features, blocks, -1)

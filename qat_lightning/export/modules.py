@@ -118,9 +118,10 @@ class _IntegerWeights(_Converted):
             self.weight_int_codes(), self.weight_scale, self.weight_zero_point, self.weight_scheme
         )
 
-    def prepare_onnx(self, int4: bool) -> None:
+    def prepare_onnx(self, int4: bool, weights: str = "exact") -> None:
         """Set the export-time constants (called by `export_onnx` before tracing): the
-        unpacked codes become a temporary buffer ``weight``, the ONNX initializer."""
+        unpacked codes become a temporary buffer ``weight``, the ONNX initializer.
+        ``weights``: `export_onnx`'s (a layer with a MAC reads it)."""
         self._onnx_int4 = int4 and packs_to_int4(self.weight_scheme)
         codes = self.weight_int_codes().to(onnx_container(self.weight_scheme))
         if self._onnx_offset:
@@ -246,8 +247,9 @@ class IntegerLayer(_IntegerWeights):
         )
         return out.dequantize()
 
-    def prepare_onnx(self, int4: bool) -> None:
-        self._onnx_offset = 128 if self._needs_unsigned_weights(int4) else 0
+    def prepare_onnx(self, int4: bool, weights: str = "exact") -> None:
+        unsigned = weights == "exact" and self._needs_unsigned_weights(int4)
+        self._onnx_offset = 128 if unsigned else 0
         super().prepare_onnx(int4)
         self._onnx_relu_is_clamp = zero_point_is_qmin(self.output_quantizers[0])
 
@@ -318,7 +320,7 @@ class WeightOnlyLayer(IntegerLayer):
         y = self._mac(x, weight, self.float_bias, extra)
         return F.relu(y) if self.relu else y
 
-    def prepare_onnx(self, int4: bool) -> None:
+    def prepare_onnx(self, int4: bool, weights: str = "exact") -> None:
         _IntegerWeights.prepare_onnx(self, int4)
 
     def extra_repr(self) -> str:

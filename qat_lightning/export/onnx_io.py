@@ -9,8 +9,9 @@
 - ``metadata_props``: ``qat_lightning.version``, ``qat_lightning.schemes`` (JSON: each
   distinct scheme and the layers that use it, per role), ``qat_lightning.inputs`` (JSON: each
   ``forward`` parameter in order, its graph input's dtype and shape or the constant baked in,
-  see `finish_inputs`) and any caller-given entries, each value as JSON (e.g. ``metrics``:
-  ``{"val_acc": 0.97}``).
+  see `finish_inputs`), ``qat_lightning.weights`` (JSON: ``"exact"`` or ``"int8"``, how 8-bit
+  weights are stored, see `export_onnx`) and any caller-given entries, each value as JSON
+  (e.g. ``metrics``: ``{"val_acc": 0.97}``).
 """
 
 from __future__ import annotations
@@ -29,6 +30,7 @@ from qat_lightning.quant import Quantizer, QuantScheme
 VERSION_KEY = "qat_lightning.version"
 SCHEMES_KEY = "qat_lightning.schemes"
 INPUTS_KEY = "qat_lightning.inputs"
+WEIGHTS_KEY = "qat_lightning.weights"
 
 
 def _is_namedtuple(value: Any) -> bool:

@@ -30,7 +30,7 @@ import torch.nn.functional as F
 from torch import nn
 
 from qat_lightning.nn.base import QuantModule
-from qat_lightning.nn.linear import QuantLinear
+from qat_lightning.nn.linear import QuantLinear, matmul_bias
 from qat_lightning.nn.registry import register_quant_module, specialise, unregistered_reason
 from qat_lightning.nn.sdpa import attention_core, attention_matmuls
 from qat_lightning.nn.split_fake_quant import hooked, must_be_called, observe
@@ -79,8 +79,7 @@ class QuantOutProjection(QuantLinear):
 
     @staticmethod
     def mac_op(layer: nn.Module, x, w, b, *extra: Any) -> torch.Tensor:
-        y = torch.matmul(x, w)
-        return y if b is None else y + b
+        return matmul_bias(x, w, b)
 
 
 class QuantInProjection(QuantOutProjection):

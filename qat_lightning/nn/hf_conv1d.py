@@ -28,7 +28,7 @@ from typing import Any, ClassVar
 import torch
 from torch import nn
 
-from qat_lightning.nn.linear import QuantMAC
+from qat_lightning.nn.linear import QuantMAC, matmul_bias
 from qat_lightning.nn.registry import register_lazy_quant_module
 from qat_lightning.quant import QuantScheme
 from qat_lightning.quant.grouped import GroupSizeError
@@ -48,9 +48,9 @@ class QuantHFConv1DMixin(QuantMAC):
 
     @staticmethod
     def mac_op(layer: nn.Module, x: torch.Tensor, w: torch.Tensor, b, *extra: Any):
-        """``x @ w + b`` for ``x`` of shape ``(..., in)`` and ``w`` of shape ``(in, out)``."""
-        y = torch.matmul(x, w)
-        return y if b is None else y + b
+        """``x @ w + b`` for ``x`` of shape ``(..., in)`` and ``w`` of shape ``(in, out)``
+        (`matmul_bias`: exported 2-D with its bias, so that onnxruntime fuses one QGemm)."""
+        return matmul_bias(x, w, b)
 
     def _init_quantizers(
         self,

@@ -132,6 +132,8 @@ class QuantLinear(QuantMAC, nn.Linear):
 
     @staticmethod
     def mac_op(layer: nn.Module, x, w, b, *extra: Any) -> torch.Tensor:
+        if b is not None and x.dim() > 2 and torch.onnx.is_in_onnx_export():
+            return gemm_2d(x, w, b)
         return F.linear(x, w, b)
 
     def quantized_forward(self, q: QTensor, *extra: Any) -> QTensor:
@@ -139,6 +141,26 @@ class QuantLinear(QuantMAC, nn.Linear):
             weight, bias = self.weight_and_bias()
             return grouped_quantized_forward(self, q, weight, bias)
         return super().quantized_forward(q, *extra)
+
+
+def gemm_2d(x: torch.Tensor, w: torch.Tensor, b: torch.Tensor) -> torch.Tensor:
+    """``F.linear(x, w, b)`` for ``x`` of shape ``(..., in)`` through a 2-D ``Gemm`` with its
+    bias: the ONNX form onnxruntime fuses into one integer ``QGemm`` (int32 bias added to the
+    int32 accumulator, one requantization: the integer simulation's arithmetic). A 3-D
+    ``MatMul`` + ``Add`` with a dynamic batch becomes ``MatMulIntegerToFloat`` and a float bias
+    ``Add`` instead: slower, and one step off the integer model now and then."""
+    y = F.linear(x.reshape(-1, x.shape[-1]), w, b)
+    return y.reshape(*x.shape[:-1], y.shape[-1])
+
+
+def matmul_bias(x: torch.Tensor, w: torch.Tensor, b: torch.Tensor | None) -> torch.Tensor:
+    """``x @ w + b`` for ``w`` of shape ``(in, out)`` (transformers' ``Conv1D``, attention
+    projections); exported to ONNX as `gemm_2d` where there is a bias and ``x`` is 3-D+."""
+    if b is not None and x.dim() > 2 and torch.onnx.is_in_onnx_export():
+        y = torch.matmul(x.reshape(-1, x.shape[-1]), w) + b
+        return y.reshape(*x.shape[:-1], y.shape[-1])
+    y = torch.matmul(x, w)
+    return y if b is None else y + b
 
 
 class _QuantConvNd(QuantMAC):

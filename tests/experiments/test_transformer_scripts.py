@@ -68,13 +68,17 @@ def test_bench_transformer_reports_steps_and_latencies(tmp_path) -> None:
         assert all(s > 0 for s in steps["median_step_s"].values()), name
         assert 0 < steps["torch_ao_linears"] <= steps["linears"], name
         results = entry["latency"]["results"]
-        labels = {"fp32 onnxruntime", "int8 ours", "int8 quantize_static", "int8 quantize_dynamic"}
+        labels = {
+            "fp32 onnxruntime", "int8 ours", "int8 ours, weights=int8", "int8 quantize_static",
+            "int8 quantize_dynamic",
+        }  # fmt: skip
         assert set(results) == labels, name
         assert all(r["ms"] > 0 for r in results.values()), name
         # agreement is counted against fp32 onnxruntime's own argmax: 1 by construction there
         assert results["fp32 onnxruntime"]["agreement_with_fp32"] == 1.0, name
         assert results["fp32 onnxruntime"]["mac_ops"]["integer"] == 0, name
         assert results["int8 ours"]["mac_ops"]["integer"] > 0, name
+        assert results["int8 ours, weights=int8"]["mac_ops"]["float"] == 0, name
         assert results["int8 ours"]["size_ratio"] < 0.5, name
         assert set(entry["goals_met"]) == {
             "step <= 1.4x float",
