@@ -231,7 +231,7 @@ def export_onnx(
             ``"exact"`` (default): where a layer's codes go beyond +-64, as uint8 (codes and
             zero point + 128, the same real values), so that onnxruntime runs its u8 x u8
             kernels, which compute the integer model exactly on every x86 CPU. ``"int8"``:
-            as int8, for onnxruntime's u8 x s8 kernels: about 1.4x faster on a CPU with VNNI
+            as int8, for onnxruntime's u8 x s8 kernels: about 1.6x faster on a CPU with VNNI
             (AVX-512 VNNI, AVX-VNNI) or on ARM, where they are exact too; on an x86 CPU
             without VNNI (AVX2 only) they saturate at int16 and are not exact. The choice is
             recorded in the file's metadata (``qat_lightning.weights``).
