@@ -149,18 +149,22 @@ def gemm_2d(x: torch.Tensor, w: torch.Tensor, b: torch.Tensor) -> torch.Tensor:
     int32 accumulator, one requantization: the integer simulation's arithmetic). A 3-D
     ``MatMul`` + ``Add`` with a dynamic batch becomes ``MatMulIntegerToFloat`` and a float bias
     ``Add`` instead: slower, and one step off the integer model now and then."""
-    y = F.linear(x.reshape(-1, x.shape[-1]), w, b)
-    return y.reshape(*x.shape[:-1], y.shape[-1])
+    return _on_rows(x, lambda rows: F.linear(rows, w, b))
 
 
 def matmul_bias(x: torch.Tensor, w: torch.Tensor, b: torch.Tensor | None) -> torch.Tensor:
     """``x @ w + b`` for ``w`` of shape ``(in, out)`` (transformers' ``Conv1D``, attention
     projections); exported to ONNX as `gemm_2d` where there is a bias and ``x`` is 3-D+."""
     if b is not None and x.dim() > 2 and torch.onnx.is_in_onnx_export():
-        y = torch.matmul(x.reshape(-1, x.shape[-1]), w) + b
-        return y.reshape(*x.shape[:-1], y.shape[-1])
+        return _on_rows(x, lambda rows: torch.matmul(rows, w) + b)
     y = torch.matmul(x, w)
     return y if b is None else y + b
+
+
+def _on_rows(x: torch.Tensor, op) -> torch.Tensor:
+    """``op`` on ``x`` flattened to 2-D rows ``(-1, in)``, reshaped back to ``(..., out)``."""
+    y = op(x.reshape(-1, x.shape[-1]))
+    return y.reshape(*x.shape[:-1], y.shape[-1])
 
 
 class _QuantConvNd(QuantMAC):

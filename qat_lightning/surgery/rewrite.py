@@ -37,6 +37,7 @@ from qat_lightning.surgery.graph import (
     owner_of,
     trace,
 )
+from qat_lightning.surgery.modes import kept_modes
 
 Build = Callable[[FunctionalOp, str], nn.Module | None]
 
@@ -104,15 +105,11 @@ def check_mode_independent(owner: nn.Module, graph: fx.Graph) -> None:
     """Raise `ArgumentDependentGraph` if ``owner`` traces to other code in the other training
     mode or with grad mode toggled (its forward branches on them)."""
     code = _code(graph)
-    modes = [(m, m.training) for m in owner.modules()]
     try:
-        owner.train(not owner.training)
-        other_mode = _code(_trace_leaves(owner, keep_constants=False))
+        with kept_modes(owner, training=not owner.training):
+            other_mode = _code(_trace_leaves(owner, keep_constants=False))
     except Exception:  # does not even trace in the other mode
         other_mode = None
-    finally:
-        for module, training in modes:
-            module.training = training
     if other_mode != code:
         raise ArgumentDependentGraph(
             "its forward branches on self.training (its traced graph differs in train and "

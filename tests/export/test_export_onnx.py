@@ -27,7 +27,6 @@ from qat_lightning.export import onnx as export_onnx_module
 from qat_lightning.nn import QuantLinear
 from qat_lightning.nn.embedding import QuantEmbedding
 from qat_lightning.quant import QuantScheme
-from qat_lightning.surgery import quantize_model
 
 INT4, INT8, UINT8, INT32 = (
     onnx.TensorProto.INT4,
@@ -71,24 +70,6 @@ def test_ort_gives_exactly_the_integer_models_outputs(tmp_path) -> None:
     np.testing.assert_array_equal(ort_run(path, x), expected)
 
 
-def test_a_linear_on_token_sequences_runs_as_qgemm_and_is_exact(tmp_path) -> None:
-    # (batch, tokens, features) with a dynamic batch: exported as a 2-D Gemm
-    # with its int32 bias, onnxruntime fuses one QGemm per Linear (int32 accumulator + bias,
-    # one requantization, as the integer model). A 3-D MatMul + Add became a float-output
-    # MatMulIntegerToFloat and a float bias Add, one step off the integer model at times.
-    torch.manual_seed(0)
-    model = nn.Sequential(nn.Linear(48, 96), nn.ReLU(), nn.Linear(96, 16))
-    quantize_model(model)
-    calibrate(model, [torch.randn(8, 12, 48) * 2 for _ in range(2)])
-    path = export_onnx(model, torch.randn(2, 12, 48), tmp_path / "m.onnx")
-    ops = optimized_op_types(path, tmp_path)
-    assert ops["QGemm"] == 2 and ops["MatMulIntegerToFloat"] == 0, ops
-    x = torch.randn(5, 12, 48, generator=torch.Generator().manual_seed(1)) * 2  # other batch
-    with torch.no_grad():
-        expected = convert(model)(x).numpy()
-    np.testing.assert_array_equal(ort_run(path, x), expected)
-
-
 def test_signed_activations_travel_as_uint8_and_stay_exact(tmp_path) -> None:
     s8 = QuantScheme(bits=8, symmetric=True, signed=True)
     model = small_cnn(inputs=s8, width=32)
@@ -102,40 +83,6 @@ def test_signed_activations_travel_as_uint8_and_stay_exact(tmp_path) -> None:
     with torch.no_grad():
         expected = convert(model)(x).numpy()
     np.testing.assert_array_equal(ort_run(path, x), expected)
-
-
-def _cpu_has_vnni() -> bool:
-    try:
-        with open("/proc/cpuinfo") as f:
-            flags = f.read()
-    except OSError:
-        return False
-    return "avx512_vnni" in flags or "avx_vnni" in flags
-
-
-def test_int8_weights_are_signed_initializers_and_the_file_says_so(tmp_path) -> None:
-    model = small_cnn(width=32)  # per-channel min/max: codes up to 127, stored uint8 by default
-    exact = export_onnx(model, torch.randn(2, 3, 16, 16), tmp_path / "exact.onnx")
-    path = export_onnx(model, torch.randn(2, 3, 16, 16), tmp_path / "m.onnx", weights="int8")
-    exact_types, types = _initializer_types(exact), _initializer_types(path)
-    assert {v for k, v in exact_types.items() if k.endswith(".weight")} == {UINT8}
-    assert {v for k, v in types.items() if k.endswith(".weight")} == {onnx.TensorProto.INT8}
-    props = {p.key: p.value for p in onnx.load(str(path)).metadata_props}
-    assert json.loads(props["qat_lightning.weights"]) == "int8"
-    ops = optimized_op_types(path, tmp_path)
-    assert ops["QLinearConv"] >= 2 and ops["Conv"] == 0, ops
-    if not _cpu_has_vnni():
-        pytest.skip("this CPU has no VNNI: onnxruntime's u8 x s8 kernels are not exact here")
-    x = torch.randn(256, 3, 16, 16, generator=torch.Generator().manual_seed(1)) * 3
-    with torch.no_grad():
-        expected = convert(model)(x).numpy()
-    np.testing.assert_array_equal(ort_run(path, x), expected)
-
-
-def test_an_unknown_weights_form_is_refused_naming_the_allowed_ones(tmp_path) -> None:
-    with pytest.raises(ValueError, match=r"export_onnx\(weights='uint4'\) is invalid: allowed "):
-        export_onnx(small_cnn(), torch.randn(2, 3, 16, 16), tmp_path / "m.onnx", weights="uint4")
-    assert not (tmp_path / "m.onnx").exists()
 
 
 def test_the_batch_dimension_is_dynamic(tmp_path) -> None:
@@ -408,7 +355,6 @@ def test_several_inputs_and_dict_outputs_keep_the_models_names(tmp_path) -> None
 
 
 def test_metadata_records_version_schemes_and_the_given_metrics(tmp_path) -> None:
-    import json
 
     import qat_lightning
 
