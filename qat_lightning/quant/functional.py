@@ -12,6 +12,7 @@ import math
 
 import torch
 
+from qat_lightning.quant import cpu_fake_quant
 from qat_lightning.quant.scheme import QuantScheme
 
 # The smallest scale an encoding may have: an all-zero tensor must not give a NaN scale.
@@ -87,6 +88,7 @@ def fake_quantize(
     scale: torch.Tensor,
     zero_point: torch.Tensor,
     scheme: QuantScheme,
+    batch_range: tuple[float, float] | None = None,
 ) -> torch.Tensor:
     """Quantize and dequantize ``x`` in one fused kernel, with a straight-through gradient.
 
@@ -95,18 +97,25 @@ def fake_quantize(
     ``zero_point``) receive LSQ gradients.
 
     Per group (and per token) this is the per-channel kernel over ``x`` reshaped to rows of
-    the last axis, ``(numel // group_size, group_size)``, one scale per row.
+    the last axis, ``(numel // group_size, group_size)``, one scale per row. Per tensor on
+    the CPU it runs `cpu_fake_quant`'s vectorized kernels (the same values and gradient);
+    ``batch_range``, the finite ``(min, max)`` of ``x`` where the caller knows it, lets that
+    path skip the clipping work when nothing is outside the range.
     """
     if scheme.per_group or scheme.granularity == "per_token":
         width = scheme.group_size if scheme.per_group else x.shape[-1]
         rows, axis = x.reshape(-1, width), 0
     else:
         rows, axis = x, (scheme.axis % x.dim() if scheme.per_channel and x.dim() else 0)
-    y = _fake_quantize(rows, scale, zero_point, scheme, axis, lsq_grad_factor(x, scheme))
+    y = _fake_quantize(
+        rows, scale, zero_point, scheme, axis, lsq_grad_factor(x, scheme), batch_range
+    )
     return y.reshape(x.shape)
 
 
-def _fake_quantize(x, scale, zero_point, scheme: QuantScheme, axis: int, grad_factor: float):
+def _fake_quantize(
+    x, scale, zero_point, scheme: QuantScheme, axis: int, grad_factor: float, batch_range=None
+):
     qmin, qmax = scheme.qmin, scheme.qmax
     per_channel = scheme.multi_scale and scale.dim() > 0
     # The fused kernels take a float32 scale whatever x's dtype (a module moved to float64).
@@ -129,6 +138,9 @@ def _fake_quantize(x, scale, zero_point, scheme: QuantScheme, axis: int, grad_fa
         return torch.fake_quantize_per_channel_affine(
             x, scale.reshape(-1), zero_point.reshape(-1), axis, qmin, qmax
         )
+    fast = cpu_fake_quant.fake_quantize_per_tensor(x, scale, zero_point, qmin, qmax, batch_range)
+    if fast is not None:
+        return fast
     return torch.fake_quantize_per_tensor_affine(x, scale, zero_point, qmin, qmax)
 
 

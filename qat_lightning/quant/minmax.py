@@ -19,6 +19,8 @@ The calibrators that clip the range (percentile, MSE, histogram, entropy) are in
 
 from __future__ import annotations
 
+import math
+
 import torch
 from torch import nn
 
@@ -64,6 +66,9 @@ class Observer(nn.Module):
         shape = (0,) if scheme.per_channel or scheme.per_group else ()
         self.register_buffer("min_val", torch.full(shape, float("inf")))
         self.register_buffer("max_val", torch.full(shape, float("-inf")))
+        # The last observed batch's (min, max) as floats, where the per-tensor merge read
+        # them (both finite); None otherwise. Not state: it describes one call.
+        self.batch_range: tuple[float, float] | None = None
 
     @property
     def has_data(self) -> bool:
@@ -80,6 +85,7 @@ class Observer(nn.Module):
         """Update the statistics with ``x``; True when they are then known to be finite
         everywhere (so `has_data` holds without another host sync), False when unknown."""
         self._check_channels(x)
+        self.batch_range = None
         if x.numel() == 0:
             return False
         return bool(self._observe(x.detach().float()))
@@ -127,11 +133,18 @@ class Observer(nn.Module):
 
         ``(mx - mn) + (max_val - min_val)`` is finite exactly when all four are; an overflowing
         sum only sends a finite batch down the general path, which gives the same result.
+        Per tensor the sync reads the four values instead, and keeps the batch's range in
+        ``batch_range`` (fake quantization skips its clipping where nothing is outside).
         """
         old_mn, old_mx = self.min_val, self.max_val
         if old_mn.shape != mn.shape:
             return False
-        if not bool(torch.isfinite((mx - mn) + (old_mx - old_mn)).all()):
+        if mn.dim() == 0:
+            values = torch.stack((mn, mx, old_mn, old_mx)).tolist()
+            if not all(map(math.isfinite, values)):
+                return False
+            self.batch_range = (values[0], values[1])
+        elif not bool(torch.isfinite((mx - mn) + (old_mx - old_mn)).all()):
             return False
         old_mn.copy_(reduce_min(old_mn, mn))
         old_mx.copy_(reduce_max(old_mx, mx))

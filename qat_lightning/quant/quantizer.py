@@ -95,6 +95,8 @@ class Quantizer(nn.Module):
         self.register_buffer("initialized", torch.zeros((), dtype=torch.uint8))
         self._calibrating = False  # inside compute_encodings(): observe even in eval mode
         self._init_checked = False  # seen initialized, or warned that it is not (once)
+        # The (min, max) of the tensor `observe` just saw, where the observer read it.
+        self._observed_range: tuple[float, float] | None = None
         # Quantizers made during this one's compute_encodings() (a rewrite's fallback gives
         # back an input quantizer pruned against it), each with whether it calibrates on its
         # own data (its source left the model) or, on exit, takes this one's final encoding
@@ -231,7 +233,9 @@ class Quantizer(nn.Module):
         if self.scheme.learnable:
             with torch.no_grad():  # LSQ may push a step size through zero; keep it positive
                 self.scale.clamp_(min=EPS)
-        return fake_quantize(x, self.scale, self.zero_point, self.scheme)
+        return fake_quantize(
+            x, self.scale, self.zero_point, self.scheme, batch_range=self._observed_range
+        )
 
     def observe(self, x: torch.Tensor) -> bool:
         """The first half of ``forward`` for a static scheme: observe ``x`` (in training mode or
@@ -241,11 +245,13 @@ class Quantizer(nn.Module):
         call this, then fake-quantize with ``scale`` and ``zero_point`` themselves."""
         # Each flag is read once: on a GPU every read is a device-to-host sync.
         fake_quant_enabled = bool(self.fake_quant_enabled)
+        self._observed_range = None
         if (self.training or self._calibrating) and self.observer_enabled:
             try:
                 has_data = self.observer.observe(x)
             except ChannelCountError as error:
                 raise ChannelCountError(f"{self.describe()}: {error}") from error
+            self._observed_range = self.observer.batch_range
             if fake_quant_enabled and not self.scheme.learnable:
                 self._update_encodings(has_data)
         return fake_quant_enabled

@@ -1,0 +1,241 @@
+"""Per-tensor fake quantization on the CPU with vectorized kernels, bit-identical to ATen's.
+
+ATen's CPU fake-quant kernel (`torch.fake_quantize_per_tensor_affine`, and the cachemask
+variant torch.ao's `FakeQuantize` calls) runs a scalar loop: about 3 ns an element on one
+core, six times a GELU over the same tensor, and its backward converts the boolean mask to
+float before multiplying. In a QAT step that quantizes every activation these passes are a
+large part of the step. This path computes the same values with vectorized kernels:
+
+1. the inputs whose code is in range form one interval ``[lo, hi]`` of floats, since
+   ``round(x * (1/scale))`` is monotonic in ``x``; `in_range_interval` finds its two ends
+   exactly from the scale and zero point (float32 arithmetic, ties to even, as the kernel);
+2. ``clamped = clamp(nan_to_num(x), lo, hi)``, the mask is ``clamped == x``;
+3. codes are ``quantize_per_tensor(clamped)`` (fbgemm's vectorized rounding: in range by
+   construction, so it rounds exactly as ATen's kernel) and the output their dequantization;
+4. the backward is ``where(mask, grad, 0)``.
+
+Where the caller knows the tensor's min and max (the observer read them in the same host
+sync that checks them finite), a tensor entirely inside ``[lo, hi]`` skips steps 2 and 4:
+its codes are its quantization and its gradient passes unchanged.
+
+Non-finite inputs go where ATen's kernel puts them (NaN and -inf to the lowest code, +inf to
+the highest, mask off), and so do inputs far outside the range; the probe checks both.
+
+The path covers float32 contiguous CPU tensors with codes in ``[0, 255]`` (any zero point
+in it) or ``[-128, 127]``, a non-learnable scheme, outside ``torch.compile``; everything else
+takes ATen's kernel. `enabled` checks once, on a probe of ties, edges, NaN and infinities,
+that this build's quantize kernel agrees with ATen's fake quant, and otherwise never takes the
+path. ``QAT_LIGHTNING_CPU_FAKE_QUANT=0`` turns it off.
+"""
+
+from __future__ import annotations
+
+import functools
+import os
+import struct
+import warnings
+
+import torch
+
+# Below this many elements ATen's kernel is as fast: the interval and the extra ops cost more.
+MIN_NUMEL = 2048
+
+_F32 = struct.Struct("<f")
+_I32 = struct.Struct("<i")
+
+
+def _f32(v: float) -> float:
+    """``v`` rounded to float32 (once: the products rounded here are exact in float64)."""
+    return _F32.unpack(_F32.pack(v))[0]
+
+
+def _next_f32(v: float, up: bool) -> float:
+    """The float32 next to ``v`` (a float32 value, finite) towards +inf or -inf."""
+    if v == 0.0:  # the smallest subnormal, of the sign of the direction
+        return _F32.unpack(_I32.pack(1))[0] * (1.0 if up else -1.0)
+    bits = _I32.unpack(_F32.pack(v))[0]
+    bits += 1 if (v > 0) == up else -1
+    return _F32.unpack(_I32.pack(bits))[0]
+
+
+@functools.lru_cache(maxsize=4096)
+def in_range_interval(scale: float, zero_point: int, qmin: int, qmax: int) -> tuple | None:
+    """The float32 interval ``[lo, hi]`` of inputs whose code ``round(x * (1/scale)) +
+    zero_point`` (float32 product, ties to even) lies in ``[qmin, qmax]``; None if it cannot
+    be found here (a scale so large or small that the interval's ends leave float32)."""
+    inv = _f32(1.0 / scale)  # float64 division rounded once more: exact (53 >= 2 * 24 + 2)
+    if not (0.0 < inv < 3.0e38):
+        return None
+
+    def code(x: float) -> float:
+        return round(_f32(x * inv))
+
+    low, high = qmin - zero_point, qmax - zero_point
+    try:
+        lo = _f32((low - 0.5) * scale)
+        hi = _f32((high + 0.5) * scale)
+    except OverflowError:
+        return None
+    for _ in range(64):  # a few ulps at most; the bound only guards the loop
+        if code(lo) < low:
+            lo = _next_f32(lo, up=True)
+        elif code(_next_f32(lo, up=False)) >= low:
+            lo = _next_f32(lo, up=False)
+        else:
+            break
+    else:
+        return None
+    for _ in range(64):
+        if code(hi) > high:
+            hi = _next_f32(hi, up=False)
+        elif code(_next_f32(hi, up=True)) <= high:
+            hi = _next_f32(hi, up=True)
+        else:
+            break
+    else:
+        return None
+    return lo, hi
+
+
+def _code_dtype(qmin: int, qmax: int) -> torch.dtype | None:
+    if qmin >= 0 and qmax <= 255:
+        return torch.quint8
+    if qmin >= -128 and qmax <= 127:
+        return torch.qint8
+    return None
+
+
+def _forward(
+    x: torch.Tensor,
+    scale: float,
+    zero_point: int,
+    lo: float,
+    hi: float,
+    dtype,
+    want_mask: bool,
+    finite: bool = False,
+):
+    if finite:  # the caller saw the batch's min and max: no NaN or infinity to map
+        clamped = torch.clamp(x, lo, hi)
+    else:
+        clamped = torch.nan_to_num(x, nan=lo, posinf=hi, neginf=lo).clamp_(lo, hi)
+    mask = torch.eq(clamped, x) if want_mask else None
+    y = torch.quantize_per_tensor(clamped, scale, zero_point, dtype).dequantize()
+    return y, mask
+
+
+class _FakeQuantize(torch.autograd.Function):
+    @staticmethod
+    def forward(ctx, x, scale, zero_point, lo, hi, dtype, finite):
+        y, mask = _forward(x, scale, zero_point, lo, hi, dtype, want_mask=True, finite=finite)
+        ctx.save_for_backward(mask)
+        return y
+
+    @staticmethod
+    def backward(ctx, grad):
+        (mask,) = ctx.saved_tensors
+        return torch.where(mask, grad, 0.0), None, None, None, None, None, None
+
+
+class _FakeQuantizeInRange(torch.autograd.Function):
+    """Every element in ``[lo, hi]``: nothing to clip, the gradient passes unchanged (ATen's
+    mask is all ones)."""
+
+    @staticmethod
+    def forward(ctx, x, scale, zero_point, dtype):
+        return torch.quantize_per_tensor(x, scale, zero_point, dtype).dequantize()
+
+    @staticmethod
+    def backward(ctx, grad):
+        return grad, None, None, None
+
+
+def fake_quantize_per_tensor(
+    x: torch.Tensor,
+    scale: torch.Tensor,
+    zero_point: torch.Tensor,
+    qmin: int,
+    qmax: int,
+    batch_range: tuple[float, float] | None = None,
+) -> torch.Tensor | None:
+    """``torch.fake_quantize_per_tensor_affine(x, scale, zero_point, qmin, qmax)`` (values
+    and gradient) on the vectorized path, or None where the path does not apply (the caller
+    then runs ATen's kernel). ``batch_range``: the finite min and max of ``x``, where the
+    caller has them (an observer just read them); with it, a tensor inside the in-range
+    interval skips the clipping and the mask."""
+    if (
+        x.device.type != "cpu"
+        or x.dtype != torch.float32
+        or x.numel() < MIN_NUMEL
+        or not x.is_contiguous()
+        or scale.requires_grad
+        or torch.compiler.is_compiling()
+    ):
+        return None
+    dtype = _code_dtype(qmin, qmax)
+    if dtype is None or not enabled():
+        return None
+    s, z = float(scale), int(zero_point)
+    interval = in_range_interval(s, z, qmin, qmax)
+    if interval is None or not qmin <= z <= qmax:
+        return None
+    lo, hi = interval
+    grad = torch.is_grad_enabled() and x.requires_grad
+    if batch_range is not None and lo <= batch_range[0] and batch_range[1] <= hi:
+        if grad:
+            return _FakeQuantizeInRange.apply(x, s, z, dtype)
+        return torch.quantize_per_tensor(x, s, z, dtype).dequantize()
+    finite = batch_range is not None
+    if grad:
+        return _FakeQuantize.apply(x, s, z, lo, hi, dtype, finite)
+    return _forward(x, s, z, lo, hi, dtype, want_mask=False, finite=finite)[0]
+
+
+@functools.cache
+def enabled() -> bool:
+    """Whether the vectorized path is on: not turned off by the environment, and this build's
+    quantize kernel agrees with ATen's fake quant on a probe (checked once per process)."""
+    if os.environ.get("QAT_LIGHTNING_CPU_FAKE_QUANT", "1") == "0":
+        return False
+    with warnings.catch_warnings():
+        # torch warns once that quantized tensors are deprecated; this path never returns one.
+        warnings.simplefilter("ignore")
+        try:
+            return _probe_agrees()
+        except (RuntimeError, ValueError):
+            return False
+
+
+def _probe_agrees() -> bool:
+    g = torch.Generator().manual_seed(0)
+    for scale, zero_point, qmin, qmax in (
+        (0.05, 100, 0, 255),
+        (0.013, 0, -128, 127),
+        (0.3, 3, 0, 15),
+        (1e-3, 255, 0, 255),
+    ):
+        interval = in_range_interval(_f32(scale), zero_point, qmin, qmax)
+        if interval is None:
+            return False
+        k = torch.randint(qmin - zero_point - 3, qmax - zero_point + 4, (999,), generator=g)
+        x = torch.cat(
+            [
+                torch.randn(1000, generator=g) * scale * (qmax - qmin) / 3,
+                (k.float() + 0.5) * _f32(scale),  # ties
+                torch.tensor([*interval, float("nan"), float("inf"), float("-inf")]),
+                torch.tensor([1e9, -1e9, 3e30, -3e30]) * scale,  # far outside the range
+            ]
+        )
+        for edge in interval:
+            x = torch.cat([x, torch.tensor([_next_f32(edge, True), _next_f32(edge, False)])])
+        x.requires_grad_()
+        s = torch.tensor(_f32(scale))
+        z = torch.tensor(zero_point, dtype=torch.int32)
+        want = torch.fake_quantize_per_tensor_affine(x, s, z, qmin, qmax)
+        y = _FakeQuantize.apply(x, float(s), zero_point, *interval, _code_dtype(qmin, qmax), False)
+        upstream = torch.randn(x.shape, generator=g)
+        (want_grad,) = torch.autograd.grad(want, x, upstream)
+        (grad,) = torch.autograd.grad(y, x, upstream)
+        if not (torch.equal(y, want) and torch.equal(grad, want_grad)):
+            return False
+    return True
