@@ -16,7 +16,9 @@ large part of the step. This path computes the same values with vectorized kerne
 
 Where the caller knows the tensor's min and max (the observer read them in the same host
 sync that checks them finite), a tensor entirely inside ``[lo, hi]`` skips steps 2 and 4:
-its codes are its quantization and its gradient passes unchanged.
+its codes are its quantization and its gradient passes unchanged. Per channel (weights) only
+that case is taken: every channel's min and max in range (ATen's kernel checks the two ends),
+then ``quantize_per_channel`` and ``dequantize``.
 
 Non-finite inputs go where ATen's kernel puts them (NaN and -inf to the lowest code, +inf to
 the highest, mask off), and so do inputs far outside the range; the probe checks both.
@@ -191,6 +193,57 @@ def fake_quantize_per_tensor(
     return _forward(x, s, z, lo, hi, dtype, want_mask=False, finite=finite)[0]
 
 
+def fake_quantize_per_channel(
+    x: torch.Tensor,
+    scale: torch.Tensor,
+    zero_point: torch.Tensor,
+    axis: int,
+    qmin: int,
+    qmax: int,
+    batch_range: tuple[torch.Tensor, torch.Tensor],
+) -> torch.Tensor | None:
+    """``torch.fake_quantize_per_channel_affine`` where no element is clipped: the codes of
+    each channel's min and max (``batch_range``, from the observer that just saw ``x``) are
+    checked in range with ATen's own kernel (the in-range inputs of a channel are an
+    interval, so its two ends decide), then ``quantize_per_channel`` and ``dequantize`` give
+    the values and the gradient passes unchanged. None where anything is clipped or the path
+    does not apply (the caller runs ATen's kernel)."""
+    if (
+        x.device.type != "cpu"
+        or x.dtype != torch.float32
+        or x.numel() < MIN_NUMEL
+        or not x.is_contiguous()
+        or scale.requires_grad
+        or torch.compiler.is_compiling()
+    ):
+        return None
+    dtype = _code_dtype(qmin, qmax)
+    if dtype is None or not enabled():
+        return None
+    ends = torch.stack(batch_range, dim=1).float()
+    _, inside = torch.ops.aten.fake_quantize_per_channel_affine_cachemask(
+        ends, scale, zero_point, 0, qmin, qmax
+    )
+    if not bool(inside.all()):
+        return None
+    zero_point = zero_point.long()
+    if torch.is_grad_enabled() and x.requires_grad:
+        return _FakeQuantizeChannelsInRange.apply(x, scale, zero_point, axis, dtype)
+    return torch.quantize_per_channel(x, scale, zero_point, axis, dtype).dequantize()
+
+
+class _FakeQuantizeChannelsInRange(torch.autograd.Function):
+    """Per channel, every element in range: the gradient passes unchanged."""
+
+    @staticmethod
+    def forward(ctx, x, scale, zero_point, axis, dtype):
+        return torch.quantize_per_channel(x, scale, zero_point, axis, dtype).dequantize()
+
+    @staticmethod
+    def backward(ctx, grad):
+        return grad, None, None, None, None
+
+
 @functools.cache
 def enabled() -> bool:
     """Whether the vectorized path is on: not turned off by the environment, and this build's
@@ -237,5 +290,17 @@ def _probe_agrees() -> bool:
         (want_grad,) = torch.autograd.grad(want, x, upstream)
         (grad,) = torch.autograd.grad(y, x, upstream)
         if not (torch.equal(y, want) and torch.equal(grad, want_grad)):
+            return False
+    # Per channel the path quantizes in-range tensors only: ties and near-ties inside.
+    for axis, zero_point, qmin, qmax in ((0, 0, -128, 127), (1, 77, 0, 255)):
+        scale = torch.rand(5, generator=g) * 0.1 + 1e-3
+        shape = (5, 300) if axis == 0 else (300, 5)
+        view = (-1, 1) if axis == 0 else (1, -1)
+        k = torch.randint(qmin - zero_point, qmax - zero_point, shape, generator=g)
+        x = (k.float() + torch.tensor([0.5, 0.25, 0.0])[k % 3]) * scale.reshape(view)
+        z = torch.full((5,), zero_point, dtype=torch.int32)
+        want = torch.fake_quantize_per_channel_affine(x, scale, z, axis, qmin, qmax)
+        y = torch.quantize_per_channel(x, scale, z.long(), axis, _code_dtype(qmin, qmax))
+        if not torch.equal(y.dequantize(), want):
             return False
     return True

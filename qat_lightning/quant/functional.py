@@ -99,8 +99,9 @@ def fake_quantize(
     Per group (and per token) this is the per-channel kernel over ``x`` reshaped to rows of
     the last axis, ``(numel // group_size, group_size)``, one scale per row. Per tensor on
     the CPU it runs `cpu_fake_quant`'s vectorized kernels (the same values and gradient);
-    ``batch_range``, the finite ``(min, max)`` of ``x`` where the caller knows it, lets that
-    path skip the clipping work when nothing is outside the range.
+    ``batch_range``, the finite ``(min, max)`` of ``x`` where the caller knows it (floats per
+    tensor, per-channel tensors per channel), lets that path skip the clipping work when
+    nothing is outside the range (per channel it is the only case it takes).
     """
     if scheme.per_group or scheme.granularity == "per_token":
         width = scheme.group_size if scheme.per_group else x.shape[-1]
@@ -135,6 +136,12 @@ def _fake_quantize(
     if zero_point.dtype != torch.int32:
         zero_point = zero_point.round().to(torch.int32)
     if per_channel:
+        if scheme.per_channel and batch_range is not None:
+            fast = cpu_fake_quant.fake_quantize_per_channel(
+                x, scale.reshape(-1), zero_point.reshape(-1), axis, qmin, qmax, batch_range
+            )
+            if fast is not None:
+                return fast
         return torch.fake_quantize_per_channel_affine(
             x, scale.reshape(-1), zero_point.reshape(-1), axis, qmin, qmax
         )

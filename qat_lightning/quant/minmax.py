@@ -66,8 +66,9 @@ class Observer(nn.Module):
         shape = (0,) if scheme.per_channel or scheme.per_group else ()
         self.register_buffer("min_val", torch.full(shape, float("inf")))
         self.register_buffer("max_val", torch.full(shape, float("-inf")))
-        # The last observed batch's (min, max) as floats, where the per-tensor merge read
-        # them (both finite); None otherwise. Not state: it describes one call.
+        # The last observed batch's finite (min, max) where the merge saw them finite: floats
+        # per tensor, per-channel tensors per channel; None otherwise. Not state: it
+        # describes one call.
         self.batch_range: tuple[float, float] | None = None
 
     @property
@@ -146,6 +147,8 @@ class Observer(nn.Module):
             self.batch_range = (values[0], values[1])
         elif not bool(torch.isfinite((mx - mn) + (old_mx - old_mn)).all()):
             return False
+        elif self.scheme.per_channel:
+            self.batch_range = (mn, mx)  # per channel: tensors (read where they are used)
         old_mn.copy_(reduce_min(old_mn, mn))
         old_mx.copy_(reduce_max(old_mx, mx))
         return True

@@ -198,6 +198,41 @@ def test_a_training_quantizer_takes_the_shortcut_only_when_nothing_clips(observe
         assert torch.equal(y, want) and torch.equal(grad, want_grad)
 
 
+@FAST
+@given(
+    seed=st.integers(0, 2**31 - 1),
+    axis=st.sampled_from([0, 1]),
+    symmetric=st.booleans(),
+    bits=st.sampled_from([4, 8]),
+    shape=st.tuples(st.integers(1, 40), st.integers(1, 90)),
+)
+def test_per_channel_weights_equal_atens(seed, axis, symmetric, bits, shape):
+    """A per-channel weight quantizer that keeps observing (QAT) takes the path when no
+    channel clips; values and gradient are ATen's either way."""
+    g = torch.Generator().manual_seed(seed)
+    scheme = QuantScheme(
+        bits=bits, granularity="per_channel", axis=axis, symmetric=symmetric, signed=symmetric
+    )
+    ours = Quantizer(scheme).train()
+    w0 = torch.randn(shape, generator=g) * (1 + 10 * torch.rand((), generator=g))
+    with ours.compute_encodings():
+        ours(w0)
+    ours.enable_observer(True)
+    w = (w0 + 0.3 * torch.randn(shape, generator=g)).requires_grad_()
+    y = ours(w)
+    scale, zero_point = ours.encoding()
+    want = torch.fake_quantize_per_channel_affine(
+        w, scale, zero_point, axis, scheme.qmin, scheme.qmax
+    )
+    upstream = torch.randn(shape, generator=g)
+    (want_grad,) = torch.autograd.grad(want, w, upstream)
+    (grad,) = torch.autograd.grad(y, w, upstream)
+    assert torch.equal(y, want) and torch.equal(grad, want_grad)
+    clipped = bool((want_grad != upstream).any())
+    node = y.grad_fn.next_functions[0][0].name()  # under fake_quantize's reshape
+    assert node.startswith("_FakeQuantizeChannelsInRange") == (not clipped)
+
+
 def test_a_quantize_kernel_that_disagrees_turns_the_path_off(monkeypatch):
     real = torch.quantize_per_tensor
 
