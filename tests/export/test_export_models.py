@@ -104,10 +104,12 @@ def exported(request, tmp_path_factory):
 def test_onnxruntime_agrees_with_the_integer_model(exported) -> None:
     # uint8 activations and weights run onnxruntime's exact u8 x u8 kernels on every x86 CPU
     # (int8 ones saturate without VNNI: mobilenet_v2's top-1 agreed on 30 % on AVX2); a few
-    # logits stay some steps apart (requantization rounding in fused adds and pools)
+    # logits stay some steps apart (requantization rounding in fused adds and pools, which
+    # differs between CPUs: mobilenet_v2 had <= 1 % of logits off by at most 4 steps on an
+    # AMD EPYC, 1.9 % by at most 5 on an Intel Xeon with AMX)
     steps = np.abs(exported["ort"] - exported["integer"]) / exported["lsb"]
-    assert (steps > 0.5).mean() <= 0.01, (steps > 0.5).mean()
-    assert steps.max() <= 4.001, steps.max()
+    assert (steps > 0.5).mean() <= 0.025, (steps > 0.5).mean()
+    assert steps.max() <= 6.001, steps.max()
     assert (exported["ort"].argmax(1) == exported["integer"].argmax(1)).all()
 
 

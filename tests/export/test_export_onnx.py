@@ -154,6 +154,10 @@ SCHEMES = {
     "16-bit activations": (QuantScheme(bits=16, symmetric=False, signed=True), W8),
     "learnable (LSQ) scales": (U8.replace(learnable=True), W8.replace(learnable=True)),
 }
+# onnxruntime has no 16-bit integer kernels: it runs those Q/DQ pairs around float convs, whose
+# rounding a 16-bit step (1/256 of an 8-bit one) sees. Measured within one step: >= 99 % on an
+# AMD EPYC (AVX-512 VNNI), 98.9 % on an Intel Xeon (AMX) of the project's machines.
+WITHIN_MIN = {"16-bit activations": 0.98}
 
 
 @pytest.mark.parametrize("name", list(SCHEMES))
@@ -161,7 +165,8 @@ def test_other_schemes_export_exactly(name, tmp_path) -> None:
     inputs, params = SCHEMES[name]
     model = small_cnn(inputs, params)
     path = export_onnx(model, torch.randn(2, 3, 16, 16), tmp_path / "m.onnx")
-    _check_against_integer_model(model, torch.randn(128, 3, 16, 16), path)
+    within_min = WITHIN_MIN.get(name, 0.99)
+    _check_against_integer_model(model, torch.randn(128, 3, 16, 16), path, within_min)
 
 
 def test_signed_activations_still_fuse_into_integer_kernels(tmp_path) -> None:
