@@ -33,7 +33,7 @@ def _every_size(monkeypatch):
 def encodings(draw):
     qmin, qmax = draw(st.sampled_from(RANGES))
     scale = _f32(10 ** draw(st.floats(-6, 3)))
-    zero_point = draw(st.integers(qmin, qmax)) if qmin == 0 else 0
+    zero_point = draw(st.integers(qmin, qmax))  # affine signed schemes too
     return scale, zero_point, qmin, qmax
 
 
