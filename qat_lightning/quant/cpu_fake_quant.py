@@ -32,6 +32,7 @@ path. ``QAT_LIGHTNING_CPU_FAKE_QUANT=0`` turns it off.
 
 from __future__ import annotations
 
+import contextlib
 import functools
 import os
 import struct
@@ -251,13 +252,30 @@ def enabled() -> bool:
     quantize kernel agrees with ATen's fake quant on a probe (checked once per process)."""
     if os.environ.get("QAT_LIGHTNING_CPU_FAKE_QUANT", "1") == "0":
         return False
-    with warnings.catch_warnings():
+    # The first call may come from anywhere (a validation loop in inference mode, no_grad, a
+    # float64 default dtype): the probe sets its own context, so its answer never depends on it.
+    with (
+        warnings.catch_warnings(),
+        torch.inference_mode(False),
+        torch.enable_grad(),
+        _default_dtype(torch.float32),
+    ):
         # torch warns once that quantized tensors are deprecated; this path never returns one.
         warnings.simplefilter("ignore")
         try:
             return _probe_agrees()
         except (RuntimeError, ValueError):
             return False
+
+
+@contextlib.contextmanager
+def _default_dtype(dtype: torch.dtype):
+    was = torch.get_default_dtype()
+    torch.set_default_dtype(dtype)
+    try:
+        yield
+    finally:
+        torch.set_default_dtype(was)
 
 
 def _probe_agrees() -> bool:

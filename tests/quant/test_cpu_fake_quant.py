@@ -6,6 +6,8 @@ NaN, infinities and inputs far outside the range; where the path does not apply,
 probe disagrees, ATen's kernel runs.
 """
 
+import contextlib
+
 import pytest
 import torch
 from hypothesis import given, settings
@@ -258,6 +260,33 @@ def test_a_quantize_kernel_that_disagrees_turns_the_path_off(monkeypatch):
         assert torch.equal(got, want)
     finally:
         cpu_fake_quant.enabled.cache_clear()
+
+
+@pytest.mark.parametrize(
+    "context",
+    [torch.inference_mode, torch.no_grad, lambda: _float64_default()],
+    ids=["inference_mode", "no_grad", "float64 default"],
+)
+def test_the_probes_answer_does_not_depend_on_where_it_first_runs(context):
+    """The first fake quant of a process may run in a validation loop (inference mode) or
+    under no_grad; the probe must still find the kernels agree (it once said no there, and the
+    path stayed off for the whole process)."""
+    cpu_fake_quant.enabled.cache_clear()
+    try:
+        with context():
+            assert cpu_fake_quant.enabled()
+    finally:
+        cpu_fake_quant.enabled.cache_clear()
+    assert torch.get_default_dtype() == torch.float32
+
+
+@contextlib.contextmanager
+def _float64_default():
+    torch.set_default_dtype(torch.float64)
+    try:
+        yield
+    finally:
+        torch.set_default_dtype(torch.float32)
 
 
 def test_the_environment_turns_the_path_off(monkeypatch):
