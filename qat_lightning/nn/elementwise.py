@@ -158,7 +158,7 @@ class QuantAdd(_QuantElementwise, Add):
     @integer_in_eval
     def forward(self, a: torch.Tensor, b: torch.Tensor) -> torch.Tensor:
         y = self.fq_input(a, 0) + self.fq_input(b, 1)
-        return self.fq_output(torch.relu(y) if self.fused_relu else y)
+        return self.fq_output_after_relu(y) if self.fused_relu else self.fq_output(y)
 
     def quantized_forward(self, a: QTensor, b: QTensor) -> QTensor:
         a, b = self.input_qtensor(a, 0), self.input_qtensor(b, 1)

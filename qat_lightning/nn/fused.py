@@ -20,7 +20,6 @@ from __future__ import annotations
 from typing import Any, ClassVar, TypeVar
 
 import torch
-import torch.nn.functional as F
 from torch import nn
 from torch.nn.modules.batchnorm import _BatchNorm
 
@@ -252,7 +251,7 @@ class _FusedBn:
             weight, bias = self._exact_fold()
             y = self._mac(x, self.fq_param("weight", weight), self.fq_bias(bias))
         if self._relu:
-            y = F.relu(y)
+            return self.fq_output_after_relu(y)
         return self.fq_output(y)
 
     def _simulated_fold(self, x: torch.Tensor) -> torch.Tensor:

@@ -46,6 +46,7 @@ MIN_NUMEL = 4096
 
 _F32 = struct.Struct("<f")
 _I32 = struct.Struct("<i")
+_TINY = _F32.unpack(_I32.pack(1))[0]  # the smallest positive float32 (a subnormal)
 
 
 def _f32(v: float) -> float:
@@ -56,7 +57,7 @@ def _f32(v: float) -> float:
 def _next_f32(v: float, up: bool) -> float:
     """The float32 next to ``v`` (a float32 value, finite) towards +inf or -inf."""
     if v == 0.0:  # the smallest subnormal, of the sign of the direction
-        return _F32.unpack(_I32.pack(1))[0] * (1.0 if up else -1.0)
+        return _TINY if up else -_TINY
     bits = _I32.unpack(_F32.pack(v))[0]
     bits += 1 if (v > 0) == up else -1
     return _F32.unpack(_I32.pack(bits))[0]
@@ -167,14 +168,7 @@ def fake_quantize_per_tensor(
     then runs ATen's kernel). ``batch_range``: the finite min and max of ``x``, where the
     caller has them (an observer just read them); with it, a tensor inside the in-range
     interval skips the clipping and the mask."""
-    if (
-        x.device.type != "cpu"
-        or x.dtype != torch.float32
-        or x.numel() < MIN_NUMEL
-        or not x.is_contiguous()
-        or scale.requires_grad
-        or torch.compiler.is_compiling()
-    ):
+    if scale.requires_grad or not _applies(x):
         return None
     dtype = _code_dtype(qmin, qmax)
     if dtype is None or not enabled():
@@ -195,6 +189,73 @@ def fake_quantize_per_tensor(
     return _forward(x, s, z, lo, hi, dtype, want_mask=False, finite=finite)[0]
 
 
+class _FakeQuantizeMasked(torch.autograd.Function):
+    """Values computed elsewhere (without autograd), gradient ``where(mask, grad, 0)``."""
+
+    @staticmethod
+    def forward(ctx, x, values, mask):
+        ctx.save_for_backward(mask)
+        return values
+
+    @staticmethod
+    def backward(ctx, grad):
+        (mask,) = ctx.saved_tensors
+        return torch.where(mask, grad, 0.0), None, None
+
+
+def fake_quantize_after_relu(
+    y: torch.Tensor,
+    relu_y: torch.Tensor,
+    scale: torch.Tensor,
+    zero_point: torch.Tensor,
+    qmin: int,
+    qmax: int,
+    batch_range: tuple[float, float] | None,
+) -> torch.Tensor | None:
+    """``torch.fake_quantize_per_tensor_affine(torch.relu(y), ...)``, values and gradient,
+    as one autograd node that keeps one boolean mask for both (ReLU alone keeps its float
+    output for its backward: four bytes an element where this keeps one). ``relu_y`` is
+    ``relu(y)`` computed without autograd, ``batch_range`` its finite min and max (the
+    observer's); None where the path does not apply (the caller runs ReLU, then the plain
+    fake quant).
+
+    The zero point lies in ``[qmin, qmax]``, so 0 is in range (``lo <= 0 <= hi``): the codes
+    are those of ``min(relu(y), hi)``, and both gradients pass exactly where ``0 < y <= hi``.
+    (No subnormal constant stands in for 0 here: arithmetic on subnormals is some twenty
+    times slower on x86.)
+    """
+    if batch_range is None or not _applies(y):
+        return None
+    dtype = _code_dtype(qmin, qmax)
+    if dtype is None or not enabled():
+        return None
+    s, z = float(scale), int(zero_point)
+    interval = in_range_interval(s, z, qmin, qmax)
+    if interval is None or not qmin <= z <= qmax:
+        return None
+    hi = interval[1]
+    with torch.no_grad():
+        if batch_range[1] <= hi:  # nothing clipped above: only ReLU's mask
+            values = torch.quantize_per_tensor(relu_y, s, z, dtype).dequantize()
+            mask = torch.gt(y, 0)
+        else:
+            clipped = torch.clamp(relu_y, max=hi)
+            values = torch.quantize_per_tensor(clipped, s, z, dtype).dequantize()
+            mask = torch.gt(y, 0).logical_and_(torch.le(y, hi))
+    return _FakeQuantizeMasked.apply(y, values, mask)
+
+
+def _applies(x: torch.Tensor) -> bool:
+    """The tensor conditions of the vectorized path (the code range is checked apart)."""
+    return (
+        x.device.type == "cpu"
+        and x.dtype == torch.float32
+        and x.numel() >= MIN_NUMEL
+        and x.is_contiguous()
+        and not torch.compiler.is_compiling()
+    )
+
+
 def fake_quantize_per_channel(
     x: torch.Tensor,
     scale: torch.Tensor,
@@ -210,14 +271,7 @@ def fake_quantize_per_channel(
     interval, so its two ends decide), then ``quantize_per_channel`` and ``dequantize`` give
     the values and the gradient passes unchanged. None where anything is clipped or the path
     does not apply (the caller runs ATen's kernel)."""
-    if (
-        x.device.type != "cpu"
-        or x.dtype != torch.float32
-        or x.numel() < MIN_NUMEL
-        or not x.is_contiguous()
-        or scale.requires_grad
-        or torch.compiler.is_compiling()
-    ):
+    if scale.requires_grad or not _applies(x):
         return None
     dtype = _code_dtype(qmin, qmax)
     if dtype is None or not enabled():
