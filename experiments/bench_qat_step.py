@@ -8,7 +8,8 @@ fused); with ``--peers``, Brevitas, AIMET, NNCF, ModelOpt and torchao as `peer_s
 them. Steps are interleaved round by round, so machine noise hits all sides alike; the figures
 are medians and ratios over float, with each side's loss after the rounds (the same steps on
 the same batches). ``--memory`` adds each side's train-step memory (peak resident memory of
-three steps over the memory before them, a child process per side). Then the validation
+three steps over the memory before them, a child process per side; and, exactly, the tensors
+one forward saves for backward besides parameters and buffers). Then the validation
 forward (eval mode, no autograd) of float, of our model in fake quant and of our model in
 eval's default integer simulation.
 
@@ -131,7 +132,25 @@ def peak_step_memory(args: argparse.Namespace, side: str) -> dict:
     Path("/proc/self/clear_refs").write_text("5")  # reset the peak (VmHWM) to the current RSS
     for _ in range(3):
         step()
-    return {"step_peak_mib": round((_status_kib("VmHWM") - before) / 1024, 1)}
+    peak = round((_status_kib("VmHWM") - before) / 1024, 1)
+    return {"step_peak_mib": peak, "saved_for_backward_mib": saved_for_backward_mib(step)}
+
+
+def saved_for_backward_mib(step: TrainSteps) -> float:
+    """What one forward keeps for its backward, besides parameters and buffers: the
+    activation memory of a step, counted per storage (exact, unlike the resident peak)."""
+    storages: dict[int, int] = {}
+
+    def pack(t: torch.Tensor) -> torch.Tensor:
+        storages[t.untyped_storage().data_ptr()] = t.untyped_storage().nbytes()
+        return t
+
+    x, _ = step.batches[0]
+    with torch.autograd.graph.saved_tensors_hooks(pack, lambda t: t):
+        step.model(x)
+    state = (*step.model.parameters(), *step.model.buffers())
+    own = {t.untyped_storage().data_ptr() for t in state}
+    return round(sum(n for ptr, n in storages.items() if ptr not in own) / 2**20, 1)
 
 
 def _status_kib(field: str) -> int:
@@ -287,9 +306,11 @@ def main() -> None:
     if args.memory:
         memory = memory_of_sides(args, list(models), log)
         base = memory["float"].get("step_peak_mib")
+        saved = memory["float"].get("saved_for_backward_mib")
         figures["step_memory"] = {
-            k: {**v, **({"ratio_over_float": round(v["step_peak_mib"] / base, 3)}
-                        if base and "step_peak_mib" in v else {})}
+            k: {**v, **({"ratio_over_float": round(v["step_peak_mib"] / base, 3),
+                         "saved_ratio_over_float": round(v["saved_for_backward_mib"] / saved, 3)}
+                        if base and saved and "step_peak_mib" in v else {})}
             for k, v in memory.items()
         }  # fmt: skip
     print(json.dumps(figures))
@@ -304,20 +325,23 @@ def print_table(figures: dict) -> None:
     )
     print(
         "| side | step s median (min) | over float median (min) | loss after {} steps "
-        "| step memory over float |".format(figures["steps_trained"])
+        "| step memory over float | saved for backward over float |".format(
+            figures["steps_trained"]
+        )
     )
-    print("|---|---:|---:|---:|---:|")
+    print("|---|---:|---:|---:|---:|---:|")
     for side, seconds in figures["median_step_s"].items():
         ratio = figures["ratio_over_float"].get(side, 1.0)
         min_ratio = figures["min_ratio_over_float"].get(side, 1.0)
         mem = memory.get(side, {}).get("ratio_over_float", "")
+        saved = memory.get(side, {}).get("saved_ratio_over_float", "")
         loss = figures["loss_after_steps"][side]
         print(
             f"| {side} | {seconds:.3f} ({figures['min_step_s'][side]:.3f}) "
-            f"| {ratio:.3f} ({min_ratio:.3f}) | {loss:.4f} | {mem} |"
+            f"| {ratio:.3f} ({min_ratio:.3f}) | {loss:.4f} | {mem} | {saved} |"
         )
     for side, error in figures["peer_errors"].items():
-        print(f"| {side} | failed: {error} | | | |")
+        print(f"| {side} | failed: {error} | | | | |")
     print("\n| validation forward | median s | over float |\n|---|---:|---:|")
     for side, seconds in figures["eval_forward_s"].items():
         print(f"| {side} | {seconds:.3f} | {figures['eval_ratio_over_float'][side]:.3f} |")

@@ -68,6 +68,9 @@ def test_bench_qat_step_reports_ratios_memory_and_missing_peers():
     memory = figures["step_memory"]
     assert set(memory) == {"float", "qat_lightning", "torch_ao"}
     assert all(side["step_peak_mib"] > 0 for side in memory.values())
+    # QAT keeps more for backward than float does (masks, fake-quantized inputs), never less
+    saved = {side: memory[side]["saved_for_backward_mib"] for side in memory}
+    assert saved["float"] > 0 and saved["qat_lightning"] > saved["float"], saved
     assert figures["cpu"]
 
 
