@@ -21,7 +21,9 @@ that case is taken: every channel's min and max in range (ATen's kernel checks t
 then ``quantize_per_channel`` and ``dequantize``.
 
 Non-finite inputs go where ATen's kernel puts them (NaN and -inf to the lowest code, +inf to
-the highest, mask off), and so do inputs far outside the range; the probe checks both.
+the highest, mask off), and so do inputs far outside the range; the probe checks both. The
+gradient of a clipped element is +0 where ATen's multiply by its mask gives -0 (a negative
+upstream gradient) or NaN (a non-finite one): equal values otherwise.
 
 The path covers float32 contiguous CPU tensors with codes in ``[0, 255]`` (any zero point
 in it) or ``[-128, 127]``, a non-learnable scheme, outside ``torch.compile``; everything else
