@@ -170,16 +170,12 @@ def fake_quantize_per_tensor(
     then runs ATen's kernel). ``batch_range``: the finite min and max of ``x``, where the
     caller has them (an observer just read them); with it, a tensor inside the in-range
     interval skips the clipping and the mask."""
-    if scale.requires_grad or not _applies(x):
+    if scale.requires_grad:
         return None
-    dtype = _code_dtype(qmin, qmax)
-    if dtype is None or not enabled():
+    setup = _per_tensor(x, scale, zero_point, qmin, qmax)
+    if setup is None:
         return None
-    s, z = float(scale), int(zero_point)
-    interval = in_range_interval(s, z, qmin, qmax)
-    if interval is None or not qmin <= z <= qmax:
-        return None
-    lo, hi = interval
+    s, z, lo, hi, dtype = setup
     grad = torch.is_grad_enabled() and x.requires_grad
     if batch_range is not None and lo <= batch_range[0] and batch_range[1] <= hi:
         if grad:
@@ -226,16 +222,10 @@ def fake_quantize_after_relu(
     (No subnormal constant stands in for 0 here: arithmetic on subnormals is some twenty
     times slower on x86.)
     """
-    if batch_range is None or not _applies(y):
+    setup = None if batch_range is None else _per_tensor(y, scale, zero_point, qmin, qmax)
+    if setup is None:
         return None
-    dtype = _code_dtype(qmin, qmax)
-    if dtype is None or not enabled():
-        return None
-    s, z = float(scale), int(zero_point)
-    interval = in_range_interval(s, z, qmin, qmax)
-    if interval is None or not qmin <= z <= qmax:
-        return None
-    hi = interval[1]
+    s, z, _, hi, dtype = setup
     with torch.no_grad():
         if batch_range[1] <= hi:  # nothing clipped above: only ReLU's mask
             values = torch.quantize_per_tensor(relu_y, s, z, dtype).dequantize()
@@ -245,6 +235,19 @@ def fake_quantize_after_relu(
             values = torch.quantize_per_tensor(clipped, s, z, dtype).dequantize()
             mask = torch.gt(y, 0).logical_and_(torch.le(y, hi))
     return _FakeQuantizeMasked.apply(y, values, mask)
+
+
+def _per_tensor(x, scale, zero_point, qmin: int, qmax: int) -> tuple | None:
+    """``(scale, zero_point, lo, hi, code dtype)`` as Python values where the per-tensor
+    path applies to ``x`` and this encoding, else None."""
+    dtype = _code_dtype(qmin, qmax)
+    if dtype is None or not _applies(x) or not enabled():
+        return None
+    s, z = float(scale), int(zero_point)
+    interval = in_range_interval(s, z, qmin, qmax)
+    if interval is None or not qmin <= z <= qmax:
+        return None
+    return s, z, *interval, dtype
 
 
 def _applies(x: torch.Tensor) -> bool:
