@@ -44,7 +44,7 @@ from qat_lightning.nn.integer_eval import (
     integer_eval_allowed,
     tensor_inputs,
 )
-from qat_lightning.nn.split_fake_quant import must_be_called
+from qat_lightning.nn.split_fake_quant import after_relu, must_be_called
 from qat_lightning.quant import QTensor, Quantizer, QuantScheme
 from qat_lightning.quant.functional import dequantize_ste, quantize_ste
 
@@ -199,11 +199,11 @@ class QuantModule(nn.Module):
 
     def fq_output_after_relu(self, y: torch.Tensor) -> torch.Tensor:
         """``fq_output(torch.relu(y))``; an output quantizer without hooks of its own takes
-        `Quantizer.after_relu` (one gradient mask for both, instead of ReLU's saved output)."""
+        `split_fake_quant.after_relu` (one gradient mask for both, not ReLU's saved output)."""
         quantizer = self.output_quantizers[0]
         if quantizer is None or must_be_called(quantizer):
             return self.fq_output(torch.relu(y))
-        return quantizer.after_relu(y)
+        return after_relu(quantizer, y)
 
     def fq_param(self, name: str, value: torch.Tensor | None = None) -> torch.Tensor | None:
         """Fake-quantized parameter ``name`` (or ``value`` standing in for it, e.g. BN-folded)."""

@@ -4,7 +4,8 @@ quantizers that hold the same encoding (self-attention's q, k and v inputs, `att
 
 `observe` is the first half of ``quantizer(x)`` (`Quantizer.observe`, then the
 uncalibrated-use warning, as `Quantizer.forward` runs them); the caller then fake-quantizes
-with the quantizer's encoding.
+with the quantizer's encoding. `after_relu` is ``quantizer(relu(y))`` that way: fused ReLU
+layers observe ``relu(y)`` and fake-quantize it in one autograd node with ReLU's gradient.
 A quantizer with forward hooks (health probes, sensitivity counts) expects to be called, and
 a subclass (`export.qdq.FrozenQuantizer`: QDQ nodes under ONNX export) has its own forward,
 so callers take the plain path for those (`must_be_called`). The tests compare these paths
@@ -16,7 +17,8 @@ from __future__ import annotations
 import torch
 from torch import nn
 
-from qat_lightning.quant import Quantizer
+from qat_lightning.quant import Quantizer, cpu_fake_quant
+from qat_lightning.quant.functional import fake_quantize
 
 _GLOBAL_HOOKS = (
     nn.modules.module._global_forward_hooks,
@@ -43,3 +45,31 @@ def observe(quantizer: Quantizer, x: torch.Tensor) -> bool:
     if fake_quant_enabled and not quantizer._init_checked:
         quantizer._check_initialized()
     return fake_quant_enabled
+
+
+def after_relu(quantizer: Quantizer, y: torch.Tensor) -> torch.Tensor:
+    """``quantizer(torch.relu(y))``, the same values, gradient and quantizer state. While
+    training on the CPU (8-bit per-tensor static scheme, observer on) it is one autograd node
+    that keeps one boolean mask for ReLU's and the fake quant's gradients, where ReLU alone
+    would keep its float output: a quarter of the memory for backward
+    (`cpu_fake_quant.fake_quantize_after_relu`). Callers check `must_be_called` first."""
+    s = quantizer.scheme
+    if (
+        s.dynamic
+        or s.learnable
+        or s.representation == "fixed_point"
+        or s.multi_scale
+        or not (torch.is_grad_enabled() and y.requires_grad)
+    ):
+        return quantizer(torch.relu(y))
+    with torch.no_grad():
+        relu_y = torch.relu(y)
+    if not observe(quantizer, relu_y):
+        return torch.relu(y)  # fake quantization off
+    scale, zero_point, observed = quantizer.scale, quantizer.zero_point, quantizer._observed_range
+    out = cpu_fake_quant.fake_quantize_after_relu(
+        y, relu_y, scale, zero_point, s.qmin, s.qmax, observed
+    )
+    if out is not None:
+        return out
+    return fake_quantize(torch.relu(y), scale, zero_point, s, batch_range=observed)

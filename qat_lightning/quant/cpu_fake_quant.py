@@ -112,49 +112,54 @@ def _code_dtype(qmin: int, qmax: int) -> torch.dtype | None:
     return None
 
 
-def _forward(
-    x: torch.Tensor,
-    scale: float,
-    zero_point: int,
-    lo: float,
-    hi: float,
-    dtype,
-    want_mask: bool,
-    finite: bool = False,
-):
-    if finite:  # the caller saw the batch's min and max: no NaN or infinity to map
-        clamped = torch.clamp(x, lo, hi)
-    else:
-        clamped = torch.nan_to_num(x, nan=lo, posinf=hi, neginf=lo).clamp_(lo, hi)
-    mask = torch.eq(clamped, x) if want_mask else None
-    y = torch.quantize_per_tensor(clamped, scale, zero_point, dtype).dequantize()
-    return y, mask
+def _clip_and_quantize(
+    x: torch.Tensor, scale: float, zero_point: int, lo: float, hi: float, dtype, finite: bool
+) -> tuple[torch.Tensor, torch.Tensor]:
+    """Values and mask of the clipping case, without autograd."""
+    with torch.no_grad():
+        if finite:  # the caller saw the batch's min and max: no NaN or infinity to map
+            clamped = torch.clamp(x, lo, hi)
+        else:
+            clamped = torch.nan_to_num(x, nan=lo, posinf=hi, neginf=lo).clamp_(lo, hi)
+        values = torch.quantize_per_tensor(clamped, scale, zero_point, dtype).dequantize()
+        return values, torch.eq(clamped, x)
 
 
-class _FakeQuantize(torch.autograd.Function):
+class _FakeQuantizeMasked(torch.autograd.Function):
+    """Values computed without autograd; the gradient ``where(mask, grad, 0)``."""
+
     @staticmethod
-    def forward(ctx, x, scale, zero_point, lo, hi, dtype, finite):
-        y, mask = _forward(x, scale, zero_point, lo, hi, dtype, want_mask=True, finite=finite)
+    def forward(ctx, x, values, mask):
         ctx.save_for_backward(mask)
-        return y
+        return values
 
     @staticmethod
     def backward(ctx, grad):
         (mask,) = ctx.saved_tensors
-        return torch.where(mask, grad, 0.0), None, None, None, None, None, None
+        return torch.where(mask, grad, 0.0), None, None
 
 
 class _FakeQuantizeInRange(torch.autograd.Function):
-    """Every element in ``[lo, hi]``: nothing to clip, the gradient passes unchanged (ATen's
-    mask is all ones)."""
+    """Values computed without autograd, every element in range: nothing clipped, the gradient
+    passes unchanged (ATen's mask is all ones)."""
 
     @staticmethod
-    def forward(ctx, x, scale, zero_point, dtype):
-        return torch.quantize_per_tensor(x, scale, zero_point, dtype).dequantize()
+    def forward(ctx, x, values):
+        return values
 
     @staticmethod
     def backward(ctx, grad):
-        return grad, None, None, None
+        return grad, None
+
+
+def _with_gradient(x: torch.Tensor, values: torch.Tensor, mask: torch.Tensor | None):
+    """``values`` as the output of ``x``: masked, passed through (no mask), or as they are
+    where no gradient is asked for."""
+    if not (torch.is_grad_enabled() and x.requires_grad):
+        return values
+    if mask is None:
+        return _FakeQuantizeInRange.apply(x, values)
+    return _FakeQuantizeMasked.apply(x, values, mask)
 
 
 def fake_quantize_per_tensor(
@@ -176,29 +181,12 @@ def fake_quantize_per_tensor(
     if setup is None:
         return None
     s, z, lo, hi, dtype = setup
-    grad = torch.is_grad_enabled() and x.requires_grad
     if batch_range is not None and lo <= batch_range[0] and batch_range[1] <= hi:
-        if grad:
-            return _FakeQuantizeInRange.apply(x, s, z, dtype)
-        return torch.quantize_per_tensor(x, s, z, dtype).dequantize()
-    finite = batch_range is not None
-    if grad:
-        return _FakeQuantize.apply(x, s, z, lo, hi, dtype, finite)
-    return _forward(x, s, z, lo, hi, dtype, want_mask=False, finite=finite)[0]
-
-
-class _FakeQuantizeMasked(torch.autograd.Function):
-    """Values computed elsewhere (without autograd), gradient ``where(mask, grad, 0)``."""
-
-    @staticmethod
-    def forward(ctx, x, values, mask):
-        ctx.save_for_backward(mask)
-        return values
-
-    @staticmethod
-    def backward(ctx, grad):
-        (mask,) = ctx.saved_tensors
-        return torch.where(mask, grad, 0.0), None, None
+        with torch.no_grad():
+            values = torch.quantize_per_tensor(x, s, z, dtype).dequantize()
+        return _with_gradient(x, values, None)
+    values, mask = _clip_and_quantize(x, s, z, lo, hi, dtype, finite=batch_range is not None)
+    return _with_gradient(x, values, mask)
 
 
 def fake_quantize_after_relu(
@@ -234,7 +222,7 @@ def fake_quantize_after_relu(
             clipped = torch.clamp(relu_y, max=hi)
             values = torch.quantize_per_tensor(clipped, s, z, dtype).dequantize()
             mask = torch.gt(y, 0).logical_and_(torch.le(y, hi))
-    return _FakeQuantizeMasked.apply(y, values, mask)
+    return _with_gradient(y, values, mask)
 
 
 def _per_tensor(x, scale, zero_point, qmin: int, qmax: int) -> tuple | None:
@@ -287,22 +275,9 @@ def fake_quantize_per_channel(
     )
     if not bool(inside.all()):
         return None
-    zero_point = zero_point.long()
-    if torch.is_grad_enabled() and x.requires_grad:
-        return _FakeQuantizeChannelsInRange.apply(x, scale, zero_point, axis, dtype)
-    return torch.quantize_per_channel(x, scale, zero_point, axis, dtype).dequantize()
-
-
-class _FakeQuantizeChannelsInRange(torch.autograd.Function):
-    """Per channel, every element in range: the gradient passes unchanged."""
-
-    @staticmethod
-    def forward(ctx, x, scale, zero_point, axis, dtype):
-        return torch.quantize_per_channel(x, scale, zero_point, axis, dtype).dequantize()
-
-    @staticmethod
-    def backward(ctx, grad):
-        return grad, None, None, None, None
+    with torch.no_grad():
+        values = torch.quantize_per_channel(x, scale, zero_point.long(), axis, dtype).dequantize()
+    return _with_gradient(x, values, None)
 
 
 @functools.cache
@@ -363,7 +338,10 @@ def _probe_agrees() -> bool:
         s = torch.tensor(_f32(scale))
         z = torch.tensor(zero_point, dtype=torch.int32)
         want = torch.fake_quantize_per_tensor_affine(x, s, z, qmin, qmax)
-        y = _FakeQuantize.apply(x, float(s), zero_point, *interval, _code_dtype(qmin, qmax), False)
+        values, mask = _clip_and_quantize(
+            x, float(s), zero_point, *interval, _code_dtype(qmin, qmax), finite=False
+        )
+        y = _with_gradient(x, values, mask)
         upstream = torch.randn(x.shape, generator=g)
         (want_grad,) = torch.autograd.grad(want, x, upstream)
         (grad,) = torch.autograd.grad(y, x, upstream)

@@ -15,7 +15,6 @@ from contextlib import contextmanager
 import torch
 from torch import nn
 
-from qat_lightning.quant import cpu_fake_quant
 from qat_lightning.quant.functional import (
     EPS,
     code_dtype,
@@ -236,35 +235,6 @@ class Quantizer(nn.Module):
                 self.scale.clamp_(min=EPS)
         return fake_quantize(
             x, self.scale, self.zero_point, self.scheme, batch_range=self._observed_range
-        )
-
-    def after_relu(self, y: torch.Tensor) -> torch.Tensor:
-        """``self(torch.relu(y))``, the same values and gradient. While training on the CPU
-        (8-bit per-tensor static scheme, observer on) it is one autograd node that keeps one
-        boolean mask for ReLU's and the fake quant's gradients, where ReLU alone would keep
-        its float output: a quarter of the memory for backward (`cpu_fake_quant`)."""
-        s = self.scheme
-        if (
-            s.dynamic
-            or s.learnable
-            or s.representation == "fixed_point"
-            or s.multi_scale
-            or not (torch.is_grad_enabled() and y.requires_grad)
-        ):
-            return self(torch.relu(y))
-        with torch.no_grad():
-            relu_y = torch.relu(y)
-        if not self.observe(relu_y):
-            return torch.relu(y)  # fake quantization off
-        if not self._init_checked:
-            self._check_initialized()
-        out = cpu_fake_quant.fake_quantize_after_relu(
-            y, relu_y, self.scale, self.zero_point, s.qmin, s.qmax, self._observed_range
-        )
-        if out is not None:
-            return out
-        return fake_quantize(
-            torch.relu(y), self.scale, self.zero_point, s, batch_range=self._observed_range
         )
 
     def observe(self, x: torch.Tensor) -> bool:
