@@ -115,36 +115,38 @@ def _code_dtype(qmin: int, qmax: int) -> torch.dtype | None:
 def _clip_and_quantize(
     x: torch.Tensor, scale: float, zero_point: int, lo: float, hi: float, dtype, finite: bool
 ) -> tuple[torch.Tensor, torch.Tensor]:
-    """Values and mask of the clipping case, without autograd."""
-    with torch.no_grad():
-        if finite:  # the caller saw the batch's min and max: no NaN or infinity to map
-            clamped = torch.clamp(x, lo, hi)
-        else:
-            clamped = torch.nan_to_num(x, nan=lo, posinf=hi, neginf=lo).clamp_(lo, hi)
-        values = torch.quantize_per_tensor(clamped, scale, zero_point, dtype).dequantize()
-        return values, torch.eq(clamped, x)
+    """Values and mask of the clipping case (run without autograd)."""
+    if finite:  # the caller saw the batch's min and max: no NaN or infinity to map
+        clamped = torch.clamp(x, lo, hi)
+    else:
+        clamped = torch.nan_to_num(x, nan=lo, posinf=hi, neginf=lo).clamp_(lo, hi)
+    values = torch.quantize_per_tensor(clamped, scale, zero_point, dtype).dequantize()
+    return values, torch.eq(clamped, x)
 
 
 class _FakeQuantizeMasked(torch.autograd.Function):
-    """Values computed without autograd; the gradient ``where(mask, grad, 0)``."""
+    """The values of ``compute()`` (run in ``forward``, without autograd); the gradient
+    ``where(mask, grad, 0)``."""
 
     @staticmethod
-    def forward(ctx, x, values, mask):
+    def forward(ctx, x, compute):
+        values, mask = compute()
         ctx.save_for_backward(mask)
         return values
 
     @staticmethod
     def backward(ctx, grad):
         (mask,) = ctx.saved_tensors
-        return torch.where(mask, grad, 0.0), None, None
+        return torch.where(mask, grad, 0.0), None
 
 
 class _FakeQuantizeInRange(torch.autograd.Function):
-    """Values computed without autograd, every element in range: nothing clipped, the gradient
+    """The values of ``compute()``, every element in range: nothing clipped, the gradient
     passes unchanged (ATen's mask is all ones)."""
 
     @staticmethod
-    def forward(ctx, x, values):
+    def forward(ctx, x, compute):
+        values, _ = compute()
         return values
 
     @staticmethod
@@ -152,14 +154,19 @@ class _FakeQuantizeInRange(torch.autograd.Function):
         return grad, None
 
 
-def _with_gradient(x: torch.Tensor, values: torch.Tensor, mask: torch.Tensor | None):
-    """``values`` as the output of ``x``: masked, passed through (no mask), or as they are
-    where no gradient is asked for."""
+def _with_gradient(x: torch.Tensor, compute, masked: bool) -> torch.Tensor:
+    """The values ``compute()`` returns (with its mask, or None) as the output of ``x``:
+    masked, passed through, or as they are where no gradient is asked for.
+
+    The values are computed inside the autograd node's ``forward``, never handed to it: a
+    custom Function's output that is one of its inputs becomes a view, and an in-place op
+    on it (torchvision's ``relu(inplace=True)`` after a quantized norm) is then an error.
+    """
     if not (torch.is_grad_enabled() and x.requires_grad):
-        return values
-    if mask is None:
-        return _FakeQuantizeInRange.apply(x, values)
-    return _FakeQuantizeMasked.apply(x, values, mask)
+        with torch.no_grad():
+            return compute()[0]
+    node = _FakeQuantizeMasked if masked else _FakeQuantizeInRange
+    return node.apply(x, compute)
 
 
 def fake_quantize_per_tensor(
@@ -182,11 +189,13 @@ def fake_quantize_per_tensor(
         return None
     s, z, lo, hi, dtype = setup
     if batch_range is not None and lo <= batch_range[0] and batch_range[1] <= hi:
-        with torch.no_grad():
-            values = torch.quantize_per_tensor(x, s, z, dtype).dequantize()
-        return _with_gradient(x, values, None)
-    values, mask = _clip_and_quantize(x, s, z, lo, hi, dtype, finite=batch_range is not None)
-    return _with_gradient(x, values, mask)
+        return _with_gradient(
+            x, lambda: (torch.quantize_per_tensor(x, s, z, dtype).dequantize(), None), masked=False
+        )
+    finite = batch_range is not None
+    return _with_gradient(
+        x, lambda: _clip_and_quantize(x, s, z, lo, hi, dtype, finite), masked=True
+    )
 
 
 def fake_quantize_after_relu(
@@ -214,15 +223,16 @@ def fake_quantize_after_relu(
     if setup is None:
         return None
     s, z, _, hi, dtype = setup
-    with torch.no_grad():
+
+    def compute():
         if batch_range[1] <= hi:  # nothing clipped above: only ReLU's mask
             values = torch.quantize_per_tensor(relu_y, s, z, dtype).dequantize()
-            mask = torch.gt(y, 0)
-        else:
-            clipped = torch.clamp(relu_y, max=hi)
-            values = torch.quantize_per_tensor(clipped, s, z, dtype).dequantize()
-            mask = torch.gt(y, 0).logical_and_(torch.le(y, hi))
-    return _with_gradient(y, values, mask)
+            return values, torch.gt(y, 0)
+        clipped = torch.clamp(relu_y, max=hi)
+        values = torch.quantize_per_tensor(clipped, s, z, dtype).dequantize()
+        return values, torch.gt(y, 0).logical_and_(torch.le(y, hi))
+
+    return _with_gradient(y, compute, masked=True)
 
 
 def _per_tensor(x, scale, zero_point, qmin: int, qmax: int) -> tuple | None:
@@ -275,9 +285,12 @@ def fake_quantize_per_channel(
     )
     if not bool(inside.all()):
         return None
-    with torch.no_grad():
-        values = torch.quantize_per_channel(x, scale, zero_point.long(), axis, dtype).dequantize()
-    return _with_gradient(x, values, None)
+    zero_point = zero_point.long()
+    return _with_gradient(
+        x,
+        lambda: (torch.quantize_per_channel(x, scale, zero_point, axis, dtype).dequantize(), None),
+        masked=False,
+    )
 
 
 @functools.cache
@@ -338,10 +351,11 @@ def _probe_agrees() -> bool:
         s = torch.tensor(_f32(scale))
         z = torch.tensor(zero_point, dtype=torch.int32)
         want = torch.fake_quantize_per_tensor_affine(x, s, z, qmin, qmax)
-        values, mask = _clip_and_quantize(
-            x, float(s), zero_point, *interval, _code_dtype(qmin, qmax), finite=False
+        code = _code_dtype(qmin, qmax)
+        compute = functools.partial(
+            _clip_and_quantize, x, float(s), zero_point, *interval, code, False
         )
-        y = _with_gradient(x, values, mask)
+        y = _with_gradient(x, compute, masked=True)
         upstream = torch.randn(x.shape, generator=g)
         (want_grad,) = torch.autograd.grad(want, x, upstream)
         (grad,) = torch.autograd.grad(y, x, upstream)

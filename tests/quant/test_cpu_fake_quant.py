@@ -129,6 +129,28 @@ def test_a_known_batch_range_gives_the_same_values_and_gradients(enc, seed, n, i
 
 
 @FAST
+@given(enc=encodings(), seed=st.integers(0, 2**31 - 1), inside=st.booleans())
+def test_the_output_can_be_modified_in_place_as_atens_can(enc, seed, inside):
+    """torchvision's models run ``relu(inplace=True)`` on a quantized layer's output (DenseNet
+    after its last norm): both autograd nodes allow it, with ATen's gradient."""
+    scale, zero_point, qmin, qmax = enc
+    x = _inputs(seed, 64, *enc)
+    x = x[torch.isfinite(x) & (x.abs() < 1e30)]
+    if inside:
+        x = x.clamp(*in_range_interval(*enc))
+    upstream = torch.randn(x.shape, generator=torch.Generator().manual_seed(seed + 1))
+    s, z = torch.tensor(scale), torch.tensor(zero_point, dtype=torch.int32)
+    a, b = x.clone().requires_grad_(), x.clone().requires_grad_()
+    got = fake_quantize_per_tensor(a, s, z, qmin, qmax, (float(x.min()), float(x.max())))
+    want = torch.fake_quantize_per_tensor_affine(b, s, z, qmin, qmax)
+    torch.relu_(got)
+    torch.relu_(want)
+    got.backward(upstream)
+    want.backward(upstream)
+    assert torch.equal(got, want) and torch.equal(a.grad, b.grad)
+
+
+@FAST
 @given(enc=encodings())
 def test_the_interval_is_exactly_the_in_range_inputs(enc):
     scale, zero_point, qmin, qmax = enc
