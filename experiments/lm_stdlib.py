@@ -13,7 +13,7 @@ the token and position embeddings ``wte`` / ``wpe``, grouped along the embedding
 3. **QAT (ours)**: each scheme fine-tuned from fp32 with `QATCallback` for ``--qat-steps``.
    The control: the fp32 model trained as many more steps at the same learning rate,
    unquantized (``fp32_continued``), so what QAT gains by training longer shows.
-4. **QAT (torchao 0.18)**: ``QATConfig(activation_config=..., weight_config=...,
+4. **QAT (torchao 0.18**, `lm_torchao.py`**)**: ``QATConfig(activation_config=..., weight_config=...,
    step="prepare")`` with ``IntxFakeQuantizeConfig(torch.int4, group_size=32)`` (and int8
    asymmetric per-token activations for 8da4w) on every ``nn.Linear``; for ``w4_g32_emb`` a
    second ``quantize_`` with the weight config alone and a ``filter_fn`` choosing the
@@ -44,7 +44,6 @@ from __future__ import annotations
 
 import argparse
 import copy
-import importlib.util
 import json
 import math
 import sys
@@ -55,6 +54,7 @@ from pathlib import Path
 import torch
 from lm_data import StdlibCorpus
 from lm_models import SCHEMES, ByteGPT, LMModule, Scheme, fit, perplexity, quantized_layers
+from lm_torchao import run_qat_torchao
 from timing import cpu_model, round_robin
 
 from qat_lightning import QATCallback, calibrate, convert, export_onnx
@@ -182,78 +182,6 @@ def run_qat_ours(exp: Experiment, name: str, scheme: Scheme) -> tuple[LMModule, 
     )
     train_s = time.perf_counter() - start
     return module, {"train_s": train_s, **quantized_layers(module), **exp.evaluate(module)}
-
-
-def torchao_in_environment() -> bool:
-    """torchao is importable without ``--peer-dir`` (the dev extra installs it)."""
-    return importlib.util.find_spec("torchao") is not None
-
-
-def torchao_available(peer_dir: Path) -> bool:
-    """torchao will run: installed, or in ``peer_dir``."""
-    return torchao_in_environment() or (peer_dir / "torchao").is_dir()
-
-
-def run_qat_torchao(exp: Experiment, name: str, scheme: Scheme) -> dict:
-    """torchao's QAT of the same model, or ``{"skipped": why}``. The embeddings, where the
-    scheme quantizes them, get the weight config alone (torchao has no activation fake
-    quantization for an embedding, and ours has no input encoding there either)."""
-    a = exp.args
-    side = not torchao_in_environment()
-    if side and not (a.peer_dir / "torchao").is_dir():
-        return {
-            "skipped": f"torchao is neither installed (the dev extra installs it) nor in "
-            f"--peer-dir {a.peer_dir}"
-        }
-    if side:
-        sys.path.insert(0, str(a.peer_dir))
-    try:
-        import torchao
-        from torchao.quantization import quantize_
-        from torchao.quantization.qat import (
-            FakeQuantizedEmbedding,
-            FakeQuantizedLinear,
-            IntxFakeQuantizeConfig,
-            QATConfig,
-        )
-    except Exception as error:
-        return {"skipped": f"torchao does not import: {type(error).__name__}: {error}"}
-    finally:
-        if side:
-            sys.path.remove(str(a.peer_dir))
-    try:
-        weight = IntxFakeQuantizeConfig(torch.int4, group_size=32, is_symmetric=True)
-        activation = None
-        if scheme.inputs is not None:
-            activation = IntxFakeQuantizeConfig(torch.int8, "per_token", is_symmetric=False)
-        module = exp.module(a.qat_lr, a.qat_steps)
-        config = QATConfig(activation_config=activation, weight_config=weight, step="prepare")
-        quantize_(module.model, config)  # every nn.Linear (quantize_'s default filter)
-        if scheme.embeddings:
-            quantize_(
-                module.model,
-                QATConfig(weight_config=weight, step="prepare"),
-                filter_fn=lambda m, _fqn: isinstance(m, torch.nn.Embedding),
-            )
-        counts = quantized_layers(module, FakeQuantizedLinear, FakeQuantizedEmbedding)
-        start = time.perf_counter()
-        fit(
-            module,
-            exp.corpus.train_loader(),
-            a.qat_steps,
-            f"qat torchao {name}",
-            seed=a.seed,
-            root=a.out,
-        )
-        train_s = time.perf_counter() - start
-        return {
-            "version": torchao.__version__,
-            "train_s": train_s,
-            **counts,
-            **exp.evaluate(module),
-        }
-    except Exception as error:
-        return {"skipped": f"torchao {torchao.__version__} fails: {type(error).__name__}: {error}"}
 
 
 def file_bytes(path: Path) -> int:

@@ -10,7 +10,8 @@ int8 weights, affine uint8 activations; PTQ with `calibrate` on a few random bat
   with the eval output;
 - multiply-accumulate ops in onnxruntime's optimized graph: integer kernels (QLinearMatMul,
   QGemm, MatMulInteger, ...) against float ones (MatMul, Gemm, FusedMatMul, Attention, ...);
-- the int8 ONNX file's size over the fp32 ONNX's (``torch.onnx.export`` of the float model).
+- the int8 ONNX file's size over the fp32 ONNX's (``torch.onnx.export`` of the float model,
+  with the int8 file's input names and dynamic axes).
 
 A stage that fails is one line in its cell (``failed: ...``), never a missing row.
 
@@ -74,19 +75,51 @@ def mac_counts(ops: Counter) -> dict[str, int]:
     }
 
 
-def export_fp32(model: torch.nn.Module, example: Any, path: Path) -> str:
-    """``torch.onnx.export`` of the float model on ``example`` to one file; returns the
-    exporter used: ``dynamo``, or ``torchscript`` where torch.export cannot trace the model
-    (``nn.Transformer`` branches on its mask's values)."""
+def export_fp32(model: torch.nn.Module, example: Any, path: Path, like: Path | None = None) -> str:
+    """``torch.onnx.export`` of the float model on ``example`` to one file, with the input
+    names and dynamic axes of the ONNX at ``like`` if given (the int8 export: batch, and
+    sequence for token inputs), so that both files serve the same shapes; returns the exporter
+    used: ``dynamo``, or ``torchscript`` where torch.export cannot trace the model
+    (``nn.Transformer`` branches on its mask's values).
+
+    The axes matter for size: a model that slices a constant by the sequence length
+    (Lightning's demo indexes its 5000-row positional table) keeps the whole constant when
+    the length is dynamic, and one row when the exporter may fix it."""
     args, kwargs = _args_kwargs(example)
+    names, axes = _dynamic_inputs(like) if like is not None else (None, None)
     try:
         torch.onnx.export(
-            model, args, str(path), kwargs=kwargs, dynamo=True, external_data=False, verbose=False
+            model,
+            args,
+            str(path),
+            kwargs=kwargs,
+            input_names=names,
+            dynamic_axes=axes,
+            dynamo=True,
+            external_data=False,
+            verbose=False,
         )
         return "dynamo"
     except Exception:  # torch.export's tracing; the legacy exporter traces
-        torch.onnx.export(model, args + ((kwargs,) if kwargs else ()), str(path), dynamo=False)
+        torch.onnx.export(
+            model,
+            args + ((kwargs,) if kwargs else ()),
+            str(path),
+            input_names=names,
+            dynamic_axes=axes,
+            dynamo=False,
+        )
         return "torchscript"
+
+
+def _dynamic_inputs(path: Path) -> tuple[list[str], dict[str, dict[int, str]]]:
+    """Input names of the ONNX at ``path`` and, per input, its symbolic axes."""
+    inputs = onnx.load(str(path), load_external_data=False).graph.input
+    axes = {
+        i.name: {k: d.dim_param for k, d in enumerate(i.type.tensor_type.shape.dim) if d.dim_param}
+        for i in inputs
+    }
+    return [i.name for i in inputs], axes
 
 
 def _args_kwargs(batch: Any) -> tuple[tuple, dict]:
@@ -155,7 +188,9 @@ def measure(
         with warnings.catch_warnings():
             warnings.simplefilter("ignore")
             fp32 = out / f"{c.name}_fp32.onnx"
-            row["fp32_exporter"] = export_fp32(reference, c.batch(2, 7), fp32)
+            like = path if path.exists() else None
+            row["fp32_exporter"] = export_fp32(reference, c.batch(2, 7), fp32, like)
+            row["fp32_dynamic_axes"] = like is not None
         row["fp32_bytes"] = fp32.stat().st_size
         if "int8_bytes" in row:
             row["size_ratio"] = round(row["int8_bytes"] / row["fp32_bytes"], 4)

@@ -20,6 +20,7 @@ sys.path.insert(0, str(EXPERIMENTS))
 
 import lm_data  # noqa: E402
 import lm_stdlib  # noqa: E402
+import lm_torchao  # noqa: E402
 
 pytest.importorskip("transformers")
 
@@ -53,7 +54,7 @@ def test_every_perplexity_is_finite_and_each_qat_side_ran(smoke) -> None:
             assert phase["quantized_linears"] == 5, r  # 4 projections + the LM head
             assert phase["quantized_embeddings"] == embeddings, r  # wte and wpe, or none
         torchao = r["qat_torchao"]
-        if lm_stdlib.torchao_available(lm_stdlib.DEFAULT_PEERS):
+        if lm_torchao.torchao_available(lm_stdlib.DEFAULT_PEERS):
             assert "test" in torchao, torchao  # installed: it runs, or says why in "skipped"
             assert torchao["quantized_linears"] == 5, torchao
             assert torchao["quantized_embeddings"] == embeddings, torchao
@@ -107,9 +108,9 @@ def test_int4_embeddings_make_the_onnx_file_smaller(smoke) -> None:
 
 
 def test_torchao_missing_is_reported_not_raised(tmp_path, monkeypatch) -> None:
-    monkeypatch.setattr(lm_stdlib, "torchao_in_environment", lambda: False)
+    monkeypatch.setattr(lm_torchao, "torchao_in_environment", lambda: False)
     args = argparse.Namespace(peer_dir=tmp_path / "nowhere")
-    result = lm_stdlib.run_qat_torchao(
+    result = lm_torchao.run_qat_torchao(
         argparse.Namespace(args=args), "w4_g32_emb", lm_stdlib.SCHEMES["w4_g32_emb"]
     )  # no model is built before the check
     assert result == {

@@ -45,6 +45,7 @@ def test_transformer_table_measures_every_column(tmp_path) -> None:
         assert row["ort_samples"] > 0 and row["ort_agreement"] >= 0.99, name
         assert row["mac_ops"]["integer"] > 0, name
         assert 0 < row["size_ratio"] < 1, name
+        assert row["fp32_dynamic_axes"] is True, name  # both files serve the same shapes
         counts = row["counts"]
         assert counts["quantized"] > 0 and counts["float"] == len(row["float_rows"]), name
         assert all(r["note"] for r in row["float_rows"]), name  # every float layer says why
