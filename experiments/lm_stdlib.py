@@ -13,15 +13,16 @@ the token and position embeddings ``wte`` / ``wpe``, grouped along the embedding
 3. **QAT (ours)**: each scheme fine-tuned from fp32 with `QATCallback` for ``--qat-steps``.
    The control: the fp32 model trained as many more steps at the same learning rate,
    unquantized (``fp32_continued``), so what QAT gains by training longer shows.
-4. **QAT (torchao 0.18**, `lm_torchao.py`**)**: ``QATConfig(activation_config=..., weight_config=...,
-   step="prepare")`` with ``IntxFakeQuantizeConfig(torch.int4, group_size=32)`` (and int8
-   asymmetric per-token activations for 8da4w) on every ``nn.Linear``; for ``w4_g32_emb`` a
-   second ``quantize_`` with the weight config alone and a ``filter_fn`` choosing the
-   ``nn.Embedding`` modules (``FakeQuantizedEmbedding``). Same model, data order, steps, seed
-   and learning rate. torchao comes from the environment (the dev extra) or from ``--peer-dir``
-   (``pip install --target .peers torchao==0.18.* --no-deps``, put on ``sys.path`` only here);
-   if it does not import or run, the result says why. Its perplexity is that of its
-   fake-quantized model (the QAT "prepare" model).
+4. **QAT (torchao 0.18)**, in `lm_torchao.py`: ``QATConfig(activation_config=...,
+   weight_config=..., step="prepare")`` with ``IntxFakeQuantizeConfig(torch.int4,
+   group_size=32)`` (and int8 asymmetric per-token activations for 8da4w) on every
+   ``nn.Linear``; for ``w4_g32_emb`` a second ``quantize_`` with the weight config alone and
+   a ``filter_fn`` choosing the ``nn.Embedding`` modules (``FakeQuantizedEmbedding``). Same
+   model, data order, steps, seed and learning rate. torchao comes from the environment (the
+   dev extra) or from ``--peer-dir`` (``pip install --target .peers torchao==0.18.*
+   --no-deps``, put on ``sys.path`` only while it is imported); if it does not import or run,
+   the result says why. Its perplexity is that of its fake-quantized model (the QAT
+   "prepare" model).
 5. **ONNX**: the w4_g32 and w4_g32_emb QAT models, `convert`-ed and exported (Linears as
    ``MatMulNBits``; quantized embeddings as a blocked ``DequantizeLinear`` of the int4 table,
    then ``Gather``), in onnxruntime: test perplexity (each against its converted model's), ms
