@@ -67,9 +67,12 @@ def after_relu(quantizer: Quantizer, y: torch.Tensor) -> torch.Tensor:
     if not observe(quantizer, relu_y):
         return torch.relu(y)  # fake quantization off
     scale, zero_point, observed = quantizer.scale, quantizer.zero_point, quantizer._observed_range
+    encoding = quantizer._host_encoding
     out = cpu_fake_quant.fake_quantize_after_relu(
-        y, relu_y, scale, zero_point, s.qmin, s.qmax, observed
+        y, relu_y, scale, zero_point, s.qmin, s.qmax, observed, encoding
     )
     if out is not None:
         return out
-    return fake_quantize(torch.relu(y), scale, zero_point, s, batch_range=observed)
+    return fake_quantize(
+        torch.relu(y), scale, zero_point, s, batch_range=observed, encoding=encoding
+    )

@@ -25,11 +25,12 @@ the highest, mask off), and so do inputs far outside the range; the probe checks
 gradient of a clipped element is +0 where ATen's multiply by its mask gives -0 (a negative
 upstream gradient) or NaN (a non-finite one): equal values otherwise.
 
-The path covers float32 contiguous CPU tensors with codes in ``[0, 255]`` (any zero point
-in it) or ``[-128, 127]``, a non-learnable scheme, outside ``torch.compile``; everything else
-takes ATen's kernel. `enabled` checks once, on a probe of ties, edges, NaN and infinities,
-that this build's quantize kernel agrees with ATen's fake quant, and otherwise never takes the
-path. ``QAT_LIGHTNING_CPU_FAKE_QUANT=0`` turns it off.
+The path covers float32 CPU tensors, contiguous or permuted views of dense memory (worked on
+in memory order), with codes in ``[0, 255]`` (any zero point in it) or ``[-128, 127]``, a
+non-learnable scheme, outside ``torch.compile``; everything else takes ATen's kernel.
+`enabled` checks once, on a probe of ties, edges, NaN and infinities, that this build's
+quantize kernel agrees with ATen's fake quant, and otherwise never takes the path.
+``QAT_LIGHTNING_CPU_FAKE_QUANT=0`` turns it off.
 """
 
 from __future__ import annotations
@@ -176,15 +177,23 @@ def fake_quantize_per_tensor(
     qmin: int,
     qmax: int,
     batch_range: tuple[float, float] | None = None,
+    encoding: tuple[float, int] | None = None,
 ) -> torch.Tensor | None:
     """``torch.fake_quantize_per_tensor_affine(x, scale, zero_point, qmin, qmax)`` (values
     and gradient) on the vectorized path, or None where the path does not apply (the caller
     then runs ATen's kernel). ``batch_range``: the finite min and max of ``x``, where the
     caller has them (an observer just read them); with it, a tensor inside the in-range
-    interval skips the clipping and the mask."""
+    interval skips the clipping and the mask. ``encoding``: ``(float(scale),
+    int(zero_point))`` where the caller has them (two host reads fewer)."""
     if scale.requires_grad:
         return None
-    setup = _per_tensor(x, scale, zero_point, qmin, qmax)
+    order = _memory_order(x)
+    if order is not None:  # a transposed view (attention's heads): work in memory order
+        y = fake_quantize_per_tensor(
+            x.permute(order), scale, zero_point, qmin, qmax, batch_range, encoding
+        )
+        return None if y is None else y.permute(_inverse(order))
+    setup = _per_tensor(x, scale, zero_point, qmin, qmax, encoding)
     if setup is None:
         return None
     s, z, lo, hi, dtype = setup
@@ -206,20 +215,31 @@ def fake_quantize_after_relu(
     qmin: int,
     qmax: int,
     batch_range: tuple[float, float] | None,
+    encoding: tuple[float, int] | None = None,
 ) -> torch.Tensor | None:
     """``torch.fake_quantize_per_tensor_affine(torch.relu(y), ...)``, values and gradient,
     as one autograd node that keeps one boolean mask for both (ReLU alone keeps its float
     output for its backward: four bytes an element where this keeps one). ``relu_y`` is
     ``relu(y)`` computed without autograd, ``batch_range`` its finite min and max (the
-    observer's); None where the path does not apply (the caller runs ReLU, then the plain
-    fake quant).
+    observer's), ``encoding`` the scale and zero point as Python values where the caller has
+    them; None where the path does not apply (the caller runs ReLU, then the plain fake
+    quant).
 
     The zero point lies in ``[qmin, qmax]``, so 0 is in range (``lo <= 0 <= hi``): the codes
     are those of ``min(relu(y), hi)``, and both gradients pass exactly where ``0 < y <= hi``.
     (No subnormal constant stands in for 0 here: arithmetic on subnormals is some twenty
     times slower on x86.)
     """
-    setup = None if batch_range is None else _per_tensor(y, scale, zero_point, qmin, qmax)
+    order = _memory_order(y)
+    if order is not None:
+        if not relu_y.permute(order).is_contiguous():
+            return None
+        out = fake_quantize_after_relu(
+            y.permute(order), relu_y.permute(order), scale, zero_point, qmin, qmax,
+            batch_range, encoding,
+        )  # fmt: skip
+        return None if out is None else out.permute(_inverse(order))
+    setup = None if batch_range is None else _per_tensor(y, scale, zero_point, qmin, qmax, encoding)
     if setup is None:
         return None
     s, z, _, hi, dtype = setup
@@ -235,17 +255,39 @@ def fake_quantize_after_relu(
     return _with_gradient(y, compute, masked=True)
 
 
-def _per_tensor(x, scale, zero_point, qmin: int, qmax: int) -> tuple | None:
+def _per_tensor(x, scale, zero_point, qmin: int, qmax: int, encoding=None) -> tuple | None:
     """``(scale, zero_point, lo, hi, code dtype)`` as Python values where the per-tensor
-    path applies to ``x`` and this encoding, else None."""
+    path applies to ``x`` and this encoding (``encoding``: scale and zero point already read,
+    or None), else None."""
     dtype = _code_dtype(qmin, qmax)
     if dtype is None or not _applies(x) or not enabled():
         return None
-    s, z = float(scale), int(zero_point)
+    s, z = encoding if encoding is not None else (float(scale), int(zero_point))
     interval = in_range_interval(s, z, qmin, qmax)
     if interval is None or not qmin <= z <= qmax:
         return None
     return s, z, *interval, dtype
+
+
+def _memory_order(x: torch.Tensor) -> tuple[int, ...] | None:
+    """A permutation of ``x``'s dimensions under which it is contiguous, where ``x`` is not
+    but is a permuted view of dense memory (``q.transpose(1, 2)``); else None.
+
+    The path works on that contiguous view and permutes its result back, so the output
+    has ``x``'s strides, as ATen's kernel's has (``empty_like`` keeps them), and the
+    permutations are ordinary autograd views outside the path's own node (an in-place op on
+    the output stays allowed)."""
+    if x.is_contiguous() or x.dim() < 2:
+        return None
+    order = tuple(sorted(range(x.dim()), key=lambda d: -x.stride(d)))
+    return order if x.permute(order).is_contiguous() else None
+
+
+def _inverse(order: tuple[int, ...]) -> tuple[int, ...]:
+    inverse = [0] * len(order)
+    for at, dim in enumerate(order):
+        inverse[dim] = at
+    return tuple(inverse)
 
 
 def _applies(x: torch.Tensor) -> bool:

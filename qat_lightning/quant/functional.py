@@ -10,6 +10,7 @@ from __future__ import annotations
 
 import math
 
+import numpy as np
 import torch
 
 from qat_lightning.quant import cpu_fake_quant
@@ -71,6 +72,25 @@ def encodings_from_range(
     return scale, zero_point.to(torch.int32)
 
 
+def encoding_from_host_range(min_val: float, max_val: float, scheme: QuantScheme) -> tuple:
+    """`encodings_from_range` of one per-tensor range held as Python floats (float32 values):
+    the same float32 operations, on the host, as ``(scale, zero_point)`` floats and int.
+
+    Each operation is one IEEE float32 operation in numpy as in torch's kernels, so the
+    result is bit for bit `encodings_from_range`'s (hypothesis checks it against that). For
+    finite ranges with magnitudes below 1e38 and integer schemes (the caller checks).
+    """
+    f32 = np.float32
+    lo, hi = min(f32(min_val), f32(0.0)), max(f32(max_val), f32(0.0))
+    eps = f32(EPS)
+    if scheme.symmetric:
+        amax = hi if not scheme.signed else max(-lo, hi)
+        return float(max(amax / f32(scheme.qmax), eps)), 0
+    scale = max((hi - lo) / f32(scheme.qmax - scheme.qmin), eps)
+    zero_point = f32(scheme.qmin) - np.rint(lo / scale)
+    return float(scale), int(min(max(zero_point, f32(scheme.qmin)), f32(scheme.qmax)))
+
+
 def lsq_grad_factor(x: torch.Tensor, scheme: QuantScheme) -> float:
     """LSQ's step-size gradient scale ``1 / sqrt(N * qmax)``, N = elements per scale."""
     n = x.numel()
@@ -89,6 +109,7 @@ def fake_quantize(
     zero_point: torch.Tensor,
     scheme: QuantScheme,
     batch_range: tuple[float, float] | None = None,
+    encoding: tuple[float, int] | None = None,
 ) -> torch.Tensor:
     """Quantize and dequantize ``x`` in one fused kernel, with a straight-through gradient.
 
@@ -101,7 +122,9 @@ def fake_quantize(
     the CPU it runs `cpu_fake_quant`'s vectorized kernels (the same values and gradient);
     ``batch_range``, the finite ``(min, max)`` of ``x`` where the caller knows it (floats per
     tensor, per-channel tensors per channel), lets that path skip the clipping work when
-    nothing is outside the range (per channel it is the only case it takes).
+    nothing is outside the range (per channel it is the only case it takes). ``encoding``:
+    ``scale`` and ``zero_point`` (per tensor) as Python values, where the caller has them,
+    so that path reads neither tensor.
     """
     if scheme.per_group or scheme.granularity == "per_token":
         width = scheme.group_size if scheme.per_group else x.shape[-1]
@@ -109,13 +132,20 @@ def fake_quantize(
     else:
         rows, axis = x, (scheme.axis % x.dim() if scheme.per_channel and x.dim() else 0)
     y = _fake_quantize(
-        rows, scale, zero_point, scheme, axis, lsq_grad_factor(x, scheme), batch_range
+        rows, scale, zero_point, scheme, axis, lsq_grad_factor(x, scheme), batch_range, encoding
     )
     return y.reshape(x.shape)
 
 
 def _fake_quantize(
-    x, scale, zero_point, scheme: QuantScheme, axis: int, grad_factor: float, batch_range=None
+    x,
+    scale,
+    zero_point,
+    scheme: QuantScheme,
+    axis: int,
+    grad_factor: float,
+    batch_range=None,
+    encoding=None,
 ):
     qmin, qmax = scheme.qmin, scheme.qmax
     per_channel = scheme.multi_scale and scale.dim() > 0
@@ -145,7 +175,9 @@ def _fake_quantize(
         return torch.fake_quantize_per_channel_affine(
             x, scale.reshape(-1), zero_point.reshape(-1), axis, qmin, qmax
         )
-    fast = cpu_fake_quant.fake_quantize_per_tensor(x, scale, zero_point, qmin, qmax, batch_range)
+    fast = cpu_fake_quant.fake_quantize_per_tensor(
+        x, scale, zero_point, qmin, qmax, batch_range, encoding
+    )
     if fast is not None:
         return fast
     return torch.fake_quantize_per_tensor_affine(x, scale, zero_point, qmin, qmax)

@@ -21,6 +21,7 @@ from __future__ import annotations
 
 import math
 
+import numpy as np
 import torch
 from torch import nn
 
@@ -52,6 +53,11 @@ def _rows_aminmax(rows: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
     return rows.amin(dim=1), rows.amax(dim=1)
 
 
+# Host merges and encodings run for values below this magnitude only: float32 sums and
+# differences of them cannot overflow (float32's largest is 3.4e38).
+_HOST_LIMIT = 1e38
+
+
 def _zero_nonfinite(x: torch.Tensor) -> torch.Tensor:
     return torch.nan_to_num(x, nan=0.0, posinf=0.0, neginf=0.0)
 
@@ -70,6 +76,9 @@ class Observer(nn.Module):
         # per tensor, per-channel tensors per channel; None otherwise. Not state: it
         # describes one call.
         self.batch_range: tuple[float, float] | None = None
+        # Per tensor, where that call merged the statistics on the host: the range
+        # `calculate_range` now gives, as floats (so the encoding needs no device work).
+        self.host_range: tuple[float, float] | None = None
 
     @property
     def has_data(self) -> bool:
@@ -86,7 +95,7 @@ class Observer(nn.Module):
         """Update the statistics with ``x``; True when they are then known to be finite
         everywhere (so `has_data` holds without another host sync), False when unknown."""
         self._check_channels(x)
-        self.batch_range = None
+        self.batch_range = self.host_range = None
         if x.numel() == 0:
             return False
         return bool(self._observe(x.detach().float()))
@@ -135,7 +144,10 @@ class Observer(nn.Module):
         ``(mx - mn) + (max_val - min_val)`` is finite exactly when all four are; an overflowing
         sum only sends a finite batch down the general path, which gives the same result.
         Per tensor the sync reads the four values instead, and keeps the batch's range in
-        ``batch_range`` (fake quantization skips its clipping where nothing is outside).
+        ``batch_range`` (fake quantization skips its clipping where nothing is outside); where
+        the observer has a host form of its reduction (`_host_reduce`) and the statistics live
+        on the CPU, the merge runs on those floats (the same float32 operations) and
+        ``host_range`` holds the result.
         """
         old_mn, old_mx = self.min_val, self.max_val
         if old_mn.shape != mn.shape:
@@ -145,12 +157,39 @@ class Observer(nn.Module):
             if not all(map(math.isfinite, values)):
                 return False
             self.batch_range = (values[0], values[1])
+            if self._host_merge(values):
+                return True
         elif not bool(torch.isfinite((mx - mn) + (old_mx - old_mn)).all()):
             return False
         elif self.scheme.per_channel:
             self.batch_range = (mn, mx)  # per channel: tensors (read where they are used)
         old_mn.copy_(reduce_min(old_mn, mn))
         old_mx.copy_(reduce_max(old_mx, mx))
+        return True
+
+    # ``reduce(old, new)`` of `_merge_if_finite` on float32 values held as Python floats, as
+    # float32 arithmetic (bit for bit the tensor ops'), or None where an observer has none.
+    _host_reduce = None
+
+    def _host_merge(self, values: list[float]) -> bool:
+        """Merge a per-tensor batch ``(min, max)`` into the running ``(min, max)`` (``values``,
+        all finite) on the host, fill the two buffers and set ``host_range``; False where this
+        observer has no host reduction, its statistics are not on the CPU or float32, or a
+        value is so large that float32 arithmetic on it might overflow."""
+        reduce = self._host_reduce
+        if (
+            reduce is None
+            or self.min_val.device.type != "cpu"
+            or self.min_val.dtype != torch.float32
+            or max(map(abs, values)) >= _HOST_LIMIT
+        ):
+            return False
+        mn, mx, old_mn, old_mx = values
+        new_mn, new_mx = reduce(old_mn, mn, True), reduce(old_mx, mx, False)
+        self.min_val.fill_(new_mn)
+        self.max_val.fill_(new_mx)
+        if type(self).calculate_range is Observer.calculate_range:
+            self.host_range = (new_mn, new_mx)
         return True
 
     def _batch_minmax(self, x: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor] | None:
@@ -229,6 +268,9 @@ class Observer(nn.Module):
 class MinMaxObserver(Observer):
     """The running min and max of everything seen."""
 
+    def _host_reduce(self, old: float, new: float, is_min: bool) -> float:
+        return min(old, new) if is_min else max(old, new)
+
 
 class MovingMinMaxObserver(Observer):
     """An exponential moving average of each batch's min and max (the first batch sets them)."""
@@ -240,6 +282,12 @@ class MovingMinMaxObserver(Observer):
             return old + c * (new - old)
 
         return self._observe_range(x, ema, ema)
+
+    def _host_reduce(self, old: float, new: float, is_min: bool) -> float:
+        # ``old + c * (new - old)`` as the tensors compute it: each op rounded to float32,
+        # the Python scalar ``c`` taken as a float32.
+        f32 = np.float32
+        return float(f32(old) + f32(self.scheme.averaging_constant) * (f32(new) - f32(old)))
 
 
 class NoObserver(Observer):

@@ -18,6 +18,7 @@ from torch import nn
 from qat_lightning.quant.functional import (
     EPS,
     code_dtype,
+    encoding_from_host_range,
     encodings_from_range,
     expand_encoding,
     fake_quantize,
@@ -97,6 +98,9 @@ class Quantizer(nn.Module):
         self._init_checked = False  # seen initialized, or warned that it is not (once)
         # The (min, max) of the tensor `observe` just saw, where the observer read it.
         self._observed_range: tuple[float, float] | None = None
+        # The (scale, zero point) `observe` just set, as Python values, where it computed
+        # them on the host (per tensor on the CPU): the fake quant then reads no buffer.
+        self._host_encoding: tuple[float, int] | None = None
         # Quantizers made during this one's compute_encodings() (a rewrite's fallback gives
         # back an input quantizer pruned against it), each with whether it calibrates on its
         # own data (its source left the model) or, on exit, takes this one's final encoding
@@ -141,9 +145,34 @@ class Quantizer(nn.Module):
             return
         if not (has_data or self.observer.has_data):
             return
+        if self._set_host_encoding():
+            return
         scale, zero_point = encodings_from_range(*self.observer.calculate_range(), self.scheme)
         self._set_encoding(scale, zero_point)
         self.initialized.fill_(1)
+
+    def _set_host_encoding(self) -> bool:
+        """Where the observer just merged a per-tensor range on the host (`Observer.host_range`)
+        and the encoding buffers are plain CPU float32 / int32 scalars: the encoding of that
+        range computed on the host (`encoding_from_host_range`, bit for bit the tensor form),
+        written to the buffers and kept in ``_host_encoding``. False otherwise."""
+        host = self.observer.host_range
+        scale, zero_point = self.scale, self.zero_point
+        if (
+            host is None
+            or self.scheme.learnable
+            or scale.shape != ()
+            or scale.device.type != "cpu"
+            or scale.dtype != torch.float32
+            or zero_point.dtype != torch.int32
+        ):
+            return False
+        s, z = encoding_from_host_range(*host, self.scheme)
+        scale.fill_(s)
+        zero_point.fill_(z)
+        self.initialized.fill_(1)
+        self._host_encoding = (s, z)
+        return True
 
     def _set_encoding(self, scale: torch.Tensor, zero_point: torch.Tensor) -> None:
         for name, value in (("scale", scale), ("zero_point", zero_point)):
@@ -234,7 +263,12 @@ class Quantizer(nn.Module):
             with torch.no_grad():  # LSQ may push a step size through zero; keep it positive
                 self.scale.clamp_(min=EPS)
         return fake_quantize(
-            x, self.scale, self.zero_point, self.scheme, batch_range=self._observed_range
+            x,
+            self.scale,
+            self.zero_point,
+            self.scheme,
+            batch_range=self._observed_range,
+            encoding=self._host_encoding,
         )
 
     def observe(self, x: torch.Tensor) -> bool:
@@ -245,7 +279,7 @@ class Quantizer(nn.Module):
         call this, then fake-quantize with ``scale`` and ``zero_point`` themselves."""
         # Each flag is read once: on a GPU every read is a device-to-host sync.
         fake_quant_enabled = bool(self.fake_quant_enabled)
-        self._observed_range = None
+        self._observed_range = self._host_encoding = None
         if (self.training or self._calibrating) and self.observer_enabled:
             try:
                 has_data = self.observer.observe(x)

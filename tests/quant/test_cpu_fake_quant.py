@@ -151,6 +151,37 @@ def test_the_output_can_be_modified_in_place_as_atens_can(enc, seed, inside):
 
 
 @FAST
+@given(
+    enc=encodings(),
+    seed=st.integers(0, 2**31 - 1),
+    order=st.permutations([0, 1, 2, 3]),
+    known=st.booleans(),
+)
+def test_a_permuted_view_gives_atens_values_gradient_and_strides(enc, seed, order, known):
+    """Attention's heads come as ``q.transpose(1, 2)``: the path works in memory order and
+    hands back a tensor with the input's strides, as ATen's kernel does."""
+    scale, zero_point, qmin, qmax = enc
+    flat = _inputs(seed, 96, *enc)
+    flat = flat[torch.isfinite(flat) & (flat.abs() < 1e30)][:96]
+    flat = torch.cat([flat, flat.new_zeros(96 - flat.numel())])
+    x = flat.reshape(2, 3, 4, 4).permute(*order)
+    s, z = torch.tensor(scale), torch.tensor(zero_point, dtype=torch.int32)
+    upstream = torch.randn(x.shape, generator=torch.Generator().manual_seed(seed))
+    a = x.detach().clone(memory_format=torch.preserve_format).requires_grad_()
+    b = x.detach().clone(memory_format=torch.preserve_format).requires_grad_()
+    batch_range = (float(x.min()), float(x.max())) if known else None
+    got = fake_quantize_per_tensor(a, s, z, qmin, qmax, batch_range)
+    want = torch.fake_quantize_per_tensor_affine(b, s, z, qmin, qmax)
+    assert got is not None  # the path was taken
+    assert got.stride() == want.stride() == a.stride()
+    torch.relu_(got)  # still allowed in place
+    torch.relu_(want)
+    got.backward(upstream)
+    want.backward(upstream)
+    assert torch.equal(got, want) and torch.equal(a.grad, b.grad)
+
+
+@FAST
 @given(enc=encodings())
 def test_the_interval_is_exactly_the_in_range_inputs(enc):
     scale, zero_point, qmin, qmax = enc
@@ -166,7 +197,7 @@ def test_the_interval_is_exactly_the_in_range_inputs(enc):
     "x, scale, why",
     [
         (torch.randn(64, 64, dtype=torch.float64), torch.tensor(0.1), "float64"),
-        (torch.randn(64, 64).t(), torch.tensor(0.1), "not contiguous"),
+        (torch.randn(64, 128)[:, ::2], torch.tensor(0.1), "not dense"),
         (torch.randn(64, 64), torch.tensor(0.1, requires_grad=True), "learnable scale"),
     ],
 )
@@ -287,6 +318,32 @@ def test_relu_then_fake_quant_in_one_node_equals_the_two(seed, n, observer, wide
     for key, value in twin.state_dict().items():
         assert torch.equal(ours.state_dict()[key], value), key
     assert got.grad_fn.name().startswith("_FakeQuantizeMasked")  # one node, one mask
+
+
+@FAST
+@given(seed=st.integers(0, 2**31 - 1), widen=st.floats(0.5, 3.0))
+def test_relu_then_fake_quant_of_a_channels_last_conv_output(seed, widen):
+    """A channels-last conv's output is a permuted view of dense memory: the one node runs in
+    memory order and gives ``quantizer(relu(y))``'s values, gradient, state and strides."""
+    g = torch.Generator().manual_seed(seed)
+    scheme = QuantScheme(bits=8, symmetric=False, signed=False)
+    ours = Quantizer(scheme).train()
+    with ours.compute_encodings():
+        ours(torch.relu(torch.randn(4096, generator=g)))
+    ours.enable_observer(True)
+    twin = copy.deepcopy(ours)
+    y = (torch.randn(2, 8, 6, 6, generator=g) * widen).to(memory_format=torch.channels_last)
+    upstream = torch.randn(y.shape, generator=g)
+    a = y.clone(memory_format=torch.preserve_format).requires_grad_()
+    b = y.clone(memory_format=torch.preserve_format).requires_grad_()
+    got, want = after_relu(ours, a), twin(torch.relu(b))
+    assert got.grad_fn.name().startswith("Permute")  # the path ran, in memory order
+    assert got.stride() == want.stride()
+    got.backward(upstream)
+    want.backward(upstream)
+    assert torch.equal(got, want) and torch.equal(a.grad, b.grad)
+    for key, value in twin.state_dict().items():
+        assert torch.equal(ours.state_dict()[key], value), key
 
 
 def test_a_quantize_kernel_that_disagrees_turns_the_path_off(monkeypatch):
