@@ -13,8 +13,10 @@ one forward saves for backward besides parameters and buffers). Then the validat
 forward (eval mode, no autograd) of float, of our model in fake quant and of our model in
 eval's default integer simulation.
 
+``--compile`` times every side under ``torch.compile`` instead (the train steps only).
+
 Usage: python experiments/bench_qat_step.py [--steps 6] [--batch 64] [--device cpu]
-       [--clock cpu] [--ops] [--memory]
+       [--clock cpu] [--ops] [--memory] [--compile]
        [--peers brevitas aimet nncf modelopt torchao --peer-dir /work/peers]
 Prints one JSON line, then a markdown table.
 """
@@ -244,6 +246,11 @@ def main() -> None:
         action="store_true",
         help="also count the ATen ops of one train step per side (torch.profiler)",
     )
+    parser.add_argument(
+        "--compile",
+        action="store_true",
+        help="torch.compile every side's model (steps only: no validation or memory figures)",
+    )
     parser.add_argument("--memory-of", default=None, help=argparse.SUPPRESS)
     args = parser.parse_args()
     add_peer_paths(args.peer_dir)
@@ -258,6 +265,8 @@ def main() -> None:
     x, batches = data(args)
     models, errors = build_sides(args, x, log)
     models = {name: model.to(device) for name, model in models.items()}
+    if args.compile:  # as a user compiling their LightningModule's network would
+        models = {name: torch.compile(model) for name, model in models.items()}
     batches = [(bx.to(device), by.to(device)) for bx, by in batches]
     sync = torch.cuda.synchronize if device.type == "cuda" else None
     steps = {name: TrainSteps(model, batches) for name, model in models.items()}
@@ -271,8 +280,10 @@ def main() -> None:
         "qat_lightning_fake_quant": eval_forward(models["qat_lightning"], x, fake_quant=True),
         "qat_lightning_integer": eval_forward(models["qat_lightning"], x),
     }
-    eval_times = round_robin_times(evals, args.steps, args.warmup, sync, clock)
-    eval_median = {k: statistics.median(v) for k, v in eval_times.items()}
+    eval_median = {}
+    if not args.compile:
+        eval_times = round_robin_times(evals, args.steps, args.warmup, sync, clock)
+        eval_median = {k: statistics.median(v) for k, v in eval_times.items()}
     figures = {
         "bench": "qat_step",
         "model": "resnet18-cifar",
@@ -281,6 +292,7 @@ def main() -> None:
         "device": str(device),
         "threads": torch.get_num_threads(),
         "clock": args.clock,
+        "compiled": args.compile,
         "median_step_s": {k: round(v, 4) for k, v in median.items()},
         "min_step_s": {k: round(min(v), 4) for k, v in step_times.items()},
         "ratio_over_float": {
@@ -298,12 +310,13 @@ def main() -> None:
         "eval_ratio_over_float": {
             k: round(v / eval_median["float"], 3) for k, v in eval_median.items()
         },
+        "goal_compiled": "qat_lightning <= 1.15x a compiled float step" if args.compile else None,
         "peer_errors": errors,
         "schemes": {k: SCHEMES[k] for k in models if k in SCHEMES},
     }
     if args.ops:
         figures["aten_ops_per_step"] = {name: op_counts(step) for name, step in steps.items()}
-    if args.memory:
+    if args.memory and not args.compile:
         memory = memory_of_sides(args, list(models), log)
         base = memory["float"].get("step_peak_mib")
         saved = memory["float"].get("saved_for_backward_mib")
@@ -321,7 +334,7 @@ def print_table(figures: dict) -> None:
     memory = figures.get("step_memory", {})
     print(
         f"\n{figures['cpu']}, batch {figures['batch']}, {figures['threads']} threads, "
-        f"{figures['clock']} clock"
+        f"{figures['clock']} clock{', torch.compile' if figures['compiled'] else ''}"
     )
     print(
         "| side | step s median (min) | over float median (min) | loss after {} steps "
@@ -342,6 +355,8 @@ def print_table(figures: dict) -> None:
         )
     for side, error in figures["peer_errors"].items():
         print(f"| {side} | failed: {error} | | | | |")
+    if not figures["eval_forward_s"]:
+        return
     print("\n| validation forward | median s | over float |\n|---|---:|---:|")
     for side, seconds in figures["eval_forward_s"].items():
         print(f"| {side} | {seconds:.3f} | {figures['eval_ratio_over_float'][side]:.3f} |")
