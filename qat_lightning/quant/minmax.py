@@ -253,10 +253,12 @@ class Observer(nn.Module):
         return _zero_nonfinite(t)
 
     def reset(self) -> None:
+        self.host_range = None
         self.min_val.fill_(float("inf"))
         self.max_val.fill_(float("-inf"))
 
     def _load_from_state_dict(self, state_dict, prefix, *args, **kwargs):
+        self.host_range = None  # it described the statistics before these
         # Per-channel statistics are sized lazily: take the checkpoint's shape.
         for name, buf in self._buffers.items():
             incoming = state_dict.get(prefix + name)

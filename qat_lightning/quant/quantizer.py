@@ -145,21 +145,22 @@ class Quantizer(nn.Module):
             return
         if not (has_data or self.observer.has_data):
             return
-        if self._set_host_encoding():
-            return
         scale, zero_point = encodings_from_range(*self.observer.calculate_range(), self.scheme)
         self._set_encoding(scale, zero_point)
         self.initialized.fill_(1)
 
     def _set_host_encoding(self) -> bool:
-        """Where the observer just merged a per-tensor range on the host (`Observer.host_range`)
-        and the encoding buffers are plain CPU float32 / int32 scalars: the encoding of that
-        range computed on the host (`encoding_from_host_range`, bit for bit the tensor form),
+        """`update_encodings` right after an observation the observer merged on the host
+        (`Observer.host_range`, valid for that one call only), for an integer scheme whose
+        encoding buffers are plain CPU float32 / int32 scalars: the encoding of that range
+        computed on the host (`encoding_from_host_range`, bit for bit the tensor form),
         written to the buffers and kept in ``_host_encoding``. False otherwise."""
         host = self.observer.host_range
         scale, zero_point = self.scale, self.zero_point
         if (
             host is None
+            or self.scheme.representation != "int"
+            or self.scheme.dynamic
             or self.scheme.learnable
             or scale.shape != ()
             or scale.device.type != "cpu"
@@ -286,7 +287,8 @@ class Quantizer(nn.Module):
             except ChannelCountError as error:
                 raise ChannelCountError(f"{self.describe()}: {error}") from error
             self._observed_range = self.observer.batch_range
-            if fake_quant_enabled and not self.scheme.learnable:
+            encode = fake_quant_enabled and not self.scheme.learnable
+            if encode and not self._set_host_encoding():
                 self._update_encodings(has_data)
         return fake_quant_enabled
 

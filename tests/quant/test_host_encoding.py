@@ -166,3 +166,21 @@ def test_the_tensor_path_runs_where_the_host_path_does_not_apply(why):
         assert q.observer.host_range is None
     if why in ("non_finite", "huge"):  # the statistics still took the batch, as before
         assert float(q.observer.max_val) == max(float(before), float(x[torch.isfinite(x)].max()))
+
+
+def test_update_encodings_reads_the_statistics_not_the_last_host_merge():
+    """The host range describes one observation: statistics loaded (or reset) after it are
+    what a later `update_encodings` encodes."""
+    scheme = QuantScheme(bits=8, symmetric=False, signed=False)
+    q = Quantizer(scheme).train()
+    with q.compute_encodings():
+        q(torch.randn(64))
+    q.enable_observer(True)
+    q(torch.randn(64))
+    assert q._host_encoding is not None  # that call took the host path
+    other = Quantizer(scheme)
+    with other.compute_encodings():
+        other(torch.randn(64) * 10 + 3)
+    q.observer.load_state_dict(other.observer.state_dict())
+    q.update_encodings()
+    assert torch.equal(q.scale, other.scale) and torch.equal(q.zero_point, other.zero_point)
