@@ -38,71 +38,15 @@ from __future__ import annotations
 import contextlib
 import functools
 import os
-import struct
 import warnings
 
 import torch
 
+from qat_lightning.quant.host_float32 import f32, in_range_interval, next_f32
+
 # Below this many elements ATen's kernel is as fast (forward + backward, one core: about even
 # at 4096; ATen's 1.5x slower at 16384): the interval and the extra ops' dispatch cost more.
 MIN_NUMEL = 4096
-
-_F32 = struct.Struct("<f")
-_I32 = struct.Struct("<i")
-_TINY = _F32.unpack(_I32.pack(1))[0]  # the smallest positive float32 (a subnormal)
-
-
-def _f32(v: float) -> float:
-    """``v`` rounded to float32 (once: the products rounded here are exact in float64)."""
-    return _F32.unpack(_F32.pack(v))[0]
-
-
-def _next_f32(v: float, up: bool) -> float:
-    """The float32 next to ``v`` (a float32 value, finite) towards +inf or -inf."""
-    if v == 0.0:  # the smallest subnormal, of the sign of the direction
-        return _TINY if up else -_TINY
-    bits = _I32.unpack(_F32.pack(v))[0]
-    bits += 1 if (v > 0) == up else -1
-    return _F32.unpack(_I32.pack(bits))[0]
-
-
-@functools.lru_cache(maxsize=4096)
-def in_range_interval(scale: float, zero_point: int, qmin: int, qmax: int) -> tuple | None:
-    """The float32 interval ``[lo, hi]`` of inputs whose code ``round(x * (1/scale)) +
-    zero_point`` (float32 product, ties to even) lies in ``[qmin, qmax]``; None if it cannot
-    be found here (a scale so large or small that the interval's ends leave float32)."""
-    inv = _f32(1.0 / scale)  # float64 division rounded once more: exact (53 >= 2 * 24 + 2)
-    if not (0.0 < inv < 3.0e38):
-        return None
-
-    def code(x: float) -> float:
-        return round(_f32(x * inv))
-
-    low, high = qmin - zero_point, qmax - zero_point
-    try:
-        lo = _f32((low - 0.5) * scale)
-        hi = _f32((high + 0.5) * scale)
-    except OverflowError:
-        return None
-    for _ in range(64):  # a few ulps at most; the bound only guards the loop
-        if code(lo) < low:
-            lo = _next_f32(lo, up=True)
-        elif code(_next_f32(lo, up=False)) >= low:
-            lo = _next_f32(lo, up=False)
-        else:
-            break
-    else:
-        return None
-    for _ in range(64):
-        if code(hi) > high:
-            hi = _next_f32(hi, up=False)
-        elif code(_next_f32(hi, up=True)) <= high:
-            hi = _next_f32(hi, up=True)
-        else:
-            break
-    else:
-        return None
-    return lo, hi
 
 
 def _code_dtype(qmin: int, qmax: int) -> torch.dtype | None:
@@ -375,22 +319,22 @@ def _probe_agrees() -> bool:
         (0.3, 3, 0, 15),
         (1e-3, 255, 0, 255),
     ):
-        interval = in_range_interval(_f32(scale), zero_point, qmin, qmax)
+        interval = in_range_interval(f32(scale), zero_point, qmin, qmax)
         if interval is None:
             return False
         k = torch.randint(qmin - zero_point - 3, qmax - zero_point + 4, (999,), generator=g)
         x = torch.cat(
             [
                 torch.randn(1000, generator=g) * scale * (qmax - qmin) / 3,
-                (k.float() + 0.5) * _f32(scale),  # ties
+                (k.float() + 0.5) * f32(scale),  # ties
                 torch.tensor([*interval, float("nan"), float("inf"), float("-inf")]),
                 torch.tensor([1e9, -1e9, 3e30, -3e30]) * scale,  # far outside the range
             ]
         )
         for edge in interval:
-            x = torch.cat([x, torch.tensor([_next_f32(edge, True), _next_f32(edge, False)])])
+            x = torch.cat([x, torch.tensor([next_f32(edge, True), next_f32(edge, False)])])
         x.requires_grad_()
-        s = torch.tensor(_f32(scale))
+        s = torch.tensor(f32(scale))
         z = torch.tensor(zero_point, dtype=torch.int32)
         want = torch.fake_quantize_per_tensor_affine(x, s, z, qmin, qmax)
         code = _code_dtype(qmin, qmax)

@@ -10,14 +10,13 @@ from __future__ import annotations
 
 import math
 
-import numpy as np
 import torch
 
-from qat_lightning.quant import cpu_fake_quant
+from qat_lightning.quant import cpu_fake_quant, host_float32
 from qat_lightning.quant.scheme import QuantScheme
 
 # The smallest scale an encoding may have: an all-zero tensor must not give a NaN scale.
-EPS = torch.finfo(torch.float32).eps
+EPS = host_float32.EPS
 
 
 def code_dtype(scheme: QuantScheme) -> torch.dtype:
@@ -70,25 +69,6 @@ def encodings_from_range(
     scale = torch.clamp((max_val - min_val) / (scheme.qmax - scheme.qmin), min=EPS)
     zero_point = torch.clamp(scheme.qmin - torch.round(min_val / scale), scheme.qmin, scheme.qmax)
     return scale, zero_point.to(torch.int32)
-
-
-def encoding_from_host_range(min_val: float, max_val: float, scheme: QuantScheme) -> tuple:
-    """`encodings_from_range` of one per-tensor range held as Python floats (float32 values):
-    the same float32 operations, on the host, as ``(scale, zero_point)`` floats and int.
-
-    Each operation is one IEEE float32 operation in numpy as in torch's kernels, so the
-    result is bit for bit `encodings_from_range`'s (hypothesis checks it against that). For
-    finite ranges with magnitudes below 1e38 and integer schemes (the caller checks).
-    """
-    f32 = np.float32
-    lo, hi = min(f32(min_val), f32(0.0)), max(f32(max_val), f32(0.0))
-    eps = f32(EPS)
-    if scheme.symmetric:
-        amax = hi if not scheme.signed else max(-lo, hi)
-        return float(max(amax / f32(scheme.qmax), eps)), 0
-    scale = max((hi - lo) / f32(scheme.qmax - scheme.qmin), eps)
-    zero_point = f32(scheme.qmin) - np.rint(lo / scale)
-    return float(scale), int(min(max(zero_point, f32(scheme.qmin)), f32(scheme.qmax)))
 
 
 def lsq_grad_factor(x: torch.Tensor, scheme: QuantScheme) -> float:

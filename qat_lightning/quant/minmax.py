@@ -21,11 +21,11 @@ from __future__ import annotations
 
 import math
 
-import numpy as np
 import torch
 from torch import nn
 
 from qat_lightning.quant.grouped import GroupSizeError, group_shape
+from qat_lightning.quant.host_float32 import moving_average
 from qat_lightning.quant.scheme import QuantScheme
 
 
@@ -286,10 +286,7 @@ class MovingMinMaxObserver(Observer):
         return self._observe_range(x, ema, ema)
 
     def _host_reduce(self, old: float, new: float, is_min: bool) -> float:
-        # ``old + c * (new - old)`` as the tensors compute it: each op rounded to float32,
-        # the Python scalar ``c`` taken as a float32.
-        f32 = np.float32
-        return float(f32(old) + f32(self.scheme.averaging_constant) * (f32(new) - f32(old)))
+        return moving_average(old, new, self.scheme.averaging_constant)
 
 
 class NoObserver(Observer):

@@ -18,12 +18,12 @@ from torch import nn
 from qat_lightning.quant.functional import (
     EPS,
     code_dtype,
-    encoding_from_host_range,
     encodings_from_range,
     expand_encoding,
     fake_quantize,
 )
 from qat_lightning.quant.grouped import dynamic_encoding, group_shape
+from qat_lightning.quant.host_float32 import encoding_from_host_range
 from qat_lightning.quant.observers import ChannelCountError, make_observer
 from qat_lightning.quant.qtensor import QTensor
 from qat_lightning.quant.scheme import QuantScheme

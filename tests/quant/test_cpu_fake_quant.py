@@ -16,12 +16,10 @@ from hypothesis import strategies as st
 
 from qat_lightning.nn.split_fake_quant import after_relu
 from qat_lightning.quant import Quantizer, QuantScheme, cpu_fake_quant
-from qat_lightning.quant.cpu_fake_quant import (
-    _f32,
-    _next_f32,
-    fake_quantize_per_tensor,
-    in_range_interval,
-)
+from qat_lightning.quant.cpu_fake_quant import fake_quantize_per_tensor
+from qat_lightning.quant.host_float32 import f32 as _f32
+from qat_lightning.quant.host_float32 import in_range_interval
+from qat_lightning.quant.host_float32 import next_f32 as _next_f32
 
 FAST = settings(max_examples=60, deadline=None)
 RANGES = [(0, 255), (-128, 127), (0, 15), (-8, 7), (0, 1)]

@@ -17,7 +17,8 @@ from hypothesis import given, settings
 from hypothesis import strategies as st
 
 from qat_lightning.quant import Quantizer, QuantScheme
-from qat_lightning.quant.functional import encoding_from_host_range, encodings_from_range
+from qat_lightning.quant.functional import encodings_from_range
+from qat_lightning.quant.host_float32 import encoding_from_host_range
 
 FAST = settings(max_examples=200, deadline=None)
 
