@@ -181,10 +181,10 @@ def perplexity(model, loader) -> float:
 
 def fit(
     module: LMModule, loader, steps: int, label: str, callbacks=(), seed: int = 0, root=None
-) -> pl.Trainer:
+) -> float:
     """Train ``module`` for ``steps`` optimizer steps on ``loader`` (seeded, CPU, no logger
     or checkpoints; what callbacks write goes under ``root``), with a progress line every
-    tenth of the run."""
+    tenth of the run; returns the seconds ``Trainer.fit`` took."""
     pl.seed_everything(seed, verbose=False)
     trainer = pl.Trainer(
         max_steps=steps,
@@ -198,5 +198,6 @@ def fit(
         default_root_dir=root,
         callbacks=[*callbacks, StepProgress(label, steps)],
     )
+    start = time.perf_counter()
     trainer.fit(module, train_dataloaders=loader)
-    return trainer
+    return time.perf_counter() - start

@@ -132,10 +132,9 @@ class Experiment:
 def run_fp32(exp: Experiment) -> tuple[LMModule, dict]:
     a = exp.args
     module = exp.module(a.lr, a.fp32_steps, warmup=max(1, a.fp32_steps // 20))
-    start = time.perf_counter()
-    fit(module, exp.corpus.train_loader(), a.fp32_steps, "fp32", seed=a.seed, root=a.out)
+    train_s = fit(module, exp.corpus.train_loader(), a.fp32_steps, "fp32", seed=a.seed, root=a.out)
     exp.fp32_state = copy.deepcopy(module.state_dict())
-    return module, {"train_s": time.perf_counter() - start, **exp.evaluate(module)}
+    return module, {"train_s": train_s, **exp.evaluate(module)}
 
 
 def run_fp32_continued(exp: Experiment) -> dict:
@@ -143,9 +142,9 @@ def run_fp32_continued(exp: Experiment) -> dict:
     quantization (what QAT's extra steps alone are worth)."""
     a = exp.args
     module = exp.module(a.qat_lr, a.qat_steps)
-    start = time.perf_counter()
-    fit(module, exp.corpus.train_loader(), a.qat_steps, "fp32 continued", seed=a.seed, root=a.out)
-    return {"train_s": time.perf_counter() - start, **exp.evaluate(module)}
+    loader = exp.corpus.train_loader()
+    train_s = fit(module, loader, a.qat_steps, "fp32 continued", seed=a.seed, root=a.out)
+    return {"train_s": train_s, **exp.evaluate(module)}
 
 
 def run_ptq(exp: Experiment, scheme: Scheme) -> dict:
@@ -171,17 +170,8 @@ def run_qat_ours(exp: Experiment, name: str, scheme: Scheme) -> tuple[LMModule, 
         export_dir=a.out / f"qat_{name}",
         export_formats=(),
     )
-    start = time.perf_counter()
-    fit(
-        module,
-        exp.corpus.train_loader(),
-        a.qat_steps,
-        f"qat ours {name}",
-        [callback],
-        a.seed,
-        a.out,
-    )
-    train_s = time.perf_counter() - start
+    loader = exp.corpus.train_loader()
+    train_s = fit(module, loader, a.qat_steps, f"qat ours {name}", [callback], a.seed, a.out)
     return module, {"train_s": train_s, **quantized_layers(module), **exp.evaluate(module)}
 
 

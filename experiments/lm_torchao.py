@@ -10,7 +10,6 @@ from __future__ import annotations
 
 import importlib.util
 import sys
-import time
 from pathlib import Path
 from typing import Any
 
@@ -71,16 +70,9 @@ def run_qat_torchao(exp: Any, name: str, scheme: Scheme) -> dict:
                 filter_fn=lambda m, _fqn: isinstance(m, torch.nn.Embedding),
             )
         counts = quantized_layers(module, FakeQuantizedLinear, FakeQuantizedEmbedding)
-        start = time.perf_counter()
-        fit(
-            module,
-            exp.corpus.train_loader(),
-            a.qat_steps,
-            f"qat torchao {name}",
-            seed=a.seed,
-            root=a.out,
-        )
-        train_s = time.perf_counter() - start
+        loader = exp.corpus.train_loader()
+        label = f"qat torchao {name}"
+        train_s = fit(module, loader, a.qat_steps, label, seed=a.seed, root=a.out)
         return {
             "version": torchao.__version__,
             "train_s": train_s,
