@@ -275,13 +275,13 @@ def main() -> None:
     step_times = round_robin_times(steps, args.steps, args.warmup, sync, clock)
     median = {k: statistics.median(v) for k, v in step_times.items()}
     x = x.to(device)
-    evals = {
-        "float": eval_forward(models["float"], x),
-        "qat_lightning_fake_quant": eval_forward(models["qat_lightning"], x, fake_quant=True),
-        "qat_lightning_integer": eval_forward(models["qat_lightning"], x),
-    }
     eval_median = {}
     if not args.compile:
+        evals = {
+            "float": eval_forward(models["float"], x),
+            "qat_lightning_fake_quant": eval_forward(models["qat_lightning"], x, fake_quant=True),
+            "qat_lightning_integer": eval_forward(models["qat_lightning"], x),
+        }
         eval_times = round_robin_times(evals, args.steps, args.warmup, sync, clock)
         eval_median = {k: statistics.median(v) for k, v in eval_times.items()}
     figures = {
