@@ -7,14 +7,12 @@ probe disagrees, ATen's kernel runs.
 """
 
 import contextlib
-import copy
 
 import pytest
 import torch
 from hypothesis import given, settings
 from hypothesis import strategies as st
 
-from qat_lightning.nn.split_fake_quant import after_relu
 from qat_lightning.quant import Quantizer, QuantScheme, cpu_fake_quant
 from qat_lightning.quant.cpu_fake_quant import fake_quantize_per_tensor
 from qat_lightning.quant.host_float32 import f32 as _f32
@@ -286,62 +284,6 @@ def test_per_channel_weights_equal_atens(seed, axis, symmetric, bits, shape):
     clipped = bool((want_grad != upstream).any())
     node = y.grad_fn.next_functions[0][0].name()  # under fake_quantize's reshape
     assert node.startswith("_FakeQuantizeInRange") == (not clipped)
-
-
-@FAST
-@given(
-    seed=st.integers(0, 2**31 - 1),
-    n=st.integers(1, 3000),
-    observer=st.sampled_from(["minmax", "moving_minmax"]),
-    widen=st.floats(0.5, 3.0),
-)
-def test_relu_then_fake_quant_in_one_node_equals_the_two(seed, n, observer, widen):
-    """`split_fake_quant.after_relu` against ``quantizer(relu(y))`` on a copy: the same values,
-    input gradient and quantizer state, with ReLU's zeros, ties and clipping."""
-    g = torch.Generator().manual_seed(seed)
-    scheme = QuantScheme(bits=8, symmetric=False, signed=False, observer=observer)
-    ours = Quantizer(scheme).train()
-    with ours.compute_encodings():
-        ours(torch.relu(torch.randn(4096, generator=g)))
-    ours.enable_observer(True)
-    twin = copy.deepcopy(ours)
-    y = torch.randn(n, generator=g) * widen
-    y[: n // 4] = 0.0  # ReLU's boundary
-    upstream = torch.randn(n, generator=g)
-    a, b = y.clone().requires_grad_(), y.clone().requires_grad_()
-    got, want = after_relu(ours, a), twin(torch.relu(b))
-    got.backward(upstream)
-    want.backward(upstream)
-    assert torch.equal(got, want) and torch.equal(a.grad, b.grad)
-    for key, value in twin.state_dict().items():
-        assert torch.equal(ours.state_dict()[key], value), key
-    assert got.grad_fn.name().startswith("_FakeQuantizeMasked")  # one node, one mask
-
-
-@FAST
-@given(seed=st.integers(0, 2**31 - 1), widen=st.floats(0.5, 3.0))
-def test_relu_then_fake_quant_of_a_channels_last_conv_output(seed, widen):
-    """A channels-last conv's output is a permuted view of dense memory: the one node runs in
-    memory order and gives ``quantizer(relu(y))``'s values, gradient, state and strides."""
-    g = torch.Generator().manual_seed(seed)
-    scheme = QuantScheme(bits=8, symmetric=False, signed=False)
-    ours = Quantizer(scheme).train()
-    with ours.compute_encodings():
-        ours(torch.relu(torch.randn(4096, generator=g)))
-    ours.enable_observer(True)
-    twin = copy.deepcopy(ours)
-    y = (torch.randn(2, 8, 6, 6, generator=g) * widen).to(memory_format=torch.channels_last)
-    upstream = torch.randn(y.shape, generator=g)
-    a = y.clone(memory_format=torch.preserve_format).requires_grad_()
-    b = y.clone(memory_format=torch.preserve_format).requires_grad_()
-    got, want = after_relu(ours, a), twin(torch.relu(b))
-    assert got.grad_fn.name().startswith("Permute")  # the path ran, in memory order
-    assert got.stride() == want.stride()
-    got.backward(upstream)
-    want.backward(upstream)
-    assert torch.equal(got, want) and torch.equal(a.grad, b.grad)
-    for key, value in twin.state_dict().items():
-        assert torch.equal(ours.state_dict()[key], value), key
 
 
 def test_a_quantize_kernel_that_disagrees_turns_the_path_off(monkeypatch):
