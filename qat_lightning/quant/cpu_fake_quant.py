@@ -133,10 +133,13 @@ def fake_quantize_per_tensor(
         return None
     order = _memory_order(x)
     if order is not None:  # a transposed view (attention's heads): work in memory order
-        y = fake_quantize_per_tensor(
-            x.permute(order), scale, zero_point, qmin, qmax, batch_range, encoding
+        return _in_memory_order(
+            order,
+            lambda xm: fake_quantize_per_tensor(
+                xm, scale, zero_point, qmin, qmax, batch_range, encoding
+            ),
+            x,
         )
-        return None if y is None else y.permute(_inverse(order))
     setup = _per_tensor(x, scale, zero_point, qmin, qmax, encoding)
     if setup is None:
         return None
@@ -175,14 +178,15 @@ def fake_quantize_after_relu(
     times slower on x86.)
     """
     order = _memory_order(y)
-    if order is not None:
-        if not relu_y.permute(order).is_contiguous():
-            return None
-        out = fake_quantize_after_relu(
-            y.permute(order), relu_y.permute(order), scale, zero_point, qmin, qmax,
-            batch_range, encoding,
-        )  # fmt: skip
-        return None if out is None else out.permute(_inverse(order))
+    if order is not None:  # a channels-last conv output: work in memory order
+        return _in_memory_order(
+            order,
+            lambda ym, rm: fake_quantize_after_relu(
+                ym, rm, scale, zero_point, qmin, qmax, batch_range, encoding
+            ),
+            y,
+            relu_y,
+        )
     setup = None if batch_range is None else _per_tensor(y, scale, zero_point, qmin, qmax, encoding)
     if setup is None:
         return None
@@ -227,11 +231,20 @@ def _memory_order(x: torch.Tensor) -> tuple[int, ...] | None:
     return order if x.permute(order).is_contiguous() else None
 
 
-def _inverse(order: tuple[int, ...]) -> tuple[int, ...]:
+def _in_memory_order(order: tuple[int, ...], path, *tensors: torch.Tensor):
+    """``path`` on ``tensors`` permuted by ``order`` (`_memory_order` of the first), its
+    result permuted back; None where a tensor is not contiguous in that order or ``path``
+    declines."""
+    permuted = [t.permute(order) for t in tensors]
+    if not all(t.is_contiguous() for t in permuted):
+        return None
+    out = path(*permuted)
+    if out is None:
+        return None
     inverse = [0] * len(order)
     for at, dim in enumerate(order):
         inverse[dim] = at
-    return tuple(inverse)
+    return out.permute(inverse)
 
 
 def _applies(x: torch.Tensor) -> bool:
